@@ -1,0 +1,1 @@
+"""Thin integrations per ecosystem, installed as ``tying.integrations``; each imports its library lazily."""

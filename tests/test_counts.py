@@ -1,0 +1,82 @@
+"""Parameter counts: every preset on the paper's two models matches PAPER.md's formulas exactly."""
+
+import json
+
+import pytest
+
+import tying
+from tying.cli import main
+from tying.models import meta_model
+
+PAPER = {"llama2-7b": (32, 4096), "gpt-2b-001": (24, 2048)}
+
+# (trainable, frozen) as functions of L, d, r; from PAPER.md's table of configurations.
+FORMULAS = {
+    "lora": lambda L, d, r: (4 * L * d * r, 0),
+    "tl6": lambda L, d, r: (4 * d * r + L * (r + 3 * d), 0),
+    "tied-ABuv": lambda L, d, r: (4 * d * r + L * (r + 3 * d), 0),
+    "tl5": lambda L, d, r: (4 * d * r, 0),
+    "tied-AB": lambda L, d, r: (4 * d * r, 0),
+    "vera": lambda L, d, r: (L * (r + 3 * d), 4 * d * r),
+    "tied-uv": lambda L, d, r: (L * (r + 3 * d), 4 * d * r),
+    "tied-Auv": lambda L, d, r: (d * r + L * (r + 3 * d), 3 * d * r),
+    "tied-Buv": lambda L, d, r: (3 * d * r + L * (r + 3 * d), d * r),
+    "tied-ABu": lambda L, d, r: (4 * d * r + L * r, 0),
+    "tied-ABv": lambda L, d, r: (4 * d * r + 3 * L * d, 0),
+    "tied-v": lambda L, d, r: (3 * L * d, 4 * d * r),
+}
+
+
+def test_every_preset_has_a_formula():
+    assert set(tying.preset_names()) == set(FORMULAS)
+
+
+@pytest.fixture(scope="module")
+def paper_models():
+    return {name: meta_model(name) for name in PAPER}
+
+
+@pytest.mark.parametrize("model_name", sorted(PAPER))
+@pytest.mark.parametrize("preset", sorted(FORMULAS))
+@pytest.mark.parametrize("rank", [2, 8, 32, 128])
+def test_paper_formulas(paper_models, model_name, preset, rank):
+    L, d = PAPER[model_name]
+    c = tying.count(paper_models[model_name], preset, rank=rank)
+    assert (c.trainable, c.frozen) == FORMULAS[preset](L, d, rank)
+
+
+def test_paper_table_rank8_llama(paper_models):
+    m = paper_models["llama2-7b"]
+    lora, tl6 = tying.count(m, "lora", rank=8).trainable, tying.count(m, "tl6", rank=8).trainable
+    assert (lora, tl6) == (4_194_304, 524_544)
+    assert round(100 * tl6 / lora, 1) == 12.5
+    assert tying.count(m, "tl5", rank=8).trainable == 131_072  # 96.875 % fewer than LoRA
+
+
+def test_count_allocates_nothing(paper_models):
+    m = paper_models["llama2-7b"]
+    tying.count(m, "tl6")
+    assert all(p.device.type == "meta" for p in m.parameters())
+    assert not hasattr(m, "tying_bank")
+
+
+@pytest.mark.parametrize("spec,expected", [("lora", 4_194_304), ("tl6", 524_544)])
+def test_cli_count_json(capsys, spec, expected):
+    assert main(["count", "--model", "llama2-7b", "--spec", spec, "--rank", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["trainable"] == expected and out["frozen"] == 0
+    assert sum(f["trainable"] for f in out["by_factor"].values()) == expected
+
+
+def test_cli_inspect_and_errors(capsys, tmp_path):
+    assert main(["inspect", "--model", "gpt-2b-001", "--spec", "vera", "--rank", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.23.self_attn.v_proj" in out and "frozen" in out and "trained" in out
+    assert "A      model:layers:*:self_attn:*" in out
+    assert main(["count", "--model", "no-such-model", "--spec", "tl6"]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4}))
+    assert main(["count", "--model", str(cfg), "--spec", "lora", "--rank", "4", "--json"]) == 0
+    # GPT-2 fused c_attn: A (r x d) + B (3d x r) per layer
+    assert json.loads(capsys.readouterr().out)["trainable"] == 2 * (4 * 64 + 3 * 64 * 4)

@@ -1,0 +1,20 @@
+"""tying: tie and selectively train adapter factors across layers and modules of any PyTorch model.
+
+    spec = tying.load_spec("tl6", rank=8)   # preset name, YAML path or dict
+    plan = tying.plan(model, spec)          # pure; plan.summary() is a readable table
+    counts = tying.apply_(model, spec)      # in place
+    tying.merge_(model); tying.unmerge_(model); tying.unapply_(model, merge=False)
+    tying.save_adapter(model, "out/"); tying.load_adapter(model, "out/")
+"""
+
+from . import errors
+from .count import count
+from .engine import apply_, bank_of, merge_, unapply_, unmerge_
+from .planner import Counts, Plan, plan
+from .spec import TyingSpec, load_spec, preset_names
+from .state import load_adapter, save_adapter
+
+__version__ = "0.1.0"
+
+__all__ = ["errors", "count", "apply_", "bank_of", "merge_", "unapply_", "unmerge_", "Counts", "Plan", "plan",
+           "TyingSpec", "load_spec", "preset_names", "load_adapter", "save_adapter", "__version__"]

@@ -1,0 +1,57 @@
+"""The ``tying`` command: ``tying inspect`` and ``tying count`` on meta-device models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import TyingError
+from .models import REGISTRY, meta_model
+from .planner import plan
+from .spec import load_spec
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help=f"one of {', '.join(REGISTRY)}, or a transformers config.json")
+    p.add_argument("--spec", required=True, help="preset name (e.g. lora, tl6, vera) or YAML path")
+    p.add_argument("--rank", type=int, default=None, help="override the spec's rank")
+
+
+def _inspect(args) -> None:
+    print(plan(meta_model(args.model), load_spec(args.spec, rank=args.rank)).summary())
+
+
+def _count(args) -> None:
+    counts = plan(meta_model(args.model), load_spec(args.spec, rank=args.rank)).counts
+    if args.json:
+        print(json.dumps(counts.to_dict(), indent=2))
+        return
+    print(f"{'factor':<8} {'trainable':>12} {'frozen':>12} {'groups':>7}")
+    for f, row in counts.by_factor.items():
+        print(f"{f:<8} {row['trainable']:>12,} {row['frozen']:>12,} {row['groups']:>7}")
+    print(f"{'total':<8} {counts.trainable:>12,} {counts.frozen:>12,}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tying`` console command."""
+    parser = argparse.ArgumentParser(prog="tying", description="Tied adapters for any PyTorch model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="print the plan: sites, tie groups, shapes, trained or frozen")
+    _common(p)
+    p.set_defaults(run=_inspect)
+    p = sub.add_parser("count", help="trainable and frozen adapter parameters")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="one JSON object: trainable, frozen, by_factor, by_group")
+    p.set_defaults(run=_count)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (TyingError, ImportError) as e:
+        print(f"tying: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

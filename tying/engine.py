@@ -1,0 +1,94 @@
+"""The only mutation: ``apply_`` swaps wrappers in and attaches the bank; ``merge_``, ``unmerge_`` and
+``unapply_`` undo or fold it. All checks happen in :func:`tying.planner.plan` first."""
+
+from __future__ import annotations
+
+from typing import Iterator, Union
+
+import torch
+from torch import nn
+
+from .bank import FactorBank
+from .errors import NotAppliedError
+from .layers import SUPPORTED, TiedAdapter
+from .planner import BANK_ATTR, Counts, Plan, plan
+from .spec import TyingSpec, load_spec
+
+SpecLike = Union[TyingSpec, dict, str]
+
+
+def _as_plan(model: nn.Module, spec: Union[SpecLike, Plan]) -> Plan:
+    return spec if isinstance(spec, Plan) else plan(model, load_spec(spec))
+
+
+def apply_(model: nn.Module, spec: Union[SpecLike, Plan], *, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> Counts:
+    """Adapt ``model`` in place from a spec (or a plan made for this model); return the counts.
+
+    Factors live on the device and dtype of their first member's weight unless ``device``/``dtype``
+    are given. With ``spec.freeze_base`` (the default) every base parameter is frozen; ``unapply_``
+    restores the original ``requires_grad`` flags.
+    """
+    p = _as_plan(model, spec)
+    modules = dict(model.named_modules())
+    first = {}
+    for site in p.sites:
+        w = modules[site.name].weight
+        for factor, key in site.keys.items():
+            first.setdefault((factor, key), (torch.device(device) if device else w.device, dtype or w.dtype))
+    bank = FactorBank(p, first)  # allocation may fail; the model is still untouched
+    a = p.spec.adapter
+    wrappers = {s.name: SUPPORTED[s.kind](modules[s.name], bank, s.keys, a.scale, a.dropout) for s in p.sites}
+    # From here on nothing can fail: mutate.
+    bank.requires_grad_before = {n: q.requires_grad for n, q in model.named_parameters()}
+    if p.spec.freeze_base:
+        for q in model.parameters():
+            q.requires_grad_(False)
+    setattr(model, BANK_ATTR, bank)
+    for name, wrapper in wrappers.items():
+        model.set_submodule(name, wrapper)
+    return p.counts
+
+
+def bank_of(model: nn.Module) -> FactorBank:
+    """The model's FactorBank, or NotAppliedError."""
+    bank = getattr(model, BANK_ATTR, None)
+    if not isinstance(bank, FactorBank):
+        raise NotAppliedError("the model carries no tying adapter; call tying.apply_(model, spec) first")
+    return bank
+
+
+def wrappers(model: nn.Module) -> Iterator[tuple[str, TiedAdapter]]:
+    """(name, wrapper) for every adapted site of the model."""
+    for name, m in model.named_modules():
+        if isinstance(m, TiedAdapter):
+            yield name, m
+
+
+def merge_(model: nn.Module) -> None:
+    """Fold every site's update into its base weight in place; forward then skips the adapter."""
+    bank_of(model)
+    for _, w in wrappers(model):
+        if not w.merged:
+            w.merge(+1)
+
+
+def unmerge_(model: nn.Module) -> None:
+    """Subtract what ``merge_`` added (with the factors as they are now)."""
+    bank_of(model)
+    for _, w in wrappers(model):
+        if w.merged:
+            w.merge(-1)
+
+
+def unapply_(model: nn.Module, merge: bool = False) -> None:
+    """Put the original modules back and remove the bank. With ``merge=True`` the update is kept,
+    folded into the base weights; otherwise the base weights are as before ``apply_``."""
+    bank = bank_of(model)
+    (merge_ if merge else unmerge_)(model)
+    for name, w in list(wrappers(model)):
+        model.set_submodule(name, w.base)
+    delattr(model, BANK_ATTR)
+    for n, q in model.named_parameters():
+        if n in bank.requires_grad_before:
+            q.requires_grad_(bank.requires_grad_before[n])

@@ -1,0 +1,183 @@
+"""Wrappers that add ``v * B(u * A(dropout(x))) * scale`` to a module's output, by composition.
+
+A wrapper keeps the original module as ``base`` and never materialises ``W + BA`` on the training
+path. It does not own its factors: it holds a plain (unregistered) handle to the root-owned
+:class:`~tying.bank.FactorBank` and looks its factors up by key at call time, so every tied factor
+has exactly one owner (one state_dict entry, one optimizer slot, one FSDP owner).
+
+One small class per module kind; ``SUPPORTED`` maps module kinds to them. Factor shapes are the
+same for every kind: A (r, d_in), B (d_out, r), u (r,), v (d_out,), with d_in of a convolution
+being in_channels * prod(kernel_size).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UnsupportedModuleError
+
+
+class TiedAdapter(nn.Module):
+    """Base wrapper: subclasses define how A, B and the merged delta act on their module kind."""
+
+    def __init__(self, base: nn.Module, bank: nn.Module, keys: dict[str, str], scale: float, dropout: float):
+        super().__init__()
+        self.base = base
+        object.__setattr__(self, "bank", bank)  # a handle, not a child: the root owns the bank
+        self.keys = dict(keys)  # factor name -> parameter key in the bank
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None  # p = 0: skip the op entirely
+        self.merged = False
+
+    def factor(self, name: str) -> torch.Tensor | None:
+        """The factor ``name`` (A, B, u or v) of this site, or None when the spec leaves it out."""
+        key = self.keys.get(name)
+        return None if key is None else self.bank[name][key]
+
+    # Subclasses: down(x, A) -> (..., r) features; up(h, B) -> (..., d_out); fold(delta) in weight layout.
+    def down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, A)
+
+    def up(self, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, B)
+
+    channel_dim = -1  # where u and v broadcast
+
+    def _bcast(self, vec: torch.Tensor, ndim: int) -> torch.Tensor:
+        if self.channel_dim == -1:
+            return vec
+        return vec.view(vec.shape[0], *([1] * (ndim - 2)))
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution for input x (before it is added to the base output)."""
+        A, u, B, v = self.factor("A"), self.factor("u"), self.factor("B"), self.factor("v")
+        if x.is_floating_point() and x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        h = self.down(x, A)
+        if u is not None:
+            h = h * self._bcast(u, h.ndim)
+        y = self.up(h, B)
+        if v is not None:
+            y = y * self._bcast(v, y.ndim)
+        return y * self.scale if self.scale != 1.0 else y
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base(x, *args, **kwargs)
+        if self.merged:
+            return out
+        return out + self.delta(x).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * diag(v) B diag(u) A as a (d_out, d_in) matrix."""
+        A, u, B, v = self.factor("A"), self.factor("u"), self.factor("B"), self.factor("v")
+        if u is not None:
+            A = A * u[:, None]
+        if v is not None:
+            B = B * v[:, None]
+        return (B @ A) * self.scale
+
+    def fold(self, delta: torch.Tensor) -> torch.Tensor:
+        """delta_weight() in the layout of ``base.weight``."""
+        return delta
+
+    @torch.no_grad()
+    def merge(self, sign: int = 1) -> None:
+        """Add (sign=1) or subtract (sign=-1) the delta in place in the base weight."""
+        w = self.base.weight
+        w.add_(self.fold(self.delta_weight()).to(w.dtype), alpha=sign)
+        self.merged = sign > 0
+
+    def extra_repr(self) -> str:
+        return f"keys={self.keys}, scale={self.scale:g}, merged={self.merged}"
+
+
+class LinearAdapter(TiedAdapter):
+    """nn.Linear (weight d_out x d_in)."""
+
+
+class Conv1DAdapter(TiedAdapter):
+    """transformers' Conv1D (GPT-2): y = x @ W + b with W of shape (d_in, d_out)."""
+
+    def fold(self, delta):
+        return delta.T
+
+
+class ConvAdapter(TiedAdapter):
+    """nn.Conv1d / nn.Conv2d: A is a convolution with the base's kernel, stride, padding and dilation;
+    B is a 1x1 convolution."""
+
+    channel_dim = 1
+
+    def down(self, x, A):
+        b = self.base
+        conv = F.conv1d if isinstance(b, nn.Conv1d) else F.conv2d
+        return conv(x, A.view(A.shape[0], b.in_channels, *b.kernel_size), None, b.stride, b.padding, b.dilation)
+
+    def up(self, h, B):
+        conv = F.conv1d if isinstance(self.base, nn.Conv1d) else F.conv2d
+        return conv(h, B.view(*B.shape, *([1] * (h.ndim - 2))))
+
+    def fold(self, delta):
+        return delta.view(self.base.weight.shape)
+
+
+class EmbeddingAdapter(TiedAdapter):
+    """nn.Embedding: A is a lookup table (r, num_embeddings); no dropout on token indices."""
+
+    def __init__(self, base, bank, keys, scale, dropout):
+        super().__init__(base, bank, keys, scale, 0.0)
+
+    def down(self, x, A):
+        return F.embedding(x, A.T)
+
+    def fold(self, delta):
+        return delta.T
+
+
+def _is_conv1d_transformers(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.ndim == 2
+
+
+SUPPORTED = {
+    "Linear": LinearAdapter,
+    "Conv1D": Conv1DAdapter,
+    "Conv1d": ConvAdapter,
+    "Conv2d": ConvAdapter,
+    "Embedding": EmbeddingAdapter,
+}
+
+
+def module_kind(m: nn.Module) -> str | None:
+    """The SUPPORTED key for a module (subclasses count), or None."""
+    if _is_conv1d_transformers(m):
+        return "Conv1D"
+    for kind, cls in (("Conv1d", nn.Conv1d), ("Conv2d", nn.Conv2d), ("Linear", nn.Linear), ("Embedding", nn.Embedding)):
+        if isinstance(m, cls):
+            return kind
+    return None
+
+
+def dims(name: str, m: nn.Module) -> tuple[str, int, int]:
+    """(kind, d_in, d_out) of a module, or UnsupportedModuleError naming it and the supported types."""
+    kind = module_kind(m)
+    if kind is None:
+        raise UnsupportedModuleError(
+            f"module {name!r} is a {type(m).__name__}, which tying cannot adapt; supported: "
+            f"{', '.join(SUPPORTED)} (and their subclasses). Narrow the selector or add `types:` to the target")
+    if kind == "Linear":
+        return kind, m.in_features, m.out_features
+    if kind == "Conv1D":
+        return kind, m.weight.shape[0], m.weight.shape[1]
+    if kind == "Embedding":
+        return kind, m.num_embeddings, m.embedding_dim
+    if m.groups != 1 or m.padding_mode != "zeros":
+        raise UnsupportedModuleError(
+            f"module {name!r} ({type(m).__name__}) has groups={m.groups}, padding_mode={m.padding_mode!r}; "
+            "tying adapts convolutions with groups=1 and zero padding only")
+    return kind, m.in_channels * math.prod(m.kernel_size), m.out_channels

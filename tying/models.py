@@ -1,0 +1,58 @@
+"""A small registry of meta-device models (no weights allocated) for counting and inspecting.
+
+``llama2-7b`` and ``gpt-2b-001`` are the paper's two base models with the shapes of PAPER.md.
+GPT-2B-001 (NeMo: 24 layers, d 2048, 16 heads, SwiGLU FFN 5440, RoPE, no biases, untied embeddings,
+vocab 256000) is built as a Llama-architecture model, which has exactly those shapes; the paper's
+fused QKV maps to separate q/k/v with A shared across them (same counts).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import TyingError
+
+REGISTRY: dict[str, tuple[str, dict]] = {
+    "llama2-7b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                num_key_value_heads=32, intermediate_size=11008, vocab_size=32000)),
+    "gpt-2b-001": ("llama", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                                 num_key_value_heads=16, intermediate_size=5440, vocab_size=256000,
+                                 tie_word_embeddings=False, attention_bias=False, mlp_bias=False)),
+    "smollm2-135m": ("llama", dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                                   num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
+                                   tie_word_embeddings=True)),
+    "gpt2": ("gpt2", dict()),
+}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("this needs transformers: pip install 'tying[hf]'") from None
+    return transformers
+
+
+def meta_model(name_or_path: str) -> nn.Module:
+    """A model on the meta device: a REGISTRY name or the path of a transformers config JSON."""
+    tf = _transformers()
+    if name_or_path in REGISTRY:
+        model_type, kwargs = REGISTRY[name_or_path]
+        config = tf.AutoConfig.for_model(model_type, **kwargs)
+    elif Path(name_or_path).is_file():
+        data = json.loads(Path(name_or_path).read_text())
+        if "model_type" not in data:
+            raise TyingError(f"{name_or_path} has no 'model_type'; is it a transformers config.json?")
+        config = tf.AutoConfig.for_model(data.pop("model_type"), **data)
+    else:
+        raise TyingError(f"unknown model {name_or_path!r}: give one of {', '.join(REGISTRY)} "
+                         "or the path of a transformers config.json")
+    with torch.device("meta"):
+        try:
+            return tf.AutoModelForCausalLM.from_config(config)
+        except ValueError:  # not a causal LM (e.g. an encoder or a ViT): the bare model
+            return tf.AutoModel.from_config(config)

@@ -1,0 +1,201 @@
+"""``plan(model, spec)``: pure. Selects the sites, resolves the tie groups, checks every shape and
+computes the counts. Every error is raised here, before the model is touched."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+from torch import nn
+
+from .errors import AlreadyAppliedError, ConflictError, SelectorError, SpecError, TieError
+from .layers import TiedAdapter, dims
+from .selectors import closest_names, compile_selector
+from .spec import FACTOR_NAMES, Factor, TyingSpec
+
+BANK_ATTR = "tying_bank"
+
+
+@dataclass(frozen=True)
+class Site:
+    """One adapted module: its name, kind, dims, captures and the bank key of each factor."""
+
+    name: str
+    kind: str
+    d_in: int
+    d_out: int
+    captures: Mapping[str, str]
+    keys: Mapping[str, str]  # factor -> group key
+
+
+@dataclass(frozen=True)
+class Group:
+    """One tie group: one parameter in the bank, shared by ``members``."""
+
+    factor: str
+    key: str
+    shape: tuple[int, ...]
+    train: bool
+    members: tuple[str, ...]
+    index: int  # position among the factor's groups (offsets a seeded init)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Adapter parameter counts: totals, per factor and per tie group."""
+
+    trainable: int
+    frozen: int
+    by_factor: Mapping[str, Mapping[str, int]]
+    by_group: Mapping[str, int]
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict with the keys ``trainable``, ``frozen``, ``by_factor``, ``by_group``."""
+        return {"trainable": self.trainable, "frozen": self.frozen,
+                "by_factor": {k: dict(v) for k, v in self.by_factor.items()}, "by_group": dict(self.by_group)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Frozen result of :func:`plan`: sites, groups and counts for one model and one spec."""
+
+    spec: TyingSpec
+    sites: tuple[Site, ...]
+    groups: tuple[Group, ...]
+    counts: Counts = field(init=False)
+
+    def __post_init__(self):
+        by_factor: dict[str, dict[str, int]] = {}
+        for g in self.groups:
+            row = by_factor.setdefault(g.factor, {"trainable": 0, "frozen": 0, "groups": 0})
+            row["trainable" if g.train else "frozen"] += g.numel
+            row["groups"] += 1
+        counts = Counts(
+            trainable=sum(g.numel for g in self.groups if g.train),
+            frozen=sum(g.numel for g in self.groups if not g.train),
+            by_factor=MappingProxyType(by_factor),
+            by_group=MappingProxyType({f"{g.factor}.{g.key}": g.numel for g in self.groups}),
+        )
+        object.__setattr__(self, "counts", counts)
+
+    def summary(self) -> str:
+        """A readable table of the sites and the tie groups."""
+        a = self.spec.adapter
+        lines = [f"{len(self.sites)} sites, {len(self.groups)} tie groups, rank {a.rank}, scale {a.scale:g}", "",
+                 f"{'site':<48} {'type':<9} {'d_in':>6} {'d_out':>6}"]
+        lines += [f"{s.name:<48} {s.kind:<9} {s.d_in:>6} {s.d_out:>6}" for s in self.sites]
+        lines += ["", f"{'factor':<6} {'group':<48} {'shape':<12} {'members':>7} {'params':>10}  train"]
+        for g in self.groups:
+            shape = "x".join(map(str, g.shape))
+            lines.append(f"{g.factor:<6} {g.key:<48} {shape:<12} {len(g.members):>7} {g.numel:>10,}  "
+                         f"{'trained' if g.train else 'frozen'}")
+        c = self.counts
+        lines += ["", f"trainable {c.trainable:,}   frozen {c.frozen:,}"]
+        return "\n".join(lines)
+
+
+def _shape(factor: str, rank: int, d_in: int, d_out: int) -> tuple[int, ...]:
+    return {"A": (rank, d_in), "B": (d_out, rank), "u": (rank,), "v": (d_out,)}[factor]
+
+
+def _bucket(axis, value: str, site: str) -> str:
+    if axis.every is not None:
+        if not value.isdigit():
+            raise TieError(f"site {site!r}: tie on {axis.capture!r} with every={axis.every} needs integer "
+                           f"values, got {value!r}")
+        lo = int(value) // axis.every * axis.every
+        return f"[{lo}-{lo + axis.every - 1}]"
+    if axis.groups is not None:
+        for g in axis.groups:
+            if value in map(str, g):
+                return "[" + ",".join(map(str, g)) + "]"
+        raise TieError(f"site {site!r}: {axis.capture}={value} is in no group of tie.{axis.capture}.groups "
+                       f"{axis.groups}; add it to a group")
+    return "*"
+
+
+def group_key(name: str, match: re.Match, factor: Factor, shape: tuple[int, ...]) -> str:
+    """The module name with each tied capture replaced by ``*`` (or its bucket); ``*`` for ``tie: all``.
+    Dots become ``:`` so the key is a valid parameter name."""
+    if factor.tie == "all":
+        key = "*"
+    else:
+        spans = []
+        for axis in factor.tie:
+            if axis.capture in match.re.groupindex and match.group(axis.capture) is not None:
+                spans.append((match.span(axis.capture), _bucket(axis, match.group(axis.capture), name)))
+        key = name
+        for (start, end), repl in sorted(spans, reverse=True):
+            key = key[:start] + repl + key[end:]
+    if factor.shape_aware:
+        key += "@" + "x".join(map(str, shape))
+    return key.replace(".", ":")
+
+
+def plan(model: nn.Module, spec: TyingSpec) -> Plan:
+    """Select sites, resolve tie groups and check shapes; never modifies ``model``."""
+    if hasattr(model, BANK_ATTR) or any(isinstance(m, TiedAdapter) for m in model.modules()):
+        raise AlreadyAppliedError("the model already carries a tying adapter; call tying.unapply_(model) first")
+    named = [(n, m) for n, m in model.named_modules() if n]
+    names = [n for n, _ in named]
+    claimed: dict[str, int] = {}
+    sites, members, shapes = [], {}, {}
+    rank = spec.adapter.rank
+    for ti, target in enumerate(spec.targets):
+        pattern = compile_selector(target.select)
+        excludes = [compile_selector(e) for e in target.exclude]
+        hits = []
+        for name, module in named:
+            match = pattern.fullmatch(name)
+            if match is None or any(e.fullmatch(name) for e in excludes):
+                continue
+            if target.types is not None and type(module).__name__ not in target.types:
+                continue
+            hits.append((name, module, match))
+        if not hits:
+            close = closest_names(target.select, names)
+            raise SelectorError(f"targets[{ti}].select {target.select!r} matches no module"
+                                f"{' of types ' + str(target.types) if target.types else ''}; closest module names: "
+                                f"{', '.join(close) or 'none (the model has no submodules)'}")
+        for name, module, match in hits:
+            if name in claimed:
+                raise ConflictError(f"module {name!r} is claimed by targets[{claimed[name]}] and targets[{ti}]; "
+                                    "narrow one selector or add an `exclude`")
+            claimed[name] = ti
+            kind, d_in, d_out = dims(name, module)
+            if rank > min(d_in, d_out):
+                raise SpecError(f"adapter.rank {rank} is larger than module {name!r} allows "
+                                f"(d_in={d_in}, d_out={d_out}); use rank <= {min(d_in, d_out)}")
+            keys = {}
+            for fname in FACTOR_NAMES:
+                factor = spec.adapter.factors.get(fname)
+                if factor is None:
+                    continue
+                shape = _shape(fname, rank, d_in, d_out)
+                key = keys[fname] = group_key(name, match, factor, shape)
+                members.setdefault((fname, key), []).append(name)
+                shapes.setdefault((fname, key), {}).setdefault(shape, []).append(name)
+            captures = {k: v for k, v in match.groupdict().items() if v is not None}
+            sites.append(Site(name, kind, d_in, d_out, MappingProxyType(captures), MappingProxyType(keys)))
+    groups, per_factor = [], {}
+    for (fname, key), mems in members.items():
+        by_shape = shapes[(fname, key)]
+        if len(by_shape) > 1:
+            detail = "; ".join(f"{'x'.join(map(str, s))}: {', '.join(m[:3])}{' …' if len(m) > 3 else ''}"
+                               for s, m in by_shape.items())
+            raise TieError(f"factor {fname} cannot be shared in tie group {key!r}: its members need different "
+                           f"shapes ({detail}). Tie along fewer captures, or set shape_aware: true on {fname} "
+                           "to split the group by shape")
+        index = per_factor[fname] = per_factor.get(fname, -1) + 1
+        f = spec.adapter.factors[fname]
+        groups.append(Group(fname, key, next(iter(by_shape)), f.train, tuple(mems), index))
+    return Plan(spec, tuple(sites), tuple(groups))

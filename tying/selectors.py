@@ -1,0 +1,62 @@
+"""One selector grammar for module names.
+
+A selector is either a regex, written ``re:<pattern>``, or a glob. Both are matched against the
+*whole* dotted module name (``fullmatch``). In a glob:
+
+- ``*`` matches one name segment (no dot), ``**`` any run of characters (dots included);
+- ``{name}`` captures one segment under ``name``; ``{name:a|b}`` captures one of the alternatives.
+
+So ``model.layers.{layer}.self_attn.{proj:q_proj|k_proj|v_proj}`` is the same selector as
+``re:model\\.layers\\.(?P<layer>[^.]+)\\.self_attn\\.(?P<proj>q_proj|k_proj|v_proj)``.
+Named captures describe a site; factors are tied along them (see ``spec.Factor.tie``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+
+from .errors import SelectorError
+
+_GLOB_TOKEN = re.compile(r"\*\*|\*|\{(?P<name>[A-Za-z_]\w*)(?::(?P<alts>[^{}]+))?\}|[{}]")
+
+
+@functools.lru_cache(maxsize=256)
+def compile_selector(selector: str) -> re.Pattern:
+    """Compile a selector into a regex to ``fullmatch`` module names; raise SelectorError if invalid."""
+    if not isinstance(selector, str) or not selector.strip() or selector.strip() == "re:":
+        raise SelectorError(f"empty selector {selector!r}: write a glob such as 'layers.{{layer}}.q_proj' "
+                            "or a regex prefixed with 're:'")
+    if selector.startswith("re:"):
+        try:
+            return re.compile(selector[3:])
+        except re.error as e:
+            raise SelectorError(f"invalid regex in selector {selector!r}: {e}") from None
+    out, pos = [], 0
+    for m in _GLOB_TOKEN.finditer(selector):
+        out.append(re.escape(selector[pos:m.start()]))
+        tok = m.group(0)
+        if tok == "**":
+            out.append(".*")
+        elif tok == "*":
+            out.append("[^.]+")
+        elif m.group("name"):
+            alts = m.group("alts")
+            body = "|".join(re.escape(a) for a in alts.split("|")) if alts else "[^.]+"
+            out.append(f"(?P<{m.group('name')}>{body})")
+        else:
+            raise SelectorError(f"unbalanced brace at position {m.start()} in glob selector {selector!r}")
+        pos = m.end()
+    out.append(re.escape(selector[pos:]))
+    try:
+        return re.compile("".join(out))
+    except re.error as e:  # e.g. the same capture name twice
+        raise SelectorError(f"invalid glob selector {selector!r}: {e}") from None
+
+
+def closest_names(selector: str, names: list[str], n: int = 5) -> list[str]:
+    """The module names most similar to a selector's text, for 'matched nothing' messages."""
+    text = selector[3:] if selector.startswith("re:") else selector
+    text = re.sub(r"\(\?P<\w+>|[\\()?*+^$\[\]{}|]", "", text)
+    return difflib.get_close_matches(text, names, n=n, cutoff=0.0)

@@ -1,0 +1,240 @@
+"""The declarative spec: which modules to adapt, which factors are tied along which captures,
+which are trained, and how each starts. Pydantic v2, frozen, ``extra="forbid"``; never mutated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from .errors import SelectorError, SpecError
+from .selectors import compile_selector
+
+SPEC_VERSION = 1
+FACTOR_NAMES = ("A", "B", "u", "v")
+_PRESET_FILE = Path(__file__).parent / "presets" / "presets.yaml"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Init(_Frozen):
+    """How a factor starts. ``seed`` makes a random init reproducible without touching the global RNG
+    (group i of a factor uses ``seed + i``)."""
+
+    kind: Literal["zeros", "ones", "constant", "kaiming_uniform", "normal", "uniform", "orthogonal"]
+    value: float = 0.0  # constant
+    mean: float = 0.0  # normal
+    std: float = Field(1.0, gt=0)  # normal
+    bound: float = Field(1.0, gt=0)  # uniform(-bound, bound)
+    gain: float = Field(1.0, gt=0)  # orthogonal
+    seed: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"kind": data} if isinstance(data, str) else data
+
+
+class TieAxis(_Frozen):
+    """Share a factor across the values of one capture: all of them, buckets of ``every`` consecutive
+    integer values, or explicit ``groups`` of values. A bare string ``"layer"`` means all values."""
+
+    capture: str
+    every: PositiveInt | None = None
+    groups: list[list[Union[int, str]]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"capture": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "TieAxis":
+        if self.every is not None and self.groups is not None:
+            raise ValueError(f"tie on {self.capture!r}: give 'every' or 'groups', not both")
+        if self.groups is not None:
+            seen = [str(v) for g in self.groups for v in g]
+            if len(seen) != len(set(seen)):
+                raise ValueError(f"tie on {self.capture!r}: a value appears in two groups: {self.groups}")
+        return self
+
+
+class Factor(_Frozen):
+    """One factor of the update ``v * B(u * A(x)) * scale``.
+
+    ``tie``: ``all`` (one copy for every site), ``[]`` or ``none`` (one copy per site), or a list of
+    captures (one copy per combination of the *other* captures). ``shape_aware``: split a tie group
+    by shape instead of failing when members differ (e.g. policy layers of several widths).
+    """
+
+    tie: Union[Literal["all"], list[TieAxis]] = Field(default_factory=list)
+    train: bool = True
+    init: Init
+    shape_aware: bool = False
+
+    @field_validator("tie", mode="before")
+    @classmethod
+    def _none(cls, v: Any) -> Any:
+        return [] if v in (None, "none") else v
+
+
+class Adapter(_Frozen):
+    """The adapter placed on every selected module. ``alpha`` defaults to ``rank`` (scale 1, as the paper)."""
+
+    kind: Literal["lora"] = "lora"
+    rank: PositiveInt
+    alpha: float | None = None
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    factors: dict[Literal["A", "B", "u", "v"], Factor]
+
+    @field_validator("factors")
+    @classmethod
+    def _need_ab(cls, f: dict) -> dict:
+        missing = [k for k in ("A", "B") if k not in f]
+        if missing:
+            raise ValueError(f"a lora adapter needs factors A and B; missing {missing}")
+        for name in ("u", "v"):
+            if name in f and f[name].init.kind in ("kaiming_uniform", "orthogonal"):
+                raise ValueError(f"factor {name} is a vector: init {f[name].init.kind!r} needs a matrix; "
+                                 "use ones, zeros, constant, normal or uniform")
+        return f
+
+    @property
+    def scale(self) -> float:
+        """The multiplier of the update: alpha / rank."""
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
+class Target(_Frozen):
+    """A selector over module names, an optional filter on module class names, and exclusions."""
+
+    select: str
+    types: list[str] | None = None
+    exclude: list[str] = Field(default_factory=list)
+
+    @field_validator("select")
+    @classmethod
+    def _compiles(cls, s: str) -> str:
+        compile_selector(s)  # SelectorError is a ValueError: pydantic reports it with its path
+        return s
+
+    @field_validator("exclude")
+    @classmethod
+    def _exclusions_compile(cls, ex: list[str]) -> list[str]:
+        for s in ex:
+            compile_selector(s)
+        return ex
+
+    @property
+    def captures(self) -> set[str]:
+        """Names of the captures this target's selector defines."""
+        return set(compile_selector(self.select).groupindex)
+
+
+class TyingSpec(_Frozen):
+    """The whole spec. Build it with :func:`load_spec`."""
+
+    version: Literal[1] = SPEC_VERSION
+    targets: list[Target] = Field(min_length=1)
+    adapter: Adapter
+    freeze_base: bool = True
+
+    @model_validator(mode="after")
+    def _ties_name_known_captures(self) -> "TyingSpec":
+        known = set().union(*(t.captures for t in self.targets))
+        for name, f in self.adapter.factors.items():
+            if f.tie == "all":
+                continue
+            for axis in f.tie:
+                if axis.capture not in known:
+                    raise ValueError(f"adapter.factors.{name}.tie names capture {axis.capture!r}, but no target "
+                                     f"selector defines it (known captures: {sorted(known) or 'none'}); "
+                                     "add a named group such as (?P<layer>\\d+) or {layer} to a selector")
+        return self
+
+    def to_yaml(self) -> str:
+        """The spec as YAML text that :func:`load_spec` reads back to an equal spec."""
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with tying."""
+    return list(_presets())
+
+
+def _presets() -> dict[str, dict]:
+    data = yaml.safe_load(_PRESET_FILE.read_text())
+    return data["presets"]
+
+
+def _format_validation(e: ValidationError, where: str) -> str:
+    lines = [f"invalid spec ({where}):"]
+    for err in e.errors():
+        path = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling against the spec reference in README.md)"
+        lines.append(f"  {path}: {msg}" if path else f"  {msg}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"YAML syntax error in {path}{at}: {getattr(e, 'problem', e)}") from None
+
+
+_ADAPTER_OVERRIDES = ("rank", "alpha", "dropout")
+
+
+def load_spec(source: Union[TyingSpec, dict, str, Path], **overrides: Any) -> TyingSpec:
+    """Build a spec from a preset name, a YAML path, a dict or a spec.
+
+    ``overrides`` replace fields: ``rank``, ``alpha`` and ``dropout`` of the adapter, and ``targets``
+    or ``freeze_base`` at the top. The result is validated anew; the source is never changed.
+    """
+    where = "dict"
+    if isinstance(source, TyingSpec):
+        data, where = source.model_dump(mode="json"), "spec"
+    elif isinstance(source, dict):
+        data = source
+    elif isinstance(source, (str, Path)):
+        presets = _presets()
+        if isinstance(source, str) and source in presets:
+            data, where = presets[source], f"preset {source!r}"
+        else:
+            path = Path(source)
+            if not path.is_file():
+                hint = f"presets: {', '.join(presets)}"
+                if path.suffix in (".yaml", ".yml") or "/" in str(source):
+                    raise SpecError(f"spec file not found: {path}")
+                raise SpecError(f"unknown preset {source!r} and no such file; {hint}")
+            data, where = _read_yaml(path), str(path)
+    else:
+        raise SpecError(f"cannot build a spec from a {type(source).__name__}; give a preset name, path or dict")
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid spec ({where}): the top level must be a mapping, got {type(data).__name__}")
+    bad = set(overrides) - set(_ADAPTER_OVERRIDES) - {"targets", "freeze_base"}
+    if bad:
+        raise SpecError(f"unknown override(s) {sorted(bad)}; allowed: {', '.join(_ADAPTER_OVERRIDES)}, targets, freeze_base")
+    data = dict(data)
+    if any(overrides.get(k) is not None for k in _ADAPTER_OVERRIDES):
+        adapter = dict(data.get("adapter") or {})
+        adapter.update({k: overrides[k] for k in _ADAPTER_OVERRIDES if overrides.get(k) is not None})
+        data["adapter"] = adapter
+    for k in ("targets", "freeze_base"):
+        if overrides.get(k) is not None:
+            data[k] = overrides[k]
+    try:
+        return TyingSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_validation(e, where)) from None
+    except SelectorError as e:  # raised outside a field validator
+        raise SpecError(f"invalid spec ({where}): {e}") from None

@@ -1,0 +1,88 @@
+"""Saving and loading adapters: ``spec.yaml`` + ``adapter.safetensors`` (each tied factor once,
+nothing of the base model). Nothing is ever unpickled; saves are atomic."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .engine import apply_, bank_of
+from .errors import AdapterFileError, AlreadyAppliedError
+from .planner import BANK_ATTR, plan
+from .spec import load_spec
+
+SPEC_FILE = "spec.yaml"
+WEIGHTS_FILE = "adapter.safetensors"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: a crash leaves the old file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the model's adapter (spec and factors) to ``directory``; return the folder."""
+    bank = bank_of(model)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in bank.state_dict().items()}
+    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "tying", "version": "1"}))
+    _atomic_write(out / SPEC_FILE, lambda tmp: Path(tmp).write_text(bank.spec.to_yaml()))
+    return out
+
+
+def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFileError(f"{path} is not a readable safetensors file ({e}); "
+                               "tying reads only safetensors adapters and never unpickles") from None
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Apply the adapter saved in ``directory`` to ``model`` and load its factors.
+
+    If the model already carries an adapter with the same spec, only the factors are loaded. Every
+    check (spec, plan, keys, shapes) runs before the model is touched.
+    """
+    src = Path(directory)
+    for name in (SPEC_FILE, WEIGHTS_FILE):
+        if not (src / name).is_file():
+            raise AdapterFileError(f"{src / name} not found: an adapter folder holds {SPEC_FILE} and {WEIGHTS_FILE}")
+    spec = load_spec(src / SPEC_FILE)
+    applied = hasattr(model, BANK_ATTR)
+    if applied and bank_of(model).spec != spec:
+        raise AlreadyAppliedError("the model carries a different tying adapter; call tying.unapply_(model) first")
+    groups = {f"{g.factor}.{g.key}": g.shape for g in plan(model, spec).groups} if not applied else \
+        {k: tuple(v.shape) for k, v in bank_of(model).state_dict().items()}
+    found = _read_header(src / WEIGHTS_FILE)
+    missing, extra = sorted(set(groups) - set(found)), sorted(set(found) - set(groups))
+    if missing or extra:
+        raise AdapterFileError(f"adapter in {src} does not fit this model: missing factors {missing[:5]}, "
+                               f"unexpected factors {extra[:5]} (was it saved from a different model?)")
+    wrong = [f"{k}: file {found[k][0]} vs model {groups[k]}" for k in groups if found[k][0] != groups[k]]
+    if wrong:
+        raise AdapterFileError(f"adapter in {src} does not fit this model; shape mismatch: {'; '.join(wrong[:5])}")
+    try:
+        tensors = load_file(str(src / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFileError(f"{src / WEIGHTS_FILE} is corrupted: {e}") from None
+    if not applied:
+        apply_(model, spec)
+    with torch.no_grad():
+        for k, p in bank_of(model).state_dict(keep_vars=True).items():
+            p.copy_(tensors[k])
