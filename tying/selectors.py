@@ -4,10 +4,11 @@ A selector is either a regex, written ``re:<pattern>``, or a glob. Both are matc
 *whole* dotted module name (``fullmatch``). In a glob:
 
 - ``*`` matches one name segment (no dot), ``**`` any run of characters (dots included);
-- ``{name}`` captures one segment under ``name``; ``{name:a|b}`` captures one of the alternatives.
+- ``{name}`` captures one segment under ``name``; ``{name:#}`` captures a number (digits);
+  ``{name:a|b}`` captures one of the alternatives.
 
-So ``model.layers.{layer}.self_attn.{proj:q_proj|k_proj|v_proj}`` is the same selector as
-``re:model\\.layers\\.(?P<layer>[^.]+)\\.self_attn\\.(?P<proj>q_proj|k_proj|v_proj)``.
+So ``model.layers.{layer:#}.self_attn.{proj:q_proj|k_proj|v_proj}`` is the same selector as
+``re:model\\.layers\\.(?P<layer>\\d+)\\.self_attn\\.(?P<proj>q_proj|k_proj|v_proj)``.
 Named captures describe a site; factors are tied along them (see ``spec.Factor.tie``).
 """
 
@@ -43,7 +44,7 @@ def compile_selector(selector: str) -> re.Pattern:
             out.append("[^.]+")
         elif m.group("name"):
             alts = m.group("alts")
-            body = "|".join(re.escape(a) for a in alts.split("|")) if alts else "[^.]+"
+            body = r"\d+" if alts == "#" else "|".join(map(re.escape, alts.split("|"))) if alts else "[^.]+"
             out.append(f"(?P<{m.group('name')}>{body})")
         else:
             raise SelectorError(f"unbalanced brace at position {m.start()} in glob selector {selector!r}")
