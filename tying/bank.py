@@ -39,18 +39,23 @@ def init_(t: torch.Tensor, init: Init, index: int = 0) -> torch.Tensor:
 
 
 class FactorBank(nn.ModuleDict):
-    """Owns every factor once; see the module docstring. ``spec`` is the spec it was built from."""
+    """Owns every factor once; see the module docstring. ``plan`` is the plan it was built from."""
 
     def __init__(self, plan: Plan, placement: dict[tuple[str, str], tuple[torch.device, torch.dtype]] | None = None):
         """``placement[(factor, key)]`` gives a group's (device, dtype); torch's defaults otherwise."""
         super().__init__({g.factor: nn.ParameterDict() for g in plan.groups})
-        self.spec: TyingSpec = plan.spec
+        self.plan = plan  # plain attribute: frozen data, travels with deepcopy and torch.save
         self._inits = {}
         for g in plan.groups:
             dev, dt = (placement or {}).get((g.factor, g.key), (None, None))
             self[g.factor][g.key] = nn.Parameter(torch.empty(g.shape, device=dev, dtype=dt), requires_grad=g.train)
             self._inits[(g.factor, g.key)] = (plan.spec.adapter.factors[g.factor].init, g.index)
         self.reset_parameters()
+
+    @property
+    def spec(self) -> TyingSpec:
+        """The spec the bank was built from."""
+        return self.plan.spec
 
     def reset_parameters(self) -> None:
         """Re-initialise every factor from the spec (seeded factors get their exact starting values)."""

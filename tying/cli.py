@@ -1,4 +1,4 @@
-"""The ``tying`` command: ``tying inspect`` and ``tying count`` on meta-device models."""
+"""The ``tying`` command: ``inspect``, ``count`` and ``export-peft``, on meta-device models."""
 
 from __future__ import annotations
 
@@ -33,6 +33,13 @@ def _count(args) -> None:
     print(f"{'total':<8} {counts.trainable:>12,} {counts.frozen:>12,}")
 
 
+def _export_peft(args) -> None:
+    from .integrations.peft import export_peft
+
+    out = export_peft(meta_model(args.model), args.out, adapter=args.adapter, base_model_name_or_path=args.base_model)
+    print(f"wrote a PEFT LoRA adapter to {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tying`` console command."""
     parser = argparse.ArgumentParser(prog="tying", description="Tied adapters for any PyTorch model.")
@@ -44,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     _common(p)
     p.add_argument("--json", action="store_true", help="one JSON object: trainable, frozen, by_factor, by_group")
     p.set_defaults(run=_count)
+    p = sub.add_parser("export-peft", help="materialise a tied adapter as a per-module PEFT LoRA adapter")
+    p.add_argument("--model", required=True, help=f"one of {', '.join(REGISTRY)}, or a transformers config.json")
+    p.add_argument("--adapter", required=True, help="folder written by tying.save_adapter")
+    p.add_argument("--out", required=True, help="folder for adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--base-model", default=None, help="base_model_name_or_path to record in adapter_config.json")
+    p.set_defaults(run=_export_peft)
     args = parser.parse_args(argv)
     try:
         args.run(args)

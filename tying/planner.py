@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Mapping
 
 from torch import nn
 
 from .errors import AlreadyAppliedError, ConflictError, SelectorError, SpecError, TieError
-from .layers import TiedAdapter, dims
+from .layers import TiedAdapter, dims, module_kind
 from .selectors import closest_names, compile_selector
 from .spec import FACTOR_NAMES, Factor, TyingSpec
 
@@ -82,8 +81,8 @@ class Plan:
         counts = Counts(
             trainable=sum(g.numel for g in self.groups if g.train),
             frozen=sum(g.numel for g in self.groups if not g.train),
-            by_factor=MappingProxyType(by_factor),
-            by_group=MappingProxyType({f"{g.factor}.{g.key}": g.numel for g in self.groups}),
+            by_factor=by_factor,
+            by_group={f"{g.factor}.{g.key}": g.numel for g in self.groups},
         )
         object.__setattr__(self, "counts", counts)
 
@@ -158,7 +157,7 @@ def plan(model: nn.Module, spec: TyingSpec) -> Plan:
             match = pattern.fullmatch(name)
             if match is None or any(e.fullmatch(name) for e in excludes):
                 continue
-            if target.types is not None and type(module).__name__ not in target.types:
+            if target.types is not None and module_kind(module) not in target.types:
                 continue
             hits.append((name, module, match))
         if not hits:
@@ -185,7 +184,7 @@ def plan(model: nn.Module, spec: TyingSpec) -> Plan:
                 members.setdefault((fname, key), []).append(name)
                 shapes.setdefault((fname, key), {}).setdefault(shape, []).append(name)
             captures = {k: v for k, v in match.groupdict().items() if v is not None}
-            sites.append(Site(name, kind, d_in, d_out, MappingProxyType(captures), MappingProxyType(keys)))
+            sites.append(Site(name, kind, d_in, d_out, captures, keys))
     groups, per_factor = [], {}
     for (fname, key), mems in members.items():
         by_shape = shapes[(fname, key)]

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from .errors import SelectorError, SpecError
+from .layers import SUPPORTED
 from .selectors import compile_selector
 
 SPEC_VERSION = 1
@@ -87,7 +88,7 @@ class Adapter(_Frozen):
 
     kind: Literal["lora"] = "lora"
     rank: PositiveInt
-    alpha: float | None = None
+    alpha: float | None = Field(None, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     factors: dict[Literal["A", "B", "u", "v"], Factor]
 
@@ -110,7 +111,8 @@ class Adapter(_Frozen):
 
 
 class Target(_Frozen):
-    """A selector over module names, an optional filter on module class names, and exclusions."""
+    """A selector over module names, an optional filter on module kinds (``Linear``, ``Conv1D``, ``Conv1d``,
+    ``Conv2d``, ``Embedding``; subclasses count), and exclusions."""
 
     select: str
     types: list[str] | None = None
@@ -121,6 +123,14 @@ class Target(_Frozen):
     def _compiles(cls, s: str) -> str:
         compile_selector(s)  # SelectorError is a ValueError: pydantic reports it with its path
         return s
+
+    @field_validator("types")
+    @classmethod
+    def _known_types(cls, types: list[str] | None) -> list[str] | None:
+        unknown = [t for t in types or [] if t not in SUPPORTED]
+        if unknown:
+            raise ValueError(f"unsupported module type(s) {unknown}; supported: {', '.join(SUPPORTED)}")
+        return types
 
     @field_validator("exclude")
     @classmethod

@@ -57,7 +57,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     """Apply the adapter saved in ``directory`` to ``model`` and load its factors.
 
     If the model already carries an adapter with the same spec, only the factors are loaded. Every
-    check (spec, plan, keys, shapes) runs before the model is touched.
+    check (spec, plan, keys, shapes, dtypes) runs before the model is touched. Floating-point factors
+    are cast to the model's factor dtype (e.g. an fp32 adapter into a bf16 model).
     """
     src = Path(directory)
     for name in (SPEC_FILE, WEIGHTS_FILE):
@@ -74,6 +75,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     if missing or extra:
         raise AdapterFileError(f"adapter in {src} does not fit this model: missing factors {missing[:5]}, "
                                f"unexpected factors {extra[:5]} (was it saved from a different model?)")
+    ints = [f"{k} is {found[k][1]}" for k in groups if found[k][1] not in ("F16", "BF16", "F32", "F64")]
+    if ints:
+        raise AdapterFileError(f"adapter in {src}: dtype mismatch, factors are floating point but {'; '.join(ints[:5])}")
     wrong = [f"{k}: file {found[k][0]} vs model {groups[k]}" for k in groups if found[k][0] != groups[k]]
     if wrong:
         raise AdapterFileError(f"adapter in {src} does not fit this model; shape mismatch: {'; '.join(wrong[:5])}")

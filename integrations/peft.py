@@ -1,0 +1,102 @@
+"""PEFT interop: materialise any tied adapter as a standard per-module PEFT LoRA adapter
+(``adapter_config.json`` + ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` loads,
+and import a PEFT LoRA adapter into tying.
+
+Export absorbs u, v and the scale into per-module factors: ``lora_A = diag(u) A`` and
+``lora_B = scale * diag(v) B`` with ``lora_alpha = r`` (PEFT scale 1), so the PEFT model computes
+exactly ``v * B(u * A x) * scale``. A tied factor is written once per module that uses it: that is
+the price of serving with stacks that know only per-module LoRA (PEFT, vLLM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..engine import apply_, bank_of
+from ..errors import AdapterFileError
+from ..planner import plan
+from ..spec import load_spec
+from ..state import SPEC_FILE, WEIGHTS_FILE, _atomic_write, _read_header
+
+PREFIX = "base_model.model."
+_SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+
+
+def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.PathLike | None = None,
+                base_model_name_or_path: str | None = None) -> Path:
+    """Write a PEFT LoRA adapter for ``model``'s tying adapter (or for the adapter folder ``adapter``,
+    planned on ``model``, which may then be a meta-device model)."""
+    if adapter is None:
+        bank = bank_of(model)
+        p, spec, tensors = bank.plan, bank.spec, {k: v.detach().cpu() for k, v in bank.state_dict().items()}
+        modules = {n: getattr(m, "base", m) for n, m in model.named_modules()}
+    else:
+        spec = load_spec(Path(adapter) / SPEC_FILE)
+        _read_header(Path(adapter) / WEIGHTS_FILE)
+        tensors = load_file(str(Path(adapter) / WEIGHTS_FILE))
+        p = plan(model, spec)
+        modules = dict(model.named_modules())
+    if spec.adapter.kind != "lora":
+        raise AdapterFileError(f"only lora adapters export to PEFT LoRA, not {spec.adapter.kind!r}")
+    out, scale, r = Path(out_dir), spec.adapter.scale, spec.adapter.rank
+    state = {}
+    for site in p.sites:
+        get = lambda f: tensors[f"{f}.{site.keys[f]}"].float() if f in site.keys else None  # noqa: E731
+        A, B, u, v = get("A"), get("B"), get("u"), get("v")
+        A = A * u[:, None] if u is not None else A.clone()  # never alias one tensor into two keys
+        B = (B * v[:, None] if v is not None else B) * scale
+        if site.kind == "Embedding":
+            state[f"{PREFIX}{site.name}.lora_embedding_A"] = A
+            state[f"{PREFIX}{site.name}.lora_embedding_B"] = B
+            continue
+        if site.kind in ("Conv1d", "Conv2d"):
+            base = modules[site.name]
+            A = A.reshape(r, base.in_channels, *base.kernel_size)
+            B = B.reshape(*B.shape, *([1] * len(base.kernel_size)))
+        state[f"{PREFIX}{site.name}.lora_A.weight"] = A.contiguous()
+        state[f"{PREFIX}{site.name}.lora_B.weight"] = B.contiguous()
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "lora_dropout": spec.adapter.dropout, "bias": "none",
+              "target_modules": sorted(s.name for s in p.sites), "task_type": None, "inference_mode": True,
+              "fan_in_fan_out": any(s.kind == "Conv1D" for s in p.sites), "init_lora_weights": True,
+              "base_model_name_or_path": base_model_name_or_path, "use_rslora": False, "use_dora": False}
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "adapter_model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    _atomic_write(out / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    return out
+
+
+def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> None:
+    """Apply a PEFT LoRA adapter folder to ``model`` as an untied tying adapter (one A, one B per module)."""
+    src = Path(peft_dir)
+    cfg_path, w_path = src / "adapter_config.json", src / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise AdapterFileError(f"{src} is not a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    cfg = json.loads(cfg_path.read_text())
+    unsupported = {k: cfg.get(k) for k in ("use_dora", "rank_pattern", "alpha_pattern", "lora_bias") if cfg.get(k)}
+    if cfg.get("peft_type") != "LORA" or unsupported:
+        raise AdapterFileError(f"{cfg_path}: only plain PEFT LoRA adapters import (peft_type LORA without "
+                               f"{', '.join(unsupported) or 'other options'}); got peft_type {cfg.get('peft_type')!r}")
+    _read_header(w_path)
+    tensors = load_file(str(w_path))
+    names = sorted({_SUFFIX.sub("", k).removeprefix(PREFIX) for k in tensors})
+    r = cfg["r"]
+    scale = cfg["lora_alpha"] / (r ** 0.5 if cfg.get("use_rslora") else r)
+    spec = load_spec({"targets": [{"select": "re:" + "|".join(map(re.escape, names))}],
+                      "adapter": {"rank": r, "alpha": scale * r, "dropout": cfg.get("lora_dropout", 0.0),
+                                  "factors": {"A": {"init": "zeros"}, "B": {"init": "zeros"}}}})
+    apply_(model, spec)
+    bank = bank_of(model)
+    with torch.no_grad():
+        for n in names:
+            key = n.replace(".", ":")
+            A = tensors.get(f"{PREFIX}{n}.lora_A.weight", tensors.get(f"{PREFIX}{n}.lora_embedding_A"))
+            B = tensors.get(f"{PREFIX}{n}.lora_B.weight", tensors.get(f"{PREFIX}{n}.lora_embedding_B"))
+            bank["A"][key].copy_(A.reshape(bank["A"][key].shape))
+            bank["B"][key].copy_(B.reshape(bank["B"][key].shape))

@@ -1,0 +1,42 @@
+"""Adapted models train under DDP and FSDP2 (2 processes, gloo, CPU) and match a single-process run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tying
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import dist_worker as w  # noqa: E402
+
+
+def single_process_reference() -> dict:
+    model = w.Tower()
+    tying.apply_(model, w.SPEC)
+    w.train(model, *w.data())
+    return w.bank_state(model)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_processes_match_one(tmp_path, mode):
+    out = tmp_path / "bank.safetensors"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "dist_worker.py"), mode, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, ref = load_file(str(out)), single_process_reference()
+    assert sorted(got) == sorted(ref)
+    start = w.Tower()
+    tying.apply_(start, w.SPEC)
+    moved = [k for k, v in tying.bank_of(start).state_dict().items() if not torch.equal(v, ref[k])]
+    assert moved, "the reference run must have trained something"
+    for k in ref:
+        assert torch.allclose(got[k], ref[k], atol=1e-5), k

@@ -1,0 +1,75 @@
+"""PEFT interop, checked with PEFT itself: export any tied adapter, import a PEFT LoRA adapter."""
+
+import json
+
+import pytest
+import torch
+from conftest import randomize_bank, tiny_gpt2, tiny_llama
+
+import tying
+from tying.cli import main
+from tying.integrations.peft import export_peft, import_peft
+
+peft = pytest.importorskip("peft")
+FAMILIES = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+@pytest.mark.parametrize("preset", ["tl6", "vera", "lora", "tied-ABv"])
+@pytest.mark.parametrize("fam", sorted(FAMILIES))
+def test_export_loads_in_peft_with_same_outputs(tmp_path, fam, preset, tokens):
+    model = FAMILIES[fam]()
+    tying.apply_(model, tying.load_spec(preset, rank=4, alpha=8))  # scale 2 must be absorbed too
+    randomize_bank(model)
+    with torch.no_grad():
+        ref = model(tokens).logits
+    export_peft(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["fan_in_fan_out"] == (fam == "gpt2")
+    served = peft.PeftModel.from_pretrained(FAMILIES[fam](), tmp_path).eval()
+    with torch.no_grad():
+        out = served(tokens).logits
+    assert (out - ref).abs().max() < 1e-4
+
+
+def test_cli_export_from_adapter_folder_on_a_meta_model(tmp_path, tokens):
+    model = tiny_llama()
+    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    randomize_bank(model)
+    with torch.no_grad():
+        ref = model(tokens).logits
+    tying.save_adapter(model, tmp_path / "tied")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(model.config.to_json_string())
+    assert main(["export-peft", "--model", str(cfg), "--adapter", str(tmp_path / "tied"), "--out",
+                 str(tmp_path / "peft")]) == 0
+    served = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft").eval()
+    with torch.no_grad():
+        assert (served(tokens).logits - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_import_peft_adapter(tmp_path, tokens, rslora):
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=16, use_rslora=rslora,
+                                                           target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    pm.eval()
+    with torch.no_grad():
+        ref = pm(tokens).logits
+    pm.save_pretrained(tmp_path)
+    model = tiny_llama()
+    import_peft(model, tmp_path)
+    assert tying.bank_of(model).spec.adapter.rank == 4 and len(tying.bank_of(model).plan.sites) == 9
+    with torch.no_grad():
+        assert (model(tokens).logits - ref).abs().max() < 1e-5
+
+
+def test_import_refuses_unsupported(tmp_path):
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    pm.save_pretrained(tmp_path)
+    with pytest.raises(tying.errors.AdapterFileError, match="only plain PEFT LoRA adapters import.*use_dora"):
+        import_peft(tiny_llama(), tmp_path)
+    with pytest.raises(tying.errors.AdapterFileError, match="is not a PEFT adapter folder"):
+        import_peft(tiny_llama(), tmp_path / "nothing")
