@@ -175,3 +175,106 @@ def test_pickle_offered_as_adapter_is_refused_unread(llama, saved):
 
 def test_missing_adapter_files(llama, tmp_path):
     check(llama, errors.AdapterFileError, r"spec\.yaml not found", lambda m: tying.load_adapter(m, tmp_path))
+
+
+# ---- more malformed specs: each names the field -------------------------------------------------
+
+def _factors(**over):
+    f = {"A": {"tie": ["proj"], "init": "kaiming_uniform"}, "B": {"init": "zeros"}}
+    f.update(over)
+    return f
+
+
+@pytest.mark.parametrize("spec,match", [
+    ({**spec_with(), "version": 2}, r"version: Input should be 1"),
+    (spec_with(dropout=1.0), r"adapter\.dropout: Input should be less than 1"),
+    (spec_with(alpha=0), r"adapter\.alpha: Input should be greater than 0"),
+    ({**spec_with(), "targets": [{**QKV, "types": ["Linearr"]}]}, r"targets\.0\.types: .*unsupported module type"),
+    ({**spec_with(), "targets": []}, r"targets: List should have at least 1 item"),
+    ({"targets": [QKV]}, r"adapter: Field required"),
+    (spec_with(factors=_factors(C={"init": "zeros"})), r"adapter\.factors\.C"),
+    (spec_with(factors={"A": {"init": "zeros"}}), r"needs factors A and B; missing \['B'\]"),
+    (spec_with(factors=_factors(A={"init": {"kind": "normal", "std": -1}})), r"factors\.A\.init\.std: .*greater than 0"),
+    (spec_with(factors=_factors(A={"tie": [{"capture": "layer", "every": 0}], "init": "zeros"})), r"tie\.0\.every"),
+    (spec_with(factors=_factors(A={"tie": [{"capture": "layer", "groups": [[0, 1], [1, 2]]}], "init": "zeros"})),
+     r"a value appears in two groups"),
+    (spec_with(factors=_factors(A={"tie": "some", "init": "zeros"})), r"adapter\.factors\.A\.tie"),
+    (spec_with(factors=_factors(A={"init": {"kind": "xavier"}})), r"factors\.A\.init\.kind: Input should be 'zeros'"),
+    ({**spec_with(), "targets": [{**QKV, "exclude": ["re:("]}]}, r"targets\.0\.exclude: .*invalid regex"),
+    ({**spec_with(), "targets": [{"select": "a.{x}.{x}"}]}, r"invalid glob selector .*redefinition"),
+])
+def test_malformed_specs(llama, spec, match):
+    check(llama, errors.SpecError, match, lambda m: tying.apply_(m, spec))
+
+
+def test_top_level_not_a_mapping(tmp_path):
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(errors.SpecError, match=r"top level must be a mapping, got list"):
+        tying.load_spec(p)
+    with pytest.raises(errors.SpecError, match=r"cannot build a spec from a int"):
+        tying.load_spec(3)
+
+
+def test_layer_in_no_explicit_group(llama):
+    spec = spec_with(factors=_factors(B={"tie": [{"capture": "layer", "groups": [[0, 1]]}], "init": "zeros"}))
+    check(llama, errors.TieError, r"layer=2 is in no group of tie\.layer\.groups \[\[0, 1\]\]", lambda m: tying.apply_(m, spec))
+
+
+def test_adapter_with_edited_rank(llama, saved):
+    spec_file = saved / "spec.yaml"
+    spec_file.write_text(spec_file.read_text().replace("rank: 4", "rank: 2"))
+    check(llama, errors.AdapterFileError, r"shape mismatch: A\.model:layers:\*:self_attn:\*: file \(4, 32\) vs model \(2, 32\)",
+          lambda m: tying.load_adapter(m, saved))
+
+
+def test_adapter_with_integer_tensors(llama, saved):
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(saved / "adapter.safetensors"))
+    save_file({k: v.to(torch.int64) for k, v in t.items()}, str(saved / "adapter.safetensors"))
+    check(llama, errors.AdapterFileError, r"dtype mismatch, factors are floating point but .* is I64",
+          lambda m: tying.load_adapter(m, saved))
+
+
+def test_empty_adapter_file(llama, saved):
+    (saved / "adapter.safetensors").write_bytes(b"")
+    check(llama, errors.AdapterFileError, r"not a readable safetensors file", lambda m: tying.load_adapter(m, saved))
+
+
+def test_adapter_spec_with_unknown_key(llama, saved):
+    (saved / "spec.yaml").write_text((saved / "spec.yaml").read_text() + "extra_field: 1\n")
+    check(llama, errors.SpecError, r"spec\.yaml\):\n  extra_field: unknown key", lambda m: tying.load_adapter(m, saved))
+
+
+def test_fp16_adapter_loads_into_fp32_model(llama, saved):
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(saved / "adapter.safetensors"))
+    save_file({k: v.half() for k, v in t.items()}, str(saved / "adapter.safetensors"))
+    model, _ = llama
+    tying.load_adapter(model, saved)
+    assert {p.dtype for p in model.tying_bank.parameters()} == {torch.float32}
+
+
+# ---- nothing lost: atomic saves ------------------------------------------------------------------
+
+def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch):
+    model = tiny_llama()
+    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    tying.save_adapter(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        for p in model.tying_bank.parameters():
+            p.add_(1.0)
+
+    def crash_half_way(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\x00" * 100)  # a partial write ...
+        raise OSError("disk full")  # ... then the failure
+
+    monkeypatch.setattr(tying.state, "save_file", crash_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        tying.save_adapter(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files either
+    fresh = tiny_llama()
+    tying.load_adapter(fresh, tmp_path)
+    assert all(torch.equal(v, torch.ones_like(v)) for v in fresh.tying_bank["u"].values())

@@ -182,13 +182,17 @@ def _presets() -> dict[str, dict]:
 
 
 def _format_validation(e: ValidationError, where: str) -> str:
-    lines = [f"invalid spec ({where}):"]
+    rows = []
     for err in e.errors():
-        path = ".".join(str(p) for p in err["loc"])
+        # drop pydantic's union-branch tags such as "literal['all']" or "list[...]" from the path
+        path = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or "(" in p)))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling against the spec reference in README.md)"
-        lines.append(f"  {path}: {msg}" if path else f"  {msg}")
+        rows.append((path, msg, err["type"]))
+    # in a union, a failed literal branch is noise when another branch failed deeper down
+    rows = [r for r in rows if not (r[2] == "literal_error" and any(o[0].startswith(r[0] + ".") for o in rows))]
+    lines = [f"invalid spec ({where}):"] + [f"  {p}: {m}" if p else f"  {m}" for p, m, _ in rows]
     return "\n".join(lines)
 
 
