@@ -43,8 +43,9 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
         tensors = load_file(str(Path(adapter) / WEIGHTS_FILE))
         p = plan(model, spec)
         modules = dict(model.named_modules())
-    if spec.adapter.kind != "lora":
-        raise AdapterFileError(f"only lora adapters export to PEFT LoRA, not {spec.adapter.kind!r}")
+    if spec.adapter.kind != "lora" or spec.train_modules:
+        raise AdapterFileError(f"only lora adapters without train_modules export to PEFT LoRA (kind "
+                               f"{spec.adapter.kind!r}, train_modules {spec.train_modules})")
     out, scale, r = Path(out_dir), spec.adapter.scale, spec.adapter.rank
     state = {}
     for site in p.sites:

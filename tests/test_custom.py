@@ -112,3 +112,28 @@ def test_training_reduces_loss(net_and_input):
 
 def test_supported_kinds_are_documented():
     assert set(SUPPORTED) == {"Linear", "Conv1D", "Conv1d", "Conv2d", "Embedding"}
+
+
+def test_train_modules_are_trained_counted_and_saved(tmp_path, net_and_input):
+    net, x = net_and_input
+    spec = {"targets": [{"select": "tower.{layer:#}"}], "train_modules": ["seq", "conv*"],
+            "adapter": {"rank": 2, "factors": {"A": {"tie": "all", "init": {"kind": "normal", "seed": 0}},
+                                               "B": {"init": "zeros"}}}}
+    c = tying.apply_(net, spec)
+    extra = sum(p.numel() for m in (net.seq, net.conv1, net.conv2) for p in m.parameters())
+    assert c.modules == extra and c.trainable == 2 * 16 + 6 * 16 * 2 + extra
+    assert all(p.requires_grad for p in net.seq.parameters()) and not net.emb.weight.requires_grad
+    with torch.no_grad():
+        net.seq.weight.add_(1.0)
+        net.tying_bank["B"]["tower:0"].fill_(0.5)
+        ref = net(x)
+    tying.save_adapter(net, tmp_path)
+    torch.manual_seed(0)  # the same base weights as the fixture's
+    fresh = Net().eval()
+    tying.load_adapter(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), ref)
+    with pytest.raises(tying.errors.ConflictError, match="both adapted"):
+        tying.plan(Net(), tying.load_spec(spec, train_modules=["tower"]))
+    with pytest.raises(tying.errors.SelectorError, match="train_modules selector 'head' matches no module"):
+        tying.plan(Net(), tying.load_spec(spec, train_modules=["head"]))

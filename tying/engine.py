@@ -26,8 +26,8 @@ def apply_(model: nn.Module, spec: Union[SpecLike, Plan], *, device: torch.devic
     """Adapt ``model`` in place from a spec (or a plan made for this model); return the counts.
 
     Factors live on the device and dtype of their first member's weight unless ``device``/``dtype``
-    are given. With ``spec.freeze_base`` (the default) every base parameter is frozen; ``unapply_``
-    restores the original ``requires_grad`` flags.
+    are given. With ``spec.freeze_base`` (the default) every base parameter is frozen, except those of
+    ``spec.train_modules``; ``unapply_`` restores the original ``requires_grad`` flags.
     """
     p = _as_plan(model, spec)
     modules = dict(model.named_modules())
@@ -44,6 +44,8 @@ def apply_(model: nn.Module, spec: Union[SpecLike, Plan], *, device: torch.devic
     if p.spec.freeze_base:
         for q in model.parameters():
             q.requires_grad_(False)
+    for name in p.train_modules:
+        model.get_submodule(name).requires_grad_(True)
     setattr(model, BANK_ATTR, bank)
     for name, wrapper in wrappers.items():
         model.set_submodule(name, wrapper)

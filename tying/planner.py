@@ -52,14 +52,15 @@ class Group:
 class Counts:
     """Adapter parameter counts: totals, per factor and per tie group."""
 
-    trainable: int
-    frozen: int
+    trainable: int  # trained factors plus the parameters of train_modules
+    frozen: int  # frozen factors
     by_factor: Mapping[str, Mapping[str, int]]
     by_group: Mapping[str, int]
+    modules: int = 0  # parameters of the spec's train_modules (trained, saved with the adapter)
 
     def to_dict(self) -> dict:
-        """Plain JSON-ready dict with the keys ``trainable``, ``frozen``, ``by_factor``, ``by_group``."""
-        return {"trainable": self.trainable, "frozen": self.frozen,
+        """JSON-ready dict: ``trainable``, ``frozen``, ``by_factor``, ``by_group``, ``modules``."""
+        return {"trainable": self.trainable, "frozen": self.frozen, "modules": self.modules,
                 "by_factor": {k: dict(v) for k, v in self.by_factor.items()}, "by_group": dict(self.by_group)}
 
 
@@ -70,6 +71,7 @@ class Plan:
     spec: TyingSpec
     sites: tuple[Site, ...]
     groups: tuple[Group, ...]
+    train_modules: dict[str, int] = field(default_factory=dict)  # name -> parameter count
     counts: Counts = field(init=False)
 
     def __post_init__(self):
@@ -78,11 +80,13 @@ class Plan:
             row = by_factor.setdefault(g.factor, {"trainable": 0, "frozen": 0, "groups": 0})
             row["trainable" if g.train else "frozen"] += g.numel
             row["groups"] += 1
+        modules = sum(self.train_modules.values())
         counts = Counts(
-            trainable=sum(g.numel for g in self.groups if g.train),
+            trainable=sum(g.numel for g in self.groups if g.train) + modules,
             frozen=sum(g.numel for g in self.groups if not g.train),
             by_factor=by_factor,
             by_group={f"{g.factor}.{g.key}": g.numel for g in self.groups},
+            modules=modules,
         )
         object.__setattr__(self, "counts", counts)
 
@@ -98,6 +102,7 @@ class Plan:
             lines.append(f"{g.factor:<6} {g.key:<48} {shape:<12} {len(g.members):>7} {g.numel:>10,}  "
                          f"{'trained' if g.train else 'frozen'}")
         c = self.counts
+        lines += [f"module {n:<48} {'':<12} {'':>7} {k:>10,}  trained" for n, k in self.train_modules.items()]
         lines += ["", f"trainable {c.trainable:,}   frozen {c.frozen:,}"]
         return "\n".join(lines)
 
@@ -197,4 +202,22 @@ def plan(model: nn.Module, spec: TyingSpec) -> Plan:
         index = per_factor[fname] = per_factor.get(fname, -1) + 1
         f = spec.adapter.factors[fname]
         groups.append(Group(fname, key, next(iter(by_shape)), f.train, tuple(mems), index))
-    return Plan(spec, tuple(sites), tuple(groups))
+    return Plan(spec, tuple(sites), tuple(groups), _train_modules(spec, named, claimed))
+
+
+def _train_modules(spec: TyingSpec, named: list, claimed: dict) -> dict[str, int]:
+    """Resolve ``spec.train_modules``: outermost matches only, none of them an adapted site."""
+    out: dict[str, int] = {}
+    for sel in spec.train_modules:
+        pattern = compile_selector(sel)
+        hits = [(n, m) for n, m in named if pattern.fullmatch(n)]
+        if not hits:
+            raise SelectorError(f"train_modules selector {sel!r} matches no module; closest module names: "
+                                f"{', '.join(closest_names(sel, [n for n, _ in named]))}")
+        for name, module in hits:
+            if name in claimed or any(c.startswith(name + ".") for c in claimed):
+                raise ConflictError(f"module {name!r} is both adapted (or contains an adapted site) and listed "
+                                    "in train_modules; a module is either adapted or trained whole")
+            if not any(name.startswith(o + ".") for o in out):
+                out[name] = sum(p.numel() for p in module.parameters())
+    return out

@@ -152,6 +152,14 @@ class TyingSpec(_Frozen):
     targets: list[Target] = Field(min_length=1)
     adapter: Adapter
     freeze_base: bool = True
+    train_modules: list[str] = Field(default_factory=list)  # base modules trained and saved with the adapter
+
+    @field_validator("train_modules")
+    @classmethod
+    def _train_modules_compile(cls, sels: list[str]) -> list[str]:
+        for s in sels:
+            compile_selector(s)
+        return sels
 
     @model_validator(mode="after")
     def _ties_name_known_captures(self) -> "TyingSpec":
@@ -211,8 +219,8 @@ _ADAPTER_OVERRIDES = ("rank", "alpha", "dropout")
 def load_spec(source: Union[TyingSpec, dict, str, Path], **overrides: Any) -> TyingSpec:
     """Build a spec from a preset name, a YAML path, a dict or a spec.
 
-    ``overrides`` replace fields: ``rank``, ``alpha`` and ``dropout`` of the adapter, and ``targets``
-    or ``freeze_base`` at the top. The result is validated anew; the source is never changed.
+    ``overrides`` replace fields: ``rank``, ``alpha`` and ``dropout`` of the adapter, and ``targets``,
+    ``freeze_base`` or ``train_modules`` at the top. The result is validated anew; the source is never changed.
     """
     where = "dict"
     if isinstance(source, TyingSpec):
@@ -235,15 +243,16 @@ def load_spec(source: Union[TyingSpec, dict, str, Path], **overrides: Any) -> Ty
         raise SpecError(f"cannot build a spec from a {type(source).__name__}; give a preset name, path or dict")
     if not isinstance(data, dict):
         raise SpecError(f"invalid spec ({where}): the top level must be a mapping, got {type(data).__name__}")
-    bad = set(overrides) - set(_ADAPTER_OVERRIDES) - {"targets", "freeze_base"}
+    top = ("targets", "freeze_base", "train_modules")
+    bad = set(overrides) - set(_ADAPTER_OVERRIDES) - set(top)
     if bad:
-        raise SpecError(f"unknown override(s) {sorted(bad)}; allowed: {', '.join(_ADAPTER_OVERRIDES)}, targets, freeze_base")
+        raise SpecError(f"unknown override(s) {sorted(bad)}; allowed: {', '.join(_ADAPTER_OVERRIDES + top)}")
     data = dict(data)
     if any(overrides.get(k) is not None for k in _ADAPTER_OVERRIDES):
         adapter = dict(data.get("adapter") or {})
         adapter.update({k: overrides[k] for k in _ADAPTER_OVERRIDES if overrides.get(k) is not None})
         data["adapter"] = adapter
-    for k in ("targets", "freeze_base"):
+    for k in top:
         if overrides.get(k) is not None:
             data[k] = overrides[k]
     try:

@@ -1,5 +1,5 @@
 """Saving and loading adapters: ``spec.yaml`` + ``adapter.safetensors`` (each tied factor once,
-nothing of the base model). Nothing is ever unpickled; saves are atomic."""
+nothing of the base model but the spec's ``train_modules``). Nothing is ever unpickled; saves are atomic."""
 
 from __future__ import annotations
 
@@ -38,10 +38,22 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     bank = bank_of(model)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in bank.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in _adapter_state(model).items()}
     _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "tying", "version": "1"}))
     _atomic_write(out / SPEC_FILE, lambda tmp: Path(tmp).write_text(bank.spec.to_yaml()))
     return out
+
+
+MODULES = "modules."  # key prefix of the spec's train_modules in the adapter file
+
+
+def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The bank's factors plus the state of the spec's train_modules (keep_vars: live tensors)."""
+    bank = bank_of(model)
+    state = bank.state_dict(keep_vars=True)
+    for name in bank.plan.train_modules:
+        state.update({f"{MODULES}{name}.{k}": v for k, v in model.get_submodule(name).state_dict(keep_vars=True).items()})
+    return state
 
 
 def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -68,14 +80,20 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     applied = hasattr(model, BANK_ATTR)
     if applied and bank_of(model).spec != spec:
         raise AlreadyAppliedError("the model carries a different tying adapter; call tying.unapply_(model) first")
-    groups = {f"{g.factor}.{g.key}": g.shape for g in plan(model, spec).groups} if not applied else \
-        {k: tuple(v.shape) for k, v in bank_of(model).state_dict().items()}
+    if applied:
+        groups = {k: tuple(v.shape) for k, v in _adapter_state(model).items()}
+    else:
+        p = plan(model, spec)
+        groups = {f"{g.factor}.{g.key}": g.shape for g in p.groups}
+        for name in p.train_modules:
+            groups.update({f"{MODULES}{name}.{k}": tuple(v.shape) for k, v in model.get_submodule(name).state_dict().items()})
     found = _read_header(src / WEIGHTS_FILE)
     missing, extra = sorted(set(groups) - set(found)), sorted(set(found) - set(groups))
     if missing or extra:
         raise AdapterFileError(f"adapter in {src} does not fit this model: missing factors {missing[:5]}, "
                                f"unexpected factors {extra[:5]} (was it saved from a different model?)")
-    ints = [f"{k} is {found[k][1]}" for k in groups if found[k][1] not in ("F16", "BF16", "F32", "F64")]
+    ints = [f"{k} is {found[k][1]}" for k in groups
+            if not k.startswith(MODULES) and found[k][1] not in ("F16", "BF16", "F32", "F64")]
     if ints:
         raise AdapterFileError(f"adapter in {src}: dtype mismatch, factors are floating point but {'; '.join(ints[:5])}")
     wrong = [f"{k}: file {found[k][0]} vs model {groups[k]}" for k in groups if found[k][0] != groups[k]]
@@ -88,5 +106,5 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     if not applied:
         apply_(model, spec)
     with torch.no_grad():
-        for k, p in bank_of(model).state_dict(keep_vars=True).items():
-            p.copy_(tensors[k])
+        for k, t in _adapter_state(model).items():
+            t.copy_(tensors[k])
