@@ -38,49 +38,41 @@ class TiedAdapter(nn.Module):
         key = self.keys.get(name)
         return None if key is None else self.bank[name][key]
 
-    # Subclasses: down(x, A) -> (..., r) features; up(h, B) -> (..., d_out); fold(delta) in weight layout.
+    # Subclasses: down(x, A) -> (..., r) features; add_up(out, h, B) -> out + up(h); fold(delta) in weight layout.
     def down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         return F.linear(x, A)
 
-    def up(self, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, B)
+    def add_up(self, out: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        if out.dtype != B.dtype:
+            return out + F.linear(h, B).to(out.dtype)
+        # one fused GEMM-and-add: no output-sized temporary for the update
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.t()).view(out.shape)
 
-    channel_dim = -1  # where u and v broadcast
-
-    def _bcast(self, vec: torch.Tensor, ndim: int) -> torch.Tensor:
-        if self.channel_dim == -1:
-            return vec
-        return vec.view(vec.shape[0], *([1] * (ndim - 2)))
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's contribution for input x (before it is added to the base output)."""
-        A, u, B, v = self.factor("A"), self.factor("u"), self.factor("B"), self.factor("v")
-        if x.is_floating_point() and x.dtype != A.dtype:
-            x = x.to(A.dtype)
-        if self.dropout is not None:
-            x = self.dropout(x)
-        h = self.down(x, A)
-        if u is not None:
-            h = h * self._bcast(u, h.ndim)
-        y = self.up(h, B)
-        if v is not None:
-            y = y * self._bcast(v, y.ndim)
-        return y * self.scale if self.scale != 1.0 else y
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base(x, *args, **kwargs)
-        if self.merged:
-            return out
-        return out + self.delta(x).to(out.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """scale * diag(v) B diag(u) A as a (d_out, d_in) matrix."""
+    def effective(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(diag(u) A, scale * diag(v) B): u, v and the scale folded into the small factor matrices, so
+        the forward pass does no elementwise work on activations."""
         A, u, B, v = self.factor("A"), self.factor("u"), self.factor("B"), self.factor("v")
         if u is not None:
             A = A * u[:, None]
         if v is not None:
             B = B * v[:, None]
-        return (B @ A) * self.scale
+        return A, (B * self.scale if self.scale != 1.0 else B)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base(x, *args, **kwargs)
+        if self.merged:
+            return out
+        A, B = self.effective()
+        if x.is_floating_point() and x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return self.add_up(out, self.down(x, A), B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * diag(v) B diag(u) A as a (d_out, d_in) matrix."""
+        A, B = self.effective()
+        return B @ A
 
     def fold(self, delta: torch.Tensor) -> torch.Tensor:
         """delta_weight() in the layout of ``base.weight``."""
@@ -112,16 +104,14 @@ class ConvAdapter(TiedAdapter):
     """nn.Conv1d / nn.Conv2d: A is a convolution with the base's kernel, stride, padding and dilation;
     B is a 1x1 convolution."""
 
-    channel_dim = 1
-
     def down(self, x, A):
         b = self.base
         conv = F.conv1d if isinstance(b, nn.Conv1d) else F.conv2d
         return conv(x, A.view(A.shape[0], b.in_channels, *b.kernel_size), None, b.stride, b.padding, b.dilation)
 
-    def up(self, h, B):
+    def add_up(self, out, h, B):
         conv = F.conv1d if isinstance(self.base, nn.Conv1d) else F.conv2d
-        return conv(h, B.view(*B.shape, *([1] * (h.ndim - 2))))
+        return out + conv(h, B.view(*B.shape, *([1] * (h.ndim - 2)))).to(out.dtype)
 
     def fold(self, delta):
         return delta.view(self.base.weight.shape)
