@@ -2,7 +2,7 @@
 (``adapter_config.json`` + ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` loads,
 and import a PEFT LoRA adapter into tying.
 
-Export absorbs u, v and the scale into per-module factors: ``lora_A = diag(u) A`` and
+Export absorbs u, v, G and the scale into per-module factors: ``lora_A = G diag(u) A`` and
 ``lora_B = scale * diag(v) B`` with ``lora_alpha = r`` (PEFT scale 1), so the PEFT model computes
 exactly ``v * B(u * A x) * scale``. A tied factor is written once per module that uses it: that is
 the price of serving with stacks that know only per-module LoRA (PEFT, vLLM).
@@ -50,8 +50,9 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
     state = {}
     for site in p.sites:
         get = lambda f: tensors[f"{f}.{site.keys[f]}"].float() if f in site.keys else None  # noqa: E731
-        A, B, u, v = get("A"), get("B"), get("u"), get("v")
+        A, B, u, v, G = get("A"), get("B"), get("u"), get("v"), get("G")
         A = A * u[:, None] if u is not None else A.clone()  # never alias one tensor into two keys
+        A = G @ A if G is not None else A
         B = (B * v[:, None] if v is not None else B) * scale
         if site.kind == "Embedding":
             state[f"{PREFIX}{site.name}.lora_embedding_A"] = A

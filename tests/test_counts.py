@@ -24,6 +24,11 @@ FORMULAS = {
     "tied-ABu": lambda L, d, r: (4 * d * r + L * r, 0),
     "tied-ABv": lambda L, d, r: (4 * d * r + 3 * L * d, 0),
     "tied-v": lambda L, d, r: (3 * L * d, 4 * d * r),
+    # sharing schemes from the literature
+    "sharelora-A": lambda L, d, r: (d * r + 3 * L * d * r, 0),
+    "sharelora-B": lambda L, d, r: (L * d * r + 3 * d * r, 0),
+    "lora-group4": lambda L, d, r: (-(-L // 4) * 4 * d * r, 0),
+    "lotr": lambda L, d, r: (4 * d * r + L * r * r, 0),
 }
 
 
@@ -66,6 +71,17 @@ def test_cli_count_json(capsys, spec, expected):
     out = json.loads(capsys.readouterr().out)
     assert out["trainable"] == expected and out["frozen"] == 0
     assert sum(f["trainable"] for f in out["by_factor"].values()) == expected
+
+
+def test_cli_budget(capsys):
+    assert main(["budget", "--model", "llama2-7b", "--max-params", "600000", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows == sorted(rows, key=lambda r: r["trainable"]) and all(r["trainable"] <= 600_000 for r in rows)
+    assert {"preset": "tied-ABuv = tl6", "rank": 8, "trainable": 524_544} in [{k: r[k] for k in ("preset", "rank", "trainable")}
+                                                                 for r in rows]
+    assert not any(r["preset"] == "lora" and r["rank"] >= 1 for r in rows if r["trainable"] > 600_000)
+    assert main(["budget", "--model", "smollm2-135m", "--max-params", "100000", "--targets", "all_linear"]) == 0
+    assert "preset" in capsys.readouterr().out
 
 
 def test_cli_inspect_and_errors(capsys, tmp_path):

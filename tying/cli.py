@@ -1,4 +1,4 @@
-"""The ``tying`` command: ``inspect``, ``count`` and ``export-peft``, on meta-device models."""
+"""The ``tying`` command: ``inspect``, ``count``, ``budget`` and ``export-peft``, on meta-device models."""
 
 from __future__ import annotations
 
@@ -33,6 +33,34 @@ def _count(args) -> None:
     print(f"{'total':<8} {counts.trainable:>12,} {counts.frozen:>12,}")
 
 
+BUDGET_RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _budget(args) -> None:
+    from .integrations import transformers as tx
+    from .spec import preset_names
+
+    model, rows, names = meta_model(args.model), [], {}
+    for preset in preset_names():  # aliases (tl6 = tied-ABuv, ...) are one entry
+        names.setdefault(load_spec(preset).model_dump_json(), []).append(preset)
+    for preset in (" = ".join(n) for n in names.values()):
+        for rank in BUDGET_RANKS:
+            try:
+                spec = tx.spec(model, preset.split(" = ")[0], args.targets, rank=rank)
+                c = plan(model, spec).counts
+            except TyingError:  # e.g. a rank larger than a module allows
+                continue
+            if c.trainable <= args.max_params:
+                rows.append({"preset": preset, "rank": rank, "trainable": c.trainable, "frozen": c.frozen})
+    rows.sort(key=lambda r: (r["trainable"], r["preset"], r["rank"]))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"{'preset':<20} {'rank':>5} {'trainable':>12} {'frozen':>12}   (targets {args.targets}, budget {args.max_params:,})")
+    for r in rows:
+        print(f"{r['preset']:<20} {r['rank']:>5} {r['trainable']:>12,} {r['frozen']:>12,}")
+
+
 def _export_peft(args) -> None:
     from .integrations.peft import export_peft
 
@@ -51,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     _common(p)
     p.add_argument("--json", action="store_true", help="one JSON object: trainable, frozen, by_factor, by_group")
     p.set_defaults(run=_count)
+    p = sub.add_parser("budget", help="presets and ranks whose trainable count fits a budget, sorted by count")
+    p.add_argument("--model", required=True, help=f"one of {', '.join(REGISTRY)}, or a transformers config.json")
+    p.add_argument("--max-params", type=int, required=True, help="the budget of trainable parameters")
+    p.add_argument("--targets", default="attn_qkv", help="target set: attn_qkv (default), attn, mlp, all_linear")
+    p.add_argument("--json", action="store_true", help="a JSON list of {preset, rank, trainable, frozen}")
+    p.set_defaults(run=_budget)
     p = sub.add_parser("export-peft", help="materialise a tied adapter as a per-module PEFT LoRA adapter")
     p.add_argument("--model", required=True, help=f"one of {', '.join(REGISTRY)}, or a transformers config.json")
     p.add_argument("--adapter", required=True, help="folder written by tying.save_adapter")

@@ -1,4 +1,5 @@
-"""Wrappers that add ``v * B(u * A(dropout(x))) * scale`` to a module's output, by composition.
+"""Wrappers that add ``v * B(G(u * A(dropout(x)))) * scale`` to a module's output, by composition
+(u, v and the r x r core G are optional).
 
 A wrapper keeps the original module as ``base`` and never materialises ``W + BA`` on the training
 path. It does not own its factors: it holds a plain (unregistered) handle to the root-owned
@@ -6,7 +7,7 @@ path. It does not own its factors: it holds a plain (unregistered) handle to the
 has exactly one owner (one state_dict entry, one optimizer slot, one FSDP owner).
 
 One small class per module kind; ``SUPPORTED`` maps module kinds to them. Factor shapes are the
-same for every kind: A (r, d_in), B (d_out, r), u (r,), v (d_out,), with d_in of a convolution
+same for every kind: A (r, d_in), B (d_out, r), u (r,), v (d_out,), G (r, r), with d_in of a convolution
 being in_channels * prod(kernel_size).
 """
 
@@ -49,11 +50,13 @@ class TiedAdapter(nn.Module):
         return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.t()).view(out.shape)
 
     def effective(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(diag(u) A, scale * diag(v) B): u, v and the scale folded into the small factor matrices, so
-        the forward pass does no elementwise work on activations."""
-        A, u, B, v = self.factor("A"), self.factor("u"), self.factor("B"), self.factor("v")
+        """(G diag(u) A, scale * diag(v) B): u, v, the core G and the scale folded into the small factor
+        matrices, so the forward pass does no elementwise work on activations."""
+        A, u, B, v, G = (self.factor(n) for n in ("A", "u", "B", "v", "G"))
         if u is not None:
             A = A * u[:, None]
+        if G is not None:
+            A = G @ A
         if v is not None:
             B = B * v[:, None]
         return A, (B * self.scale if self.scale != 1.0 else B)

@@ -108,7 +108,7 @@ class Plan:
 
 
 def _shape(factor: str, rank: int, d_in: int, d_out: int) -> tuple[int, ...]:
-    return {"A": (rank, d_in), "B": (d_out, rank), "u": (rank,), "v": (d_out,)}[factor]
+    return {"A": (rank, d_in), "B": (d_out, rank), "u": (rank,), "v": (d_out,), "G": (rank, rank)}[factor]
 
 
 def _bucket(axis, value: str, site: str) -> str:

@@ -14,7 +14,7 @@ from .layers import SUPPORTED
 from .selectors import compile_selector
 
 SPEC_VERSION = 1
-FACTOR_NAMES = ("A", "B", "u", "v")
+FACTOR_NAMES = ("A", "B", "u", "v", "G")
 _PRESET_FILE = Path(__file__).parent / "presets" / "presets.yaml"
 
 
@@ -65,7 +65,7 @@ class TieAxis(_Frozen):
 
 
 class Factor(_Frozen):
-    """One factor of the update ``v * B(u * A(x)) * scale``.
+    """One factor of the update ``v * B(G(u * A(x))) * scale`` (u, v and the r x r core G optional).
 
     ``tie``: ``all`` (one copy for every site), ``[]`` or ``none`` (one copy per site), or a list of
     captures (one copy per combination of the *other* captures). ``shape_aware``: split a tie group
@@ -90,7 +90,7 @@ class Adapter(_Frozen):
     rank: PositiveInt
     alpha: float | None = Field(None, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    factors: dict[Literal["A", "B", "u", "v"], Factor]
+    factors: dict[Literal["A", "B", "u", "v", "G"], Factor]
 
     @field_validator("factors")
     @classmethod

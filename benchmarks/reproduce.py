@@ -1,0 +1,185 @@
+"""The Tied-LoRA comparison at small scale: zero-shot, LoRA, the VeRA-like setting, TL5, TL6 and the
+rest of the tied-* family, fine-tuned on the paper's five task types with a real pretrained model.
+
+Model: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), a Llama-architecture model (30 layers, d 576,
+GQA), adapted on the attention q/k/v projections (the paper's fused-QKV setting; A shared by q, k, v).
+This is a SMALL-SCALE reproduction on 2 CPU cores, not the paper's 7B/2B models.
+
+    python benchmarks/reproduce.py --quick                    # one task; zero-shot, lora, tl6, vera; < 10 min
+    python benchmarks/reproduce.py --tasks nli squad          # full comparison, resumable part by part
+    python benchmarks/reproduce.py --sweep --tasks nli        # the learning-rate sweep (held-out train split)
+
+Every (task, config, rank, seed) is one part, written to <out>/parts/ as soon as it finishes; a
+rerun skips finished parts, so a long run can be split and resumed. Writes <out>/reproduce.json,
+reproduce.md and reproduce.png (score against trainable parameters, one panel per task).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import tying
+from tying.integrations import transformers as tx
+from tying.integrations.finetune import finetune, generate_answers
+from tying.integrations.smollm import DESCRIPTION, load_smollm2
+from tying.integrations.tasks import get_task
+
+CONFIGS = ["lora", "vera", "tl5", "tl6", "tied-Auv", "tied-Buv", "tied-ABu", "tied-ABv", "tied-v"]
+QUICK = {"tasks": ["nli"], "configs": ["lora", "tl6", "vera"], "ranks": [8], "steps": 60, "n_train": 480,
+         "n_test": 100, "batch": 8}
+FULL = {"tasks": ["nli", "squad", "translation", "xsum", "gsm8k"], "configs": CONFIGS, "ranks": [8, 64],
+        "steps": 150, "n_train": 1200, "n_test": 150, "batch": 8}
+# Learning rates from the sweep (``--sweep``; see README): tied factors are shared by 30 layers and
+# frozen random factors need larger steps for the per-layer vectors.
+LR = {"lora": 1e-3, "tl5": 1e-3, "tl6": 3e-3, "tied-ABu": 1e-3, "tied-ABv": 3e-3, "tied-Auv": 3e-3,
+      "tied-Buv": 3e-3, "vera": 1e-2, "tied-v": 1e-2}
+
+
+def evaluate(model, tok, task, test) -> dict:
+    preds = generate_answers(model, tok, [e["prompt"] for e in test], max_new_tokens=task.max_new_tokens,
+                             batch_size=16, postprocess=task.postprocess)
+    return {**task.score(preds, task.references(test)), "examples": [p for p in preds[:5]]}
+
+
+def run_part(part: dict, out: Path, lr: float | None = None, val: bool = False) -> dict:
+    """Fine-tune (or not, for zero-shot) one config on one task and score it on the test split
+    (or, with ``val``, on held-out training examples, for the LR sweep)."""
+    task = get_task(part["task"])
+    train, test = task.load(n_train=part["n_train"] + (part["n_test"] if val else 0), n_test=part["n_test"],
+                            seed=part["seed"])
+    if val:
+        train, test = train[:part["n_train"]], train[part["n_train"]:]
+    model, tok = load_smollm2()
+    row = {**part, "model": DESCRIPTION}
+    if part["config"] == "zero-shot":
+        row.update(trainable=0, seconds=0.0)
+    else:
+        spec = tx.spec(model, part["config"], "attn_qkv", rank=part["rank"])
+        counts = tying.apply_(model, spec)
+        lr = lr or LR[part["config"]]
+        hist = finetune(model, train, tok, steps=part["steps"], lr=lr, batch_size=part["batch"], seed=part["seed"],
+                        schedule="linear", warmup=max(1, part["steps"] // 10))
+        if not val:
+            tying.save_adapter(model, out / "adapters" / part_name(part))
+        row.update(trainable=counts.trainable, lr=lr, seconds=hist["seconds"], tokens=hist["tokens"],
+                   loss_first=sum(hist["loss"][:5]) / 5, loss_last=sum(hist["loss"][-5:]) / 5)
+    row["metrics"] = evaluate(model, tok, task, test)
+    row["score"] = row["metrics"][task.metric]
+    return row
+
+
+def part_name(p: dict) -> str:
+    return f"{p['task']}-{p['config']}-r{p['rank']}-s{p['seed']}"
+
+
+def parts_for(s: dict, seed: int) -> list[dict]:
+    base = {"steps": s["steps"], "n_train": s["n_train"], "n_test": s["n_test"], "batch": s["batch"], "seed": seed}
+    parts = []
+    for task in s["tasks"]:
+        parts.append({**base, "task": task, "config": "zero-shot", "rank": 0})
+        parts += [{**base, "task": task, "config": c, "rank": r} for r in s["ranks"] for c in s["configs"]]
+    return parts
+
+
+def report(rows: list[dict], out: Path, settings: dict) -> None:
+    """reproduce.json, reproduce.md (score, trainable, % of LoRA) and reproduce.png."""
+    (out / "reproduce.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
+    lora = {(r["task"], r["rank"]): r["trainable"] for r in rows if r["config"] == "lora"}
+    lines = [f"Model: {DESCRIPTION}; adapters on q/k/v of all 30 layers; {settings['steps']} steps x batch "
+             f"{settings['batch']}, {settings['n_train']} training / {settings['n_test']} test examples per task, "
+             f"seed {settings['seed']}. Small-scale reproduction on a 2-core CPU.", "",
+             "| task | metric | config | rank | score | trainable | % of LoRA | LR | train s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        metric = get_task(r["task"]).metric
+        pct = f"{100 * r['trainable'] / lora[(r['task'], r['rank'])]:.1f}" if (r["task"], r["rank"]) in lora else "—"
+        lines.append(f"| {r['task']} | {metric} | {r['config']} | {r['rank'] or '—'} | {r['score']:.2f} | "
+                     f"{r['trainable']:,} | {pct if r['trainable'] else '—'} | {r.get('lr', '—')} | {r['seconds']:.0f} |")
+    (out / "reproduce.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot (pip install 'tying[bench]')")
+        return
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in (r for r in rows if r["task"] == task):
+            if r["config"] == "zero-shot":
+                ax.axhline(r["score"], color="gray", ls="--", lw=1, label="zero-shot")
+                continue
+            ax.scatter(r["trainable"], r["score"], marker="o" if r["rank"] == 8 else "s")
+            ax.annotate(f"{r['config']} r{r['rank']}", (r["trainable"], r["score"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_title(f"{task} ({get_task(task).metric})")
+        ax.set_xlabel("trainable parameters")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{DESCRIPTION}: score vs trainable parameters (small scale)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "reproduce.png", dpi=110)
+
+
+def sweep(s: dict, out: Path, grid=(1e-3, 3e-3, 1e-2)) -> None:
+    """Score each config at each LR on held-out training examples (never the test split)."""
+    results = []
+    for part in parts_for({**s, "ranks": s["ranks"][:1]}, seed=0):
+        if part["config"] == "zero-shot":
+            continue
+        for lr in grid:
+            row = run_part(part, out, lr=lr, val=True)
+            results.append({"task": part["task"], "config": part["config"], "lr": lr, "score": row["score"]})
+            print(results[-1], flush=True)
+            (out / "lr_sweep.json").write_text(json.dumps(results, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="nli; zero-shot, lora, tl6, vera; 60 steps (< 10 min)")
+    ap.add_argument("--tasks", nargs="+")
+    ap.add_argument("--configs", nargs="+")
+    ap.add_argument("--ranks", nargs="+", type=int)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--n-train", type=int)
+    ap.add_argument("--n-test", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sweep", action="store_true", help="LR sweep on held-out training examples")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/reproduce[-quick]")
+    args = ap.parse_args()
+    s = dict(QUICK if args.quick else FULL)
+    for k in ("tasks", "configs", "ranks", "steps", "n_train", "n_test"):
+        if getattr(args, k) is not None:
+            s[k] = getattr(args, k)
+    s["seed"] = args.seed
+    out = Path(args.out or f"benchmarks/results/reproduce{'-quick' if args.quick else ''}")
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.sweep:
+        return sweep(s, out)
+    t0, rows = time.perf_counter(), []
+    for part in parts_for(s, args.seed):
+        f = out / "parts" / f"{part_name(part)}.json"
+        if f.exists() and json.loads(f.read_text()).get("steps") == part["steps"]:
+            rows.append(json.loads(f.read_text()))
+            print(f"done already: {f.name}")
+            continue
+        print(f"== {part_name(part)}", flush=True)
+        row = run_part(part, out)
+        f.write_text(json.dumps(row, indent=1))
+        rows.append(row)
+        print(f"   {get_task(part['task']).metric} = {row['score']:.2f}  ({time.perf_counter() - t0:.0f} s so far)", flush=True)
+    report(rows, out, s)
+    print(f"total {time.perf_counter() - t0:.0f} s; wrote {out}/reproduce.{{json,md,png}}")
+
+
+if __name__ == "__main__":
+    main()
