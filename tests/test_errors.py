@@ -193,7 +193,7 @@ def _factors(**over):
     ({**spec_with(), "targets": []}, r"targets: List should have at least 1 item"),
     ({"targets": [QKV]}, r"adapter: Field required"),
     (spec_with(factors=_factors(C={"init": "zeros"})), r"adapter\.factors\.C"),
-    (spec_with(factors={"A": {"init": "zeros"}}), r"needs factors A and B; missing \['B'\]"),
+    (spec_with(factors={"A": {"init": "zeros"}}), r"a lora adapter needs factors \['A', 'B'\].*missing \['B'\]"),
     (spec_with(factors=_factors(A={"init": {"kind": "normal", "std": -1}})), r"factors\.A\.init\.std: .*greater than 0"),
     (spec_with(factors=_factors(A={"tie": [{"capture": "layer", "every": 0}], "init": "zeros"})), r"tie\.0\.every"),
     (spec_with(factors=_factors(A={"tie": [{"capture": "layer", "groups": [[0, 1], [1, 2]]}], "init": "zeros"})),

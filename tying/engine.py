@@ -10,7 +10,8 @@ from torch import nn
 
 from .bank import FactorBank
 from .errors import NotAppliedError
-from .layers import SUPPORTED, TiedAdapter
+from .kinds import NotMergeableError, wrapper_class
+from .layers import TiedAdapter
 from .planner import BANK_ATTR, Counts, Plan, plan
 from .spec import TyingSpec, load_spec
 
@@ -38,7 +39,8 @@ def apply_(model: nn.Module, spec: Union[SpecLike, Plan], *, device: torch.devic
             first.setdefault((factor, key), (torch.device(device) if device else w.device, dtype or w.dtype))
     bank = FactorBank(p, first)  # allocation may fail; the model is still untouched
     a = p.spec.adapter
-    wrappers = {s.name: SUPPORTED[s.kind](modules[s.name], bank, s.keys, a.scale, a.dropout) for s in p.sites}
+    wrappers = {s.name: wrapper_class(a.kind, s.kind, s.name)(modules[s.name], bank, s.keys, a.scale, a.dropout)
+                for s in p.sites}
     # From here on nothing can fail: mutate.
     bank.requires_grad_before = {n: q.requires_grad for n, q in model.named_parameters()}
     if p.spec.freeze_base:
@@ -68,8 +70,10 @@ def wrappers(model: nn.Module) -> Iterator[tuple[str, TiedAdapter]]:
 
 
 def merge_(model: nn.Module) -> None:
-    """Fold every site's update into its base weight in place; forward then skips the adapter."""
-    bank_of(model)
+    """Fold every site's update into its base weight in place; forward then skips the adapter.
+    Kinds without a merged form (bottleneck) raise NotMergeableError before any weight changes."""
+    if bank_of(model).spec.adapter.kind == "bottleneck":
+        raise NotMergeableError("a bottleneck adapter is non-linear (gelu), so it has no merged form")
     for _, w in wrappers(model):
         if not w.merged:
             w.merge(+1)
@@ -87,7 +91,8 @@ def unapply_(model: nn.Module, merge: bool = False) -> None:
     """Put the original modules back and remove the bank. With ``merge=True`` the update is kept,
     folded into the base weights; otherwise the base weights are as before ``apply_``."""
     bank = bank_of(model)
-    (merge_ if merge else unmerge_)(model)
+    if merge or bank.spec.adapter.kind != "bottleneck":
+        (merge_ if merge else unmerge_)(model)
     for name, w in list(wrappers(model)):
         model.set_submodule(name, w.base)
     delattr(model, BANK_ATTR)

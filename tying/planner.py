@@ -10,6 +10,7 @@ from typing import Mapping
 from torch import nn
 
 from .errors import AlreadyAppliedError, ConflictError, SelectorError, SpecError, TieError
+from .kinds import wrapper_class
 from .layers import TiedAdapter, dims, module_kind
 from .selectors import closest_names, compile_selector
 from .spec import FACTOR_NAMES, Factor, TyingSpec
@@ -107,7 +108,9 @@ class Plan:
         return "\n".join(lines)
 
 
-def _shape(factor: str, rank: int, d_in: int, d_out: int) -> tuple[int, ...]:
+def _shape(factor: str, rank: int, d_in: int, d_out: int, kind: str = "lora") -> tuple[int, ...]:
+    if kind == "bottleneck" and factor == "A":  # the bottleneck reads the module's output
+        return (rank, d_out)
     return {"A": (rank, d_in), "B": (d_out, rank), "u": (rank,), "v": (d_out,), "G": (rank, rank)}[factor]
 
 
@@ -176,7 +179,8 @@ def plan(model: nn.Module, spec: TyingSpec) -> Plan:
                                     "narrow one selector or add an `exclude`")
             claimed[name] = ti
             kind, d_in, d_out = dims(name, module)
-            if rank > min(d_in, d_out):
+            wrapper_class(spec.adapter.kind, kind, name)  # raises for a kind/module pair that cannot work
+            if spec.adapter.kind != "ia3" and rank > min(d_in, d_out):
                 raise SpecError(f"adapter.rank {rank} is larger than module {name!r} allows "
                                 f"(d_in={d_in}, d_out={d_out}); use rank <= {min(d_in, d_out)}")
             keys = {}
@@ -184,7 +188,7 @@ def plan(model: nn.Module, spec: TyingSpec) -> Plan:
                 factor = spec.adapter.factors.get(fname)
                 if factor is None:
                     continue
-                shape = _shape(fname, rank, d_in, d_out)
+                shape = _shape(fname, rank, d_in, d_out, spec.adapter.kind)
                 key = keys[fname] = group_key(name, match, factor, shape)
                 members.setdefault((fname, key), []).append(name)
                 shapes.setdefault((fname, key), {}).setdefault(shape, []).append(name)

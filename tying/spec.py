@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from .errors import SelectorError, SpecError
+from .kinds import KIND_FACTORS
 from .layers import SUPPORTED
 from .selectors import compile_selector
 
@@ -86,18 +87,24 @@ class Factor(_Frozen):
 class Adapter(_Frozen):
     """The adapter placed on every selected module. ``alpha`` defaults to ``rank`` (scale 1, as the paper)."""
 
-    kind: Literal["lora"] = "lora"
+    kind: Literal["lora", "ia3", "bottleneck"] = "lora"
     rank: PositiveInt
     alpha: float | None = Field(None, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     factors: dict[Literal["A", "B", "u", "v", "G"], Factor]
 
+    @model_validator(mode="after")
+    def _factors_fit_kind(self) -> "Adapter":
+        need, allowed = KIND_FACTORS[self.kind]
+        missing, extra = sorted(need - set(self.factors)), sorted(set(self.factors) - allowed)
+        if missing or extra:
+            raise ValueError(f"a {self.kind} adapter needs factors {sorted(need)} and allows {sorted(allowed)}; "
+                             f"missing {missing}, not allowed {extra}")
+        return self
+
     @field_validator("factors")
     @classmethod
-    def _need_ab(cls, f: dict) -> dict:
-        missing = [k for k in ("A", "B") if k not in f]
-        if missing:
-            raise ValueError(f"a lora adapter needs factors A and B; missing {missing}")
+    def _vectors_init(cls, f: dict) -> dict:
         for name in ("u", "v"):
             if name in f and f[name].init.kind in ("kaiming_uniform", "orthogonal"):
                 raise ValueError(f"factor {name} is a vector: init {f[name].init.kind!r} needs a matrix; "
