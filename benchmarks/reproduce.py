@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
-
-import tying
 from tying.integrations import transformers as tx
 from tying.integrations.finetune import finetune, generate_answers
 from tying.integrations.smollm import DESCRIPTION, load_smollm2
 from tying.integrations.tasks import get_task
+
+import tying
 
 CONFIGS = ["lora", "vera", "tl5", "tl6", "tied-Auv", "tied-Buv", "tied-ABu", "tied-ABv", "tied-v"]
 QUICK = {"tasks": ["nli"], "configs": ["lora", "tl6", "vera"], "ranks": [8], "steps": 60, "n_train": 480,

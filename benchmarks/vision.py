@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from tying.integrations import timm as tt
 
 import tying
-from tying.integrations import timm as tt
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(os.environ.get("TYING_CACHE", Path.home() / ".cache" / "tying")) / "vision"

@@ -49,8 +49,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
     out, scale, r = Path(out_dir), spec.adapter.scale, spec.adapter.rank
     state = {}
     for site in p.sites:
-        get = lambda f: tensors[f"{f}.{site.keys[f]}"].float() if f in site.keys else None  # noqa: E731
-        A, B, u, v, G = get("A"), get("B"), get("u"), get("v"), get("G")
+        A, B, u, v, G = (tensors[f"{f}.{site.keys[f]}"].float() if f in site.keys else None for f in "ABuvG")
         A = A * u[:, None] if u is not None else A.clone()  # never alias one tensor into two keys
         A = G @ A if G is not None else A
         B = (B * v[:, None] if v is not None else B) * scale

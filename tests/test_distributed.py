@@ -13,7 +13,7 @@ import tying
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-import dist_worker as w  # noqa: E402
+import dist_worker as w
 
 
 def single_process_reference() -> dict:

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 from conftest import randomize_bank, tiny_gpt2, tiny_llama
+from tying.integrations.peft import export_peft, import_peft
 
 import tying
 from tying.cli import main
-from tying.integrations.peft import export_peft, import_peft
 
 peft = pytest.importorskip("peft")
 FAMILIES = {"llama": tiny_llama, "gpt2": tiny_gpt2}

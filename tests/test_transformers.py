@@ -3,9 +3,9 @@
 import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
+from tying.integrations import transformers as tx
 
 import tying
-from tying.integrations import transformers as tx
 
 transformers = pytest.importorskip("transformers")
 
@@ -63,7 +63,7 @@ def test_tl6_all_linear_applies_and_merges(fam):
     with torch.no_grad():
         for p in model.tying_bank.parameters():
             p.normal_(0, 0.2)
-        out = lambda: model(x)[0]  # noqa: E731
+        out = lambda: model(x)[0]
         a = out()
         tying.merge_(model)
         assert (out() - a).abs().max() < 1e-5

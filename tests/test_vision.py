@@ -5,9 +5,9 @@ import sys
 import pytest
 import torch
 from conftest import randomize_bank, snapshot, tiny_llama
+from tying.integrations import timm as tt
 
 import tying
-from tying.integrations import timm as tt
 
 timm = pytest.importorskip("timm")
 from timm.models.resnet import BasicBlock, ResNet

@@ -16,5 +16,5 @@ from .state import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
-__all__ = ["errors", "count", "apply_", "bank_of", "merge_", "unapply_", "unmerge_", "Counts", "Plan", "plan",
-           "TyingSpec", "load_spec", "preset_names", "load_adapter", "save_adapter", "__version__"]
+__all__ = ["Counts", "Plan", "TyingSpec", "__version__", "apply_", "bank_of", "count", "errors", "load_adapter",
+           "load_spec", "merge_", "plan", "preset_names", "save_adapter", "unapply_", "unmerge_"]

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Union
+from collections.abc import Iterator
+from typing import Union
 
 import torch
 from torch import nn
@@ -18,11 +19,11 @@ from .spec import TyingSpec, load_spec
 SpecLike = Union[TyingSpec, dict, str]
 
 
-def _as_plan(model: nn.Module, spec: Union[SpecLike, Plan]) -> Plan:
+def _as_plan(model: nn.Module, spec: SpecLike | Plan) -> Plan:
     return spec if isinstance(spec, Plan) else plan(model, load_spec(spec))
 
 
-def apply_(model: nn.Module, spec: Union[SpecLike, Plan], *, device: torch.device | str | None = None,
+def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | str | None = None,
            dtype: torch.dtype | None = None) -> Counts:
     """Adapt ``model`` in place from a spec (or a plan made for this model); return the counts.
 

@@ -4,8 +4,8 @@ computes the counts. Every error is raised here, before the model is touched."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from torch import nn
 

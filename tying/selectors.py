@@ -58,6 +58,6 @@ def compile_selector(selector: str) -> re.Pattern:
 
 def closest_names(selector: str, names: list[str], n: int = 5) -> list[str]:
     """The module names most similar to a selector's text, for 'matched nothing' messages."""
-    text = selector[3:] if selector.startswith("re:") else selector
+    text = selector.removeprefix("re:")
     text = re.sub(r"\(\?P<\w+>|[\\()?*+^$\[\]{}|]", "", text)
     return difflib.get_close_matches(text, names, n=n, cutoff=0.0)

@@ -4,7 +4,7 @@ which are trained, and how each starts. Pydantic v2, frozen, ``extra="forbid"``;
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
@@ -47,7 +47,7 @@ class TieAxis(_Frozen):
 
     capture: str
     every: PositiveInt | None = None
-    groups: list[list[Union[int, str]]] | None = None
+    groups: list[list[int | str]] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -55,7 +55,7 @@ class TieAxis(_Frozen):
         return {"capture": data} if isinstance(data, str) else data
 
     @model_validator(mode="after")
-    def _one_rule(self) -> "TieAxis":
+    def _one_rule(self) -> TieAxis:
         if self.every is not None and self.groups is not None:
             raise ValueError(f"tie on {self.capture!r}: give 'every' or 'groups', not both")
         if self.groups is not None:
@@ -73,7 +73,7 @@ class Factor(_Frozen):
     by shape instead of failing when members differ (e.g. policy layers of several widths).
     """
 
-    tie: Union[Literal["all"], list[TieAxis]] = Field(default_factory=list)
+    tie: Literal["all"] | list[TieAxis] = Field(default_factory=list)
     train: bool = True
     init: Init
     shape_aware: bool = False
@@ -94,7 +94,7 @@ class Adapter(_Frozen):
     factors: dict[Literal["A", "B", "u", "v", "G"], Factor]
 
     @model_validator(mode="after")
-    def _factors_fit_kind(self) -> "Adapter":
+    def _factors_fit_kind(self) -> Adapter:
         need, allowed = KIND_FACTORS[self.kind]
         missing, extra = sorted(need - set(self.factors)), sorted(set(self.factors) - allowed)
         if missing or extra:
@@ -169,7 +169,7 @@ class TyingSpec(_Frozen):
         return sels
 
     @model_validator(mode="after")
-    def _ties_name_known_captures(self) -> "TyingSpec":
+    def _ties_name_known_captures(self) -> TyingSpec:
         known = set().union(*(t.captures for t in self.targets))
         for name, f in self.adapter.factors.items():
             if f.tie == "all":
@@ -223,7 +223,7 @@ def _read_yaml(path: Path) -> Any:
 _ADAPTER_OVERRIDES = ("rank", "alpha", "dropout")
 
 
-def load_spec(source: Union[TyingSpec, dict, str, Path], **overrides: Any) -> TyingSpec:
+def load_spec(source: TyingSpec | dict | str | Path, **overrides: Any) -> TyingSpec:
     """Build a spec from a preset name, a YAML path, a dict or a spec.
 
     ``overrides`` replace fields: ``rank``, ``alpha`` and ``dropout`` of the adapter, and ``targets``,
