@@ -4,10 +4,10 @@ which are trained, and how each starts. Pydantic v2, frozen, ``extra="forbid"``;
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from .errors import SelectorError, SpecError
 from .kinds import KIND_FACTORS
@@ -17,6 +17,14 @@ from .selectors import compile_selector
 SPEC_VERSION = 1
 FACTOR_NAMES = ("A", "B", "u", "v", "G")
 _PRESET_FILE = Path(__file__).parent / "presets" / "presets.yaml"
+
+
+def _compiles(s: str) -> str:
+    compile_selector(s)  # SelectorError is a ValueError: pydantic reports it with its field path
+    return s
+
+
+Selector = Annotated[str, AfterValidator(_compiles)]
 
 
 class _Frozen(BaseModel):
@@ -121,15 +129,9 @@ class Target(_Frozen):
     """A selector over module names, an optional filter on module kinds (``Linear``, ``Conv1D``, ``Conv1d``,
     ``Conv2d``, ``Embedding``; subclasses count), and exclusions."""
 
-    select: str
+    select: Selector
     types: list[str] | None = None
-    exclude: list[str] = Field(default_factory=list)
-
-    @field_validator("select")
-    @classmethod
-    def _compiles(cls, s: str) -> str:
-        compile_selector(s)  # SelectorError is a ValueError: pydantic reports it with its path
-        return s
+    exclude: list[Selector] = Field(default_factory=list)
 
     @field_validator("types")
     @classmethod
@@ -138,13 +140,6 @@ class Target(_Frozen):
         if unknown:
             raise ValueError(f"unsupported module type(s) {unknown}; supported: {', '.join(SUPPORTED)}")
         return types
-
-    @field_validator("exclude")
-    @classmethod
-    def _exclusions_compile(cls, ex: list[str]) -> list[str]:
-        for s in ex:
-            compile_selector(s)
-        return ex
 
     @property
     def captures(self) -> set[str]:
@@ -159,14 +154,7 @@ class TyingSpec(_Frozen):
     targets: list[Target] = Field(min_length=1)
     adapter: Adapter
     freeze_base: bool = True
-    train_modules: list[str] = Field(default_factory=list)  # base modules trained and saved with the adapter
-
-    @field_validator("train_modules")
-    @classmethod
-    def _train_modules_compile(cls, sels: list[str]) -> list[str]:
-        for s in sels:
-            compile_selector(s)
-        return sels
+    train_modules: list[Selector] = Field(default_factory=list)  # base modules trained and saved with the adapter
 
     @model_validator(mode="after")
     def _ties_name_known_captures(self) -> TyingSpec:
