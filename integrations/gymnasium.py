@@ -3,9 +3,10 @@
 Target sets: ``actor``, ``critic`` or ``both``: the hidden Linear layers of the actor's and the
 critic's MLP bodies. Every site captures ``layer`` (its index in the body) and ``proj`` (which body:
 ``policy_net``/``value_net`` in SB3, or the container's name, e.g. ``actor``/``critic``), the two
-captures the presets tie along. So with a preset, A (tied along ``[layer, proj]``) is shared across
-layers AND across actor and critic, B (``[layer]``) across layers within each body, u (``[proj]``)
-across the two bodies within a layer.
+captures the presets tie along. So with a tied preset (tl6, tl5, vera, ...), A (tied along
+``[layer, proj]``) is shared across layers AND across actor and critic, B (``[layer]``) across layers
+within each body, u (``[proj]``) across the two bodies within a layer. ``lora`` stays plain LoRA
+(one A and one B per site; :func:`spec` unties the preset's A, which it ties along ``proj``).
 
 Policy layers differ in shape (the first reads the observation; the pybullet zoo's are 128 then 64
 wide), so :func:`spec` sets ``shape_aware: true`` on every tied factor: a tie group is split by
@@ -119,14 +120,15 @@ def spec(policy: nn.Module, preset: str | dict = "tl6", part: Part = "both", *, 
     ``shape_aware`` marks every tied factor shape-aware, so ties hold among the layers whose shapes
     allow them; ``False`` keeps the preset's ties strict (a TieError where shapes differ).
     ``heads`` trains the action and value heads whole (spec ``train_modules``). ``overrides`` as
-    :func:`tying.load_spec` (rank, alpha, dropout, freeze_base)."""
+    :func:`tying.load_spec` (rank, alpha, dropout, freeze_base). The preset ``lora`` is plain,
+    per-site LoRA here: its A, tied along ``proj`` for fused QKV, is made per site."""
     trained = head_names(policy) if heads else None
     base = load_spec(preset, targets=targets(policy, part), train_modules=trained or None, **overrides)
-    if not shape_aware:
-        return base
     data = base.model_dump(mode="json")
+    if preset == "lora":  # plain LoRA: one A per site (the preset's A tie along proj would join actor and critic)
+        data["adapter"]["factors"]["A"]["tie"] = []
     for f in data["adapter"]["factors"].values():
-        f["shape_aware"] = f["shape_aware"] or f["tie"] != []
+        f["shape_aware"] = f["shape_aware"] or (shape_aware and f["tie"] != [])
     return load_spec(data)
 
 

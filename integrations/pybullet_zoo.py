@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import warnings
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -73,7 +75,7 @@ class ZooEnv(_gymnasium().Env):
     """A pybullet locomotion env (legacy gym API) as a gymnasium env with a chosen ``gravity``
     (m/s^2, default Earth's 9.8) and the zoo's 1,000-step limit (reported as truncation)."""
 
-    metadata = {"render_modes": []}
+    metadata: ClassVar[dict] = {"render_modes": []}
 
     def __init__(self, env_id: str = "HopperBulletEnv-v0", gravity: float = 9.8):
         gymnasium = _gymnasium()
