@@ -21,6 +21,7 @@ from torch import nn
 
 from ..engine import apply_, bank_of
 from ..errors import AdapterFileError
+from ..layers import fold_factors
 from ..planner import plan
 from ..spec import load_spec
 from ..state import SPEC_FILE, WEIGHTS_FILE, _atomic_write, _read_header
@@ -50,9 +51,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
     state = {}
     for site in p.sites:
         A, B, u, v, G = (tensors[f"{f}.{site.keys[f]}"].float() if f in site.keys else None for f in "ABuvG")
-        A = A * u[:, None] if u is not None else A.clone()  # never alias one tensor into two keys
-        A = G @ A if G is not None else A
-        B = (B * v[:, None] if v is not None else B) * scale
+        A, B = (t.clone() for t in fold_factors(A, B, u, v, G, scale))  # tied factors: one copy per module
         if site.kind == "Embedding":
             state[f"{PREFIX}{site.name}.lora_embedding_A"] = A
             state[f"{PREFIX}{site.name}.lora_embedding_B"] = B
@@ -86,18 +85,27 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> None:
                                f"{', '.join(unsupported) or 'other options'}); got peft_type {cfg.get('peft_type')!r}")
     _read_header(w_path)
     tensors = load_file(str(w_path))
+    other = [k for k in tensors if not _SUFFIX.search(k)]
+    if other:
+        raise AdapterFileError(f"{w_path}: tensors other than lora_A / lora_B ({other[:3]}) cannot be imported")
     names = sorted({_SUFFIX.sub("", k).removeprefix(PREFIX) for k in tensors})
     r = cfg["r"]
     scale = cfg["lora_alpha"] / (r ** 0.5 if cfg.get("use_rslora") else r)
     spec = load_spec({"targets": [{"select": "re:" + "|".join(map(re.escape, names))}],
                       "adapter": {"rank": r, "alpha": scale * r, "dropout": cfg.get("lora_dropout", 0.0),
                                   "factors": {"A": {"init": "zeros"}, "B": {"init": "zeros"}}}})
-    apply_(model, spec)
-    bank = bank_of(model)
+    p = plan(model, spec)
+    shapes = {f"{g.factor}.{g.key}": g.shape for g in p.groups}
+    values = {}
+    for site in p.sites:
+        for f, kinds in (("A", ("lora_A.weight", "lora_embedding_A")), ("B", ("lora_B.weight", "lora_embedding_B"))):
+            t = next(tensors[k] for k in (f"{PREFIX}{site.name}.{s}" for s in kinds) if k in tensors)
+            key = f"{f}.{site.keys[f]}"
+            if t.numel() != torch.Size(shapes[key]).numel():
+                raise AdapterFileError(f"{w_path}: {site.name} {f} has shape {tuple(t.shape)}, the model needs "
+                                       f"{shapes[key]} (an adapter for a different model?)")
+            values[key] = t.reshape(shapes[key])
+    apply_(model, p)
     with torch.no_grad():
-        for n in names:
-            key = n.replace(".", ":")
-            A = tensors.get(f"{PREFIX}{n}.lora_A.weight", tensors.get(f"{PREFIX}{n}.lora_embedding_A"))
-            B = tensors.get(f"{PREFIX}{n}.lora_B.weight", tensors.get(f"{PREFIX}{n}.lora_embedding_B"))
-            bank["A"][key].copy_(A.reshape(bank["A"][key].shape))
-            bank["B"][key].copy_(B.reshape(bank["B"][key].shape))
+        for k, param in bank_of(model).state_dict(keep_vars=True).items():
+            param.copy_(values[k])

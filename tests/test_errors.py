@@ -278,3 +278,68 @@ def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch):
     fresh = tiny_llama()
     tying.load_adapter(fresh, tmp_path)
     assert all(torch.equal(v, torch.ones_like(v)) for v in fresh.tying_bank["u"].values())
+
+
+# ---- found in review: each was a silent corruption or a crash after mutation --------------------
+
+def test_container_root_is_refused():
+    with pytest.raises(errors.UnsupportedModuleError, match="root is an nn.Sequential.*wrap it"):
+        tying.apply_(torch.nn.Sequential(torch.nn.Linear(4, 4)), {"targets": [{"select": "0"}], "adapter": {
+            "rank": 2, "factors": {"A": {"init": "zeros"}, "B": {"init": "zeros"}}}})
+
+
+def test_multihead_attention_out_proj_is_refused():
+    m = torch.nn.Module()
+    m.mha = torch.nn.MultiheadAttention(8, 2)
+    snap = snapshot(m)
+    with pytest.raises(errors.UnsupportedModuleError, match="belongs to an nn.MultiheadAttention"):
+        tying.apply_(m, {"targets": [{"select": "mha.out_proj"}], "adapter": {
+            "rank": 2, "factors": {"A": {"init": "zeros"}, "B": {"init": "zeros"}}}})
+    assert same_state(m, snap)
+
+
+def test_tie_naming_a_capture_twice(llama):
+    spec = spec_with(factors=_factors(A={"tie": ["layer", "layer"], "init": "zeros"}))
+    check(llama, errors.SpecError, r"tie names a capture twice: \['layer', 'layer'\]", lambda m: tying.apply_(m, spec))
+
+
+def test_load_into_merged_model_is_refused(saved):
+    model = tiny_llama()
+    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    tying.merge_(model)
+    snap = snapshot(model)
+    with pytest.raises(errors.AlreadyAppliedError, match="adapter is merged; call tying.unmerge_"):
+        tying.load_adapter(model, saved)
+    assert same_state(model, snap)
+
+
+def test_merge_refused_when_sites_share_a_weight():
+    m = torch.nn.Module()
+    m.emb, m.head = torch.nn.Embedding(10, 6), torch.nn.Linear(6, 10, bias=False)
+    m.head.weight = m.emb.weight  # tied embeddings
+    tying.apply_(m, {"targets": [{"select": "emb"}, {"select": "head"}], "adapter": {"rank": 2, "factors": {
+        "A": {"init": {"kind": "normal", "seed": 0}}, "B": {"init": {"kind": "normal", "seed": 1}}}}})
+    snap = snapshot(m)
+    with pytest.raises(tying.kinds.NotMergeableError, match=r"share one base weight"):
+        tying.merge_(m)
+    assert same_state(m, snap)
+
+
+def test_a_plan_for_another_model_is_refused():
+    p = tying.plan(tiny_llama(layers=2), tying.load_spec("tl6", rank=4))
+    model = tiny_llama(layers=3)
+    snap = snapshot(model)
+    with pytest.raises(errors.TyingError, match="plan was made for a different model"):
+        tying.apply_(model, p)
+    assert same_state(model, snap)
+
+
+def test_train_modules_count_shared_parameters_once():
+    m = torch.nn.Module()
+    m.body, m.emb, m.head = torch.nn.Linear(4, 4), torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False)
+    m.head.weight = m.emb.weight
+    spec = {"targets": [{"select": "body"}], "train_modules": ["head", "emb"],
+            "adapter": {"rank": 2, "factors": {"A": {"init": "zeros"}, "B": {"init": "zeros"}}}}
+    c = tying.apply_(m, spec)
+    assert c.modules == 40 == sum(p.numel() for p in m.parameters() if p.requires_grad) - c.by_factor["A"]["trainable"] \
+        - c.by_factor["B"]["trainable"]

@@ -99,8 +99,9 @@ def test_kind_errors():
     bad["adapter"]["factors"]["A"] = {"init": "zeros"}
     with pytest.raises(tying.errors.SpecError, match=r"a ia3 adapter needs factors \['v'\].*not allowed \['A'\]"):
         tying.load_spec(bad)
-    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3))
-    spec = {"targets": [{"select": "0"}], "adapter": {"kind": "bottleneck", "rank": 2, "factors": {
+    conv = torch.nn.Module()
+    conv.c = torch.nn.Conv2d(1, 4, 3)
+    spec = {"targets": [{"select": "c"}], "adapter": {"kind": "bottleneck", "rank": 2, "factors": {
         "A": {"init": "zeros"}, "B": {"init": "zeros"}}}}
     with pytest.raises(tying.errors.UnsupportedModuleError, match="bottleneck adapters support modules with last-axis"):
         tying.apply_(conv, spec)

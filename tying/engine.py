@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from .bank import FactorBank
-from .errors import NotAppliedError
-from .kinds import NotMergeableError, wrapper_class
-from .layers import TiedAdapter
+from .errors import NotAppliedError, TyingError
+from .kinds import wrapper_class
+from .layers import NotMergeableError, TiedAdapter
 from .planner import BANK_ATTR, Counts, Plan, plan
 from .spec import TyingSpec, load_spec
 
@@ -20,7 +20,12 @@ SpecLike = Union[TyingSpec, dict, str]
 
 
 def _as_plan(model: nn.Module, spec: SpecLike | Plan) -> Plan:
-    return spec if isinstance(spec, Plan) else plan(model, load_spec(spec))
+    if not isinstance(spec, Plan):
+        return plan(model, load_spec(spec))
+    fresh = plan(model, spec.spec)  # a plan is data: check it still describes this model
+    if fresh != spec:
+        raise TyingError("the plan was made for a different model (or the model changed since); plan again")
+    return fresh
 
 
 def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | str | None = None,
@@ -70,30 +75,39 @@ def wrappers(model: nn.Module) -> Iterator[tuple[str, TiedAdapter]]:
             yield name, m
 
 
+def _merge_all(model: nn.Module, sign: int) -> None:
+    """merge_ / unmerge_: every site is checked first, so a refusal changes no weight."""
+    bank_of(model)
+    todo = [w for _, w in wrappers(model) if w.merged != (sign > 0)]
+    for w in todo:
+        w.check_merge(sign)
+    owners: dict[int, list[str]] = {}
+    for name, w in wrappers(model):
+        owners.setdefault(id(w.base.weight), []).append(name)
+    shared = [names for names in owners.values() if len(names) > 1]
+    if shared and todo:
+        raise NotMergeableError(f"sites {shared[0]} share one base weight (tied weights), so their updates cannot "
+                                "be folded into it separately; keep the adapter unmerged")
+    for w in todo:
+        w.merge(sign)
+
+
 def merge_(model: nn.Module) -> None:
     """Fold every site's update into its base weight in place; forward then skips the adapter.
     Kinds without a merged form (bottleneck) raise NotMergeableError before any weight changes."""
-    if bank_of(model).spec.adapter.kind == "bottleneck":
-        raise NotMergeableError("a bottleneck adapter is non-linear (gelu), so it has no merged form")
-    for _, w in wrappers(model):
-        if not w.merged:
-            w.merge(+1)
+    _merge_all(model, +1)
 
 
 def unmerge_(model: nn.Module) -> None:
     """Subtract what ``merge_`` added (with the factors as they are now)."""
-    bank_of(model)
-    for _, w in wrappers(model):
-        if w.merged:
-            w.merge(-1)
+    _merge_all(model, -1)
 
 
 def unapply_(model: nn.Module, merge: bool = False) -> None:
     """Put the original modules back and remove the bank. With ``merge=True`` the update is kept,
     folded into the base weights; otherwise the base weights are as before ``apply_``."""
     bank = bank_of(model)
-    if merge or bank.spec.adapter.kind != "bottleneck":
-        (merge_ if merge else unmerge_)(model)
+    (merge_ if merge else unmerge_)(model)
     for name, w in list(wrappers(model)):
         model.set_submodule(name, w.base)
     delattr(model, BANK_ATTR)

@@ -14,21 +14,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import TyingError, UnsupportedModuleError
-from .layers import SUPPORTED, TiedAdapter, module_kind
+from .errors import UnsupportedModuleError
+from .layers import SUPPORTED, NotMergeableError, TiedAdapter, module_kind
 
 # which factors each kind needs and allows
 KIND_FACTORS = {"lora": ({"A", "B"}, {"A", "B", "u", "v", "G"}), "ia3": ({"v"}, {"v"}),
                 "bottleneck": ({"A", "B"}, {"A", "B", "v"})}
 
 
-class NotMergeableError(TyingError, RuntimeError):
-    """The adapter kind has no merged form (e.g. a non-linear bottleneck)."""
-
-
 def _out_axis(module_kind: str) -> int:
-    """The output-channel axis of the activations (conv: 1, others: last)."""
-    return 1 if module_kind in ("Conv1d", "Conv2d") else -1
+    """The output-channel axis of the activations counted from the end (conv: before the spatial axes)."""
+    return {"Conv1d": -2, "Conv2d": -3}.get(module_kind, -1)
 
 
 def _weight_out_axis(module_kind: str) -> int:
@@ -53,13 +49,16 @@ class IA3Adapter(TiedAdapter):
         if self.merged:
             return out
         v = self.factor("v").to(out.dtype)
-        return out * (v if _out_axis(self.module_kind) == -1 else self._shaped(v, out.ndim, 1))
+        axis = _out_axis(self.module_kind)
+        return out * (v if axis == -1 else self._shaped(v, out.ndim, out.ndim + axis))
+
+    def check_merge(self, sign: int) -> None:
+        if sign < 0 and (self.factor("v") == 0).any():
+            raise NotMergeableError("cannot unmerge an IA3 vector with zeros (the scaling is not invertible)")
 
     @torch.no_grad()
     def merge(self, sign: int = 1) -> None:
         v = self.factor("v")
-        if sign < 0 and (v == 0).any():
-            raise NotMergeableError("cannot unmerge an IA3 vector with zeros (the scaling is not invertible)")
         v = v if sign > 0 else 1.0 / v
         w = self.base.weight
         w.mul_(self._shaped(v, w.ndim, _weight_out_axis(self.module_kind)).to(w.dtype))
@@ -80,7 +79,7 @@ class BottleneckAdapter(TiedAdapter):
         y = F.linear(F.gelu(F.linear(h, A)), B if v is None else B * v[:, None])
         return out + (y * self.scale if self.scale != 1.0 else y).to(out.dtype)
 
-    def merge(self, sign: int = 1) -> None:
+    def check_merge(self, sign: int) -> None:
         raise NotMergeableError("a bottleneck adapter is non-linear (gelu), so it has no merged form; "
                                 "keep it unmerged or use lora / ia3")
 

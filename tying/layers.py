@@ -19,7 +19,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UnsupportedModuleError
+from .errors import TyingError, UnsupportedModuleError
+
+
+class NotMergeableError(TyingError, RuntimeError):
+    """The update cannot be folded into (or out of) the base weight."""
+
+
+def fold_factors(A, B, u=None, v=None, G=None, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G diag(u) A, scale * diag(v) B) in A's dtype: the per-site pair that every kind of use needs."""
+    if u is not None:
+        A = A * u[:, None]
+    if G is not None:
+        A = G @ A
+    if v is not None:
+        B = B * v[:, None]
+    B = B.to(A.dtype)  # factors of one site may live in different dtypes in mixed-precision models
+    return A, (B * scale if scale != 1.0 else B)
 
 
 class TiedAdapter(nn.Module):
@@ -44,7 +60,7 @@ class TiedAdapter(nn.Module):
         return F.linear(x, A)
 
     def add_up(self, out: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        if out.dtype != B.dtype:
+        if out.dtype != B.dtype or h.dtype != B.dtype:
             return out + F.linear(h, B).to(out.dtype)
         # one fused GEMM-and-add: no output-sized temporary for the update
         return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.t()).view(out.shape)
@@ -52,14 +68,7 @@ class TiedAdapter(nn.Module):
     def effective(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(G diag(u) A, scale * diag(v) B): u, v, the core G and the scale folded into the small factor
         matrices, so the forward pass does no elementwise work on activations."""
-        A, u, B, v, G = (self.factor(n) for n in ("A", "u", "B", "v", "G"))
-        if u is not None:
-            A = A * u[:, None]
-        if G is not None:
-            A = G @ A
-        if v is not None:
-            B = B * v[:, None]
-        return A, (B * self.scale if self.scale != 1.0 else B)
+        return fold_factors(*(self.factor(n) for n in "ABuvG"), self.scale)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
@@ -80,6 +89,9 @@ class TiedAdapter(nn.Module):
     def fold(self, delta: torch.Tensor) -> torch.Tensor:
         """delta_weight() in the layout of ``base.weight``."""
         return delta
+
+    def check_merge(self, sign: int) -> None:
+        """Raise NotMergeableError if ``merge(sign)`` cannot be done; called on every site before any merges."""
 
     @torch.no_grad()
     def merge(self, sign: int = 1) -> None:
@@ -114,7 +126,7 @@ class ConvAdapter(TiedAdapter):
 
     def add_up(self, out, h, B):
         conv = F.conv1d if isinstance(self.base, nn.Conv1d) else F.conv2d
-        return out + conv(h, B.view(*B.shape, *([1] * (h.ndim - 2)))).to(out.dtype)
+        return out + conv(h, B.view(*B.shape, *([1] * len(self.base.kernel_size)))).to(out.dtype)
 
     def fold(self, delta):
         return delta.view(self.base.weight.shape)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .errors import AlreadyAppliedError, ConflictError, SelectorError, SpecError, TieError
+from .errors import AlreadyAppliedError, ConflictError, SelectorError, SpecError, TieError, UnsupportedModuleError
 from .kinds import wrapper_class
 from .layers import TiedAdapter, dims, module_kind
 from .selectors import closest_names, compile_selector
@@ -140,8 +140,12 @@ def group_key(name: str, match: re.Match, factor: Factor, shape: tuple[int, ...]
         for axis in factor.tie:
             if axis.capture in match.re.groupindex and match.group(axis.capture) is not None:
                 spans.append((match.span(axis.capture), _bucket(axis, match.group(axis.capture), name)))
+        spans.sort(reverse=True)
+        if any(a[0][0] < b[0][1] for a, b in zip(spans, spans[1:])):
+            raise TieError(f"site {name!r}: the tied captures of {[a.capture for a in factor.tie]} overlap; "
+                           "tie along captures that cover separate parts of the name")
         key = name
-        for (start, end), repl in sorted(spans, reverse=True):
+        for (start, end), repl in spans:
             key = key[:start] + repl + key[end:]
     if factor.shape_aware:
         key += "@" + "x".join(map(str, shape))
@@ -152,6 +156,11 @@ def plan(model: nn.Module, spec: TyingSpec) -> Plan:
     """Select sites, resolve tie groups and check shapes; never modifies ``model``."""
     if hasattr(model, BANK_ATTR) or any(isinstance(m, TiedAdapter) for m in model.modules()):
         raise AlreadyAppliedError("the model already carries a tying adapter; call tying.unapply_(model) first")
+    if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        raise UnsupportedModuleError(f"the root is an nn.{type(model).__name__}: the bank would become one of its "
+                                     "layers; wrap it in an nn.Module first")
+    mha_children = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+                    for c, _ in m.named_children()}
     named = [(n, m) for n, m in model.named_modules() if n]
     names = [n for n, _ in named]
     claimed: dict[str, int] = {}
@@ -178,11 +187,15 @@ def plan(model: nn.Module, spec: TyingSpec) -> Plan:
                 raise ConflictError(f"module {name!r} is claimed by targets[{claimed[name]}] and targets[{ti}]; "
                                     "narrow one selector or add an `exclude`")
             claimed[name] = ti
+            if name in mha_children:
+                raise UnsupportedModuleError(f"module {name!r} belongs to an nn.MultiheadAttention, which reads its "
+                                             "weights directly instead of calling it; exclude it from the selector")
             kind, d_in, d_out = dims(name, module)
             wrapper_class(spec.adapter.kind, kind, name)  # raises for a kind/module pair that cannot work
-            if spec.adapter.kind != "ia3" and rank > min(d_in, d_out):
+            limit = {"ia3": rank, "bottleneck": d_out}.get(spec.adapter.kind, min(d_in, d_out))
+            if rank > limit:
                 raise SpecError(f"adapter.rank {rank} is larger than module {name!r} allows "
-                                f"(d_in={d_in}, d_out={d_out}); use rank <= {min(d_in, d_out)}")
+                                f"(d_in={d_in}, d_out={d_out}); use rank <= {limit}")
             keys = {}
             for fname in FACTOR_NAMES:
                 factor = spec.adapter.factors.get(fname)
@@ -210,18 +223,24 @@ def plan(model: nn.Module, spec: TyingSpec) -> Plan:
 
 
 def _train_modules(spec: TyingSpec, named: list, claimed: dict) -> dict[str, int]:
-    """Resolve ``spec.train_modules``: outermost matches only, none of them an adapted site."""
-    out: dict[str, int] = {}
+    """Resolve ``spec.train_modules``: outermost matches only, none of them an adapted site; a parameter
+    shared by several modules is counted once."""
+    hits: dict[str, nn.Module] = {}
     for sel in spec.train_modules:
         pattern = compile_selector(sel)
-        hits = [(n, m) for n, m in named if pattern.fullmatch(n)]
-        if not hits:
+        found = {n: m for n, m in named if pattern.fullmatch(n)}
+        if not found:
             raise SelectorError(f"train_modules selector {sel!r} matches no module; closest module names: "
                                 f"{', '.join(closest_names(sel, [n for n, _ in named]))}")
-        for name, module in hits:
-            if name in claimed or any(c.startswith(name + ".") for c in claimed):
-                raise ConflictError(f"module {name!r} is both adapted (or contains an adapted site) and listed "
-                                    "in train_modules; a module is either adapted or trained whole")
-            if not any(name.startswith(o + ".") for o in out):
-                out[name] = sum(p.numel() for p in module.parameters())
+        hits.update(found)
+    out, seen = {}, set()
+    for name, module in hits.items():
+        if any(name.startswith(o + ".") for o in hits):
+            continue  # an ancestor is trained whole already
+        if name in claimed or any(c.startswith(name + ".") for c in claimed):
+            raise ConflictError(f"module {name!r} is both adapted (or contains an adapted site) and listed "
+                                "in train_modules; a module is either adapted or trained whole")
+        params = [p for p in module.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        out[name] = sum(p.numel() for p in params)
     return out

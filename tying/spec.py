@@ -7,7 +7,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import SelectorError, SpecError
 from .kinds import KIND_FACTORS
@@ -89,7 +98,16 @@ class Factor(_Frozen):
     @field_validator("tie", mode="before")
     @classmethod
     def _none(cls, v: Any) -> Any:
-        return [] if v in (None, "none") else v
+        if v in (None, "none"):
+            return []
+        return [v] if isinstance(v, str) and v != "all" else v
+
+    @model_validator(mode="after")
+    def _distinct_captures(self) -> Factor:
+        names = [] if self.tie == "all" else [a.capture for a in self.tie]
+        if len(names) != len(set(names)):
+            raise ValueError(f"tie names a capture twice: {names}")
+        return self
 
 
 class Adapter(_Frozen):

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .engine import apply_, bank_of
+from .engine import apply_, bank_of, wrappers
 from .errors import AdapterFileError, AlreadyAppliedError
 from .planner import BANK_ATTR, plan
 from .spec import load_spec
@@ -47,13 +47,21 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 MODULES = "modules."  # key prefix of the spec's train_modules in the adapter file
 
 
-def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The bank's factors plus the state of the spec's train_modules (keep_vars: live tensors)."""
-    bank = bank_of(model)
-    state = bank.state_dict(keep_vars=True)
-    for name in bank.plan.train_modules:
-        state.update({f"{MODULES}{name}.{k}": v for k, v in model.get_submodule(name).state_dict(keep_vars=True).items()})
+def _module_state(model: nn.Module, names) -> dict[str, torch.Tensor]:
+    """The live state of the train_modules ``names``; a tensor shared by two modules appears once."""
+    state, seen = {}, set()
+    for name in names:
+        for k, v in model.get_submodule(name).state_dict(keep_vars=True).items():
+            if id(v) not in seen:
+                seen.add(id(v))
+                state[f"{MODULES}{name}.{k}"] = v
     return state
+
+
+def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The bank's factors plus the state of the spec's train_modules (live tensors)."""
+    bank = bank_of(model)
+    return {**bank.state_dict(keep_vars=True), **_module_state(model, bank.plan.train_modules)}
 
 
 def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -78,15 +86,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
             raise AdapterFileError(f"{src / name} not found: an adapter folder holds {SPEC_FILE} and {WEIGHTS_FILE}")
     spec = load_spec(src / SPEC_FILE)
     applied = hasattr(model, BANK_ATTR)
-    if applied and bank_of(model).spec != spec:
-        raise AlreadyAppliedError("the model carries a different tying adapter; call tying.unapply_(model) first")
     if applied:
+        bank = bank_of(model)
+        if bank.spec != spec:
+            raise AlreadyAppliedError("the model carries a different tying adapter; call tying.unapply_(model) first")
+        if any(w.merged for _, w in wrappers(model)):
+            raise AlreadyAppliedError("the model's adapter is merged; call tying.unmerge_(model) before loading "
+                                      "new factors (the base weights hold the old update)")
         groups = {k: tuple(v.shape) for k, v in _adapter_state(model).items()}
     else:
         p = plan(model, spec)
         groups = {f"{g.factor}.{g.key}": g.shape for g in p.groups}
-        for name in p.train_modules:
-            groups.update({f"{MODULES}{name}.{k}": tuple(v.shape) for k, v in model.get_submodule(name).state_dict().items()})
+        groups.update({k: tuple(v.shape) for k, v in _module_state(model, p.train_modules).items()})
     found = _read_header(src / WEIGHTS_FILE)
     missing, extra = sorted(set(groups) - set(found)), sorted(set(found) - set(groups))
     if missing or extra:
@@ -104,7 +115,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterFileError(f"{src / WEIGHTS_FILE} is corrupted: {e}") from None
     if not applied:
-        apply_(model, spec)
+        apply_(model, p)
     with torch.no_grad():
         for k, t in _adapter_state(model).items():
             t.copy_(tensors[k])
