@@ -111,7 +111,9 @@ def report(rows: list[dict], out: Path, settings: dict) -> None:
         print("matplotlib missing: no plot (pip install 'tying[bench]')")
         return
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    from matplotlib.ticker import NullFormatter
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(6.5, 4.5 * len(tasks)), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for r in (r for r in rows if r["task"] == task):
             if r["config"] == "zero-shot":
@@ -121,11 +123,12 @@ def report(rows: list[dict], out: Path, settings: dict) -> None:
             ax.annotate(f"{r['config']} r{r['rank']}", (r["trainable"], r["score"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{task} ({get_task(task).metric})")
         ax.set_xlabel("trainable parameters")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{DESCRIPTION}: score vs trainable parameters (small scale)", fontsize=9)
+    fig.suptitle(f"{DESCRIPTION}\nscore vs trainable parameters (small scale)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "reproduce.png", dpi=110)
 
