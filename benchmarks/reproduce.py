@@ -10,7 +10,8 @@ This is a SMALL-SCALE reproduction on 2 CPU cores, not the paper's 7B/2B models.
     python benchmarks/reproduce.py --sweep --tasks nli        # the learning-rate sweep (held-out train split)
 
 Every (task, config, rank, seed) is one part, written to <out>/parts/ as soon as it finishes; a
-rerun skips finished parts, so a long run can be split and resumed. Writes <out>/reproduce.json,
+rerun of the full comparison skips finished parts, so a long run can be split and resumed (``--quick``
+always retrains unless given ``--resume``). Writes <out>/reproduce.json,
 reproduce.md and reproduce.png (score against trainable parameters, one panel per task).
 """
 
@@ -157,6 +158,7 @@ def main() -> None:
     ap.add_argument("--n-test", type=int)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sweep", action="store_true", help="LR sweep on held-out training examples")
+    ap.add_argument("--resume", action="store_true", help="with --quick: reuse finished parts (the full run always does)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/reproduce[-quick]")
     args = ap.parse_args()
     s = dict(QUICK if args.quick else FULL)
@@ -171,7 +173,7 @@ def main() -> None:
     t0, rows = time.perf_counter(), []
     for part in parts_for(s, args.seed):
         f = out / "parts" / f"{part_name(part)}.json"
-        if f.exists() and json.loads(f.read_text()).get("steps") == part["steps"]:
+        if (args.resume or not args.quick) and f.exists() and json.loads(f.read_text()).get("steps") == part["steps"]:
             rows.append(json.loads(f.read_text()))
             print(f"done already: {f.name}")
             continue
