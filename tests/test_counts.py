@@ -29,6 +29,13 @@ FORMULAS = {
     "sharelora-B": lambda L, d, r: (L * d * r + 3 * d * r, 0),
     "lora-group4": lambda L, d, r: (-(-L // 4) * 4 * d * r, 0),
     "lotr": lambda L, d, r: (4 * d * r + L * r * r, 0),
+    # other kinds (PAPER.md's models have d_kv = d): IA3 output vectors, bottlenecks on q/k/v, prefixes
+    "ia3": lambda L, d, r: (3 * L * d, 0),
+    "ia3-tied": lambda L, d, r: (3 * d, 0),
+    "bottleneck": lambda L, d, r: (3 * L * 2 * d * r, 0),
+    "bottleneck-tied": lambda L, d, r: (3 * 2 * d * r, 0),
+    "prefix": lambda L, d, r: (2 * L * r * d, 0),
+    "prefix-tied": lambda L, d, r: (2 * r * d, 0),
 }
 
 

@@ -1,4 +1,5 @@
-"""Adapter kinds beyond LoRA: IA3 and bottleneck adapters, with ties, on a tiny Llama and custom modules."""
+"""Adapter kinds beyond LoRA: IA3 (output and input scaling), bottleneck adapters and prefix tuning,
+with ties, on tiny Llama / GPT-2 models and custom modules."""
 
 import pytest
 import torch
@@ -97,7 +98,11 @@ def test_bottleneck_zero_start_training_and_no_merge(tmp_path, tokens):
 def test_kind_errors():
     bad = ia3()
     bad["adapter"]["factors"]["A"] = {"init": "zeros"}
-    with pytest.raises(tying.errors.SpecError, match=r"a ia3 adapter needs factors \['v'\].*not allowed \['A'\]"):
+    with pytest.raises(tying.errors.SpecError, match=r"a ia3 adapter needs factors \[\] and allows \['u', 'v'\].*"
+                                                     r"not allowed \['A'\]"):
+        tying.load_spec(bad)
+    bad["adapter"]["factors"] = {}
+    with pytest.raises(tying.errors.SpecError, match=r"missing \['u or v'\]"):
         tying.load_spec(bad)
     conv = torch.nn.Module()
     conv.c = torch.nn.Conv2d(1, 4, 3)
@@ -105,3 +110,142 @@ def test_kind_errors():
         "A": {"init": "zeros"}, "B": {"init": "zeros"}}}}
     with pytest.raises(tying.errors.UnsupportedModuleError, match="bottleneck adapters support modules with last-axis"):
         tying.apply_(conv, spec)
+
+
+# ---------------------------------------------------------------- IA3 on the input
+def ia3_in_out():
+    """IA3 as its paper places it: keys/values scaled at the output, the feed-forward down projection at its input."""
+    return {"targets": [{"select": ATTN}, {"select": MLP}],
+            "adapter": {"kind": "ia3", "rank": 1, "factors": {"v": {"init": "ones"}, "u": {"init": "ones"}}}}
+
+
+def test_ia3_input_scaling_counts_merge_and_unmerge(tokens):
+    model = tiny_llama()  # k/v: d_in 32, d_out 16; down_proj: d_in 64, d_out 32
+    c = tying.count(model, ia3_in_out())
+    assert c.trainable == 3 * ((32 + 16) * 2 + (64 + 32)) and c.by_factor["u"]["trainable"] == 3 * (32 + 32 + 64)
+    with torch.no_grad():
+        ref = model(tokens).logits
+    snap = snapshot(model)
+    tying.apply_(model, ia3_in_out())
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, ref)
+        for p in model.tying_bank.parameters():
+            p.uniform_(0.5, 1.5)
+        scaled = model(tokens).logits
+        assert (scaled - ref).abs().max() > 1e-3
+        # the input scale acts on the input: down_proj(x * u) by hand
+        w = model.model.layers[0].mlp.down_proj
+        x = torch.randn(5, 64)
+        assert torch.allclose(w(x), w.base(x * w.factor("u")) * w.factor("v"), atol=1e-6)
+        tying.merge_(model)
+        assert (model(tokens).logits - scaled).abs().max() < 1e-5
+        tying.unmerge_(model)
+        assert (model(tokens).logits - scaled).abs().max() < 1e-5
+    tying.unapply_(model)
+    assert all(torch.allclose(model.state_dict()[k], v, atol=1e-6) for k, v in snap.items())
+
+
+def test_ia3_input_on_gpt2_conv1d_merges(tokens):
+    model = tiny_gpt2()
+    spec = {"targets": [{"select": "transformer.h.{layer:#}.mlp.c_proj"}],
+            "adapter": {"kind": "ia3", "rank": 1, "factors": {"u": {"tie": ["layer"], "init": {"kind": "normal", "mean": 1.0, "std": 0.3, "seed": 3}}}}}
+    assert tying.count(model, spec).trainable == 4 * 32  # one u of d_in = 4 * n_embd, shared by the layers
+    tying.apply_(model, spec)
+    with torch.no_grad():
+        scaled = model(tokens).logits
+        tying.merge_(model)
+        assert (model(tokens).logits - scaled).abs().max() < 1e-5
+
+
+def test_ia3_input_refused_on_embedding():
+    model = tiny_llama()
+    snap = snapshot(model)
+    spec = {"targets": [{"select": "model.embed_tokens"}],
+            "adapter": {"kind": "ia3", "rank": 1, "factors": {"u": {"init": "ones"}}}}
+    with pytest.raises(tying.errors.UnsupportedModuleError, match="IA3 input scaling .* supports Linear and Conv1D"):
+        tying.apply_(model, spec)
+    assert same_state(model, snap)
+
+
+# ---------------------------------------------------------------- prefix tuning
+def prefix(r=3, tie=None, std=1.0):
+    f = {"tie": tie or [], "init": {"kind": "normal", "std": std, "seed": 0}}
+    return {"targets": [{"select": "model.layers.{layer:#}.self_attn"}],
+            "adapter": {"kind": "prefix", "rank": r, "factors": {"pk": f, "pv": {**f, "init": {**f["init"], "seed": 1}}}}}
+
+
+def test_prefix_counts_tied_and_untied():
+    model = tiny_llama()  # GQA: 2 kv heads x head_dim 8 = 16
+    assert tying.count(model, prefix(r=3)).trainable == 3 * 2 * 3 * 16
+    c = tying.count(model, prefix(r=3, tie="all"))
+    assert c.trainable == 2 * 3 * 16 and c.by_factor["pk"]["groups"] == 1
+
+
+def test_prefix_equals_a_prefilled_kv_cache(tokens):
+    """The prefix acts exactly like r cached key/value entries that every token sees, at unshifted positions."""
+    from transformers import DynamicCache
+
+    model = tiny_llama()
+    tying.apply_(model, prefix(r=3))
+    with torch.no_grad():
+        out = model(tokens).logits
+        cache = DynamicCache(config=model.config)
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            heads = lambda p: p.view(3, 2, 8).transpose(0, 1).expand(tokens.shape[0], -1, -1, -1)  # noqa: E731
+            cache.update(heads(attn.factor("pk")), heads(attn.factor("pv")), i)
+        tying.unapply_(model)
+        plain = model(tokens).logits
+        ref = model(tokens, cache=cache, attention_mask=torch.ones(2, 3 + 7, dtype=torch.long),
+                    position_ids=torch.arange(7).expand(2, -1)).logits
+    assert torch.allclose(out, ref, atol=1e-5) and (out - plain).abs().max() > 1e-2
+
+
+def test_prefix_respects_padding_and_generates(tokens):
+    model = tiny_gpt2()
+    spec = {"targets": [{"select": "transformer.h.{layer:#}.attn"}],
+            "adapter": {"kind": "prefix", "rank": 2, "factors": {"pk": {"tie": "all", "init": "normal"},
+                                                                 "pv": {"tie": "all", "init": "normal"}}}}
+    tying.apply_(model, spec)
+    padded = torch.cat([tokens[:1], torch.zeros(1, 3, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 7), torch.zeros(1, 3)], 1).long()
+    with torch.no_grad():
+        assert torch.allclose(model(padded, attention_mask=mask).logits[:, :7], model(tokens[:1]).logits, atol=1e-5)
+        # greedy decoding with the prefix: each new token is the argmax of the adapted model's last logits
+        gen = model.generate(tokens[:1], max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert gen[0, 7] == model(tokens[:1]).logits[0, -1].argmax()
+        assert torch.equal(gen[:, :8], torch.cat([tokens[:1], gen[:, 7:8]], 1))
+
+
+def test_prefix_trains_only_its_factors_saves_and_refuses_merge(tmp_path, tokens):
+    model = tiny_llama()
+    tying.apply_(model, prefix(r=2, tie="all", std=0.1))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    assert sorted(n for n, p in model.named_parameters() if p.grad is not None) == \
+        ["tying_bank.pk.*", "tying_bank.pv.*"]
+    snap = snapshot(model)
+    with pytest.raises(NotMergeableError, match="prefix tuning .* no merged form"):
+        tying.merge_(model)
+    assert same_state(model, snap)
+    tying.save_adapter(model, tmp_path)
+    other = tiny_llama()
+    tying.load_adapter(other, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(other(tokens).logits, model(tokens).logits)
+
+
+def test_prefix_errors():
+    model = tiny_llama()
+    model.set_attn_implementation("eager")
+    snap = snapshot(model)
+    with pytest.raises(tying.errors.UnsupportedModuleError, match="prefix adapters need the 'sdpa' attention"):
+        tying.apply_(model, prefix())
+    assert same_state(model, snap) and not hasattr(model, "tying_bank")
+    lora_on_attention = {"targets": [{"select": "model.layers.{layer:#}.self_attn"}],
+                         "adapter": {"rank": 2, "factors": {"A": {"init": "zeros"}, "B": {"init": "zeros"}}}}
+    with pytest.raises(tying.errors.UnsupportedModuleError, match="lora adapters need Linear-like modules"):
+        tying.apply_(tiny_llama(), lora_on_attention)
+    on_linear = prefix()
+    on_linear["targets"] = [{"select": "model.layers.{layer:#}.self_attn.q_proj"}]
+    with pytest.raises(tying.errors.UnsupportedModuleError, match="prefix adapters adapt transformers attention"):
+        tying.apply_(tiny_llama(), on_linear)

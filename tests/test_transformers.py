@@ -149,3 +149,28 @@ def test_trainer_trains_the_adapter(tmp_path):
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     trained = [k for k, p in tying.bank_of(model).named_parameters() if p.requires_grad]
     assert sorted(changed) == sorted(trained)
+
+
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2])
+def test_answer_loss_equals_the_models_loss(model_fn):
+    """finetune's loss computes logits only at answer tokens; value and gradients match model(**batch).loss."""
+    from tying.integrations.finetune import answer_loss
+    from tying.integrations.tasks import collate
+
+    model = model_fn()
+    tying.apply_(model, tx.spec(model, "tl6", rank=4))
+    with torch.no_grad():
+        for p in model.tying_bank.parameters():
+            p.normal_(0, 0.3)
+    enc = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, -100, 8, 9]},
+           {"input_ids": [3, 4, 11], "labels": [-100, 4, 11]}]
+    batch = collate(enc, pad_id=0)
+    grads = []
+    for loss_fn in (lambda: model(**batch).loss, lambda: answer_loss(model, batch)):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.tying_bank.parameters() if p.requires_grad]))
+    (ref, g_ref), (got, g_got) = grads
+    assert torch.allclose(ref, got, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_ref, g_got))

@@ -40,7 +40,7 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
     modules = dict(model.named_modules())
     first = {}
     for site in p.sites:
-        w = modules[site.name].weight
+        w = next(modules[site.name].parameters())
         for factor, key in site.keys.items():
             first.setdefault((factor, key), (torch.device(device) if device else w.device, dtype or w.dtype))
     bank = FactorBank(p, first)  # allocation may fail; the model is still untouched
@@ -83,7 +83,8 @@ def _merge_all(model: nn.Module, sign: int) -> None:
         w.check_merge(sign)
     owners: dict[int, list[str]] = {}
     for name, w in wrappers(model):
-        owners.setdefault(id(w.base.weight), []).append(name)
+        if getattr(w.base, "weight", None) is not None:
+            owners.setdefault(id(w.base.weight), []).append(name)
     shared = [names for names in owners.values() if len(names) > 1]
     if shared and todo:
         raise NotMergeableError(f"sites {shared[0]} share one base weight (tied weights), so their updates cannot "

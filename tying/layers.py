@@ -158,10 +158,28 @@ SUPPORTED = {
 }
 
 
+def is_attention(m: nn.Module) -> bool:
+    """A transformers attention module (``*Attention`` with ``head_dim`` and a config naming its attention
+    implementation): the module kind that ``prefix`` adapters adapt."""
+    return (type(m).__name__.endswith("Attention") and isinstance(getattr(m, "head_dim", None), int)
+            and hasattr(getattr(m, "config", None), "_attn_implementation"))
+
+
+def kv_dim(m: nn.Module) -> int:
+    """Width of an attention module's keys (= values): key/value heads x head_dim (GQA-aware)."""
+    cfg = m.config
+    return (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) * m.head_dim
+
+
+MODULE_KINDS = (*SUPPORTED, "Attention")
+
+
 def module_kind(m: nn.Module) -> str | None:
-    """The SUPPORTED key for a module (subclasses count), or None."""
+    """The module kind (a SUPPORTED key, or ``Attention``; subclasses count), or None."""
     if _is_conv1d_transformers(m):
         return "Conv1D"
+    if is_attention(m):
+        return "Attention"
     for kind, cls in (("Conv1d", nn.Conv1d), ("Conv2d", nn.Conv2d), ("Linear", nn.Linear), ("Embedding", nn.Embedding)):
         if isinstance(m, cls):
             return kind
@@ -174,7 +192,9 @@ def dims(name: str, m: nn.Module) -> tuple[str, int, int]:
     if kind is None:
         raise UnsupportedModuleError(
             f"module {name!r} is a {type(m).__name__}, which tying cannot adapt; supported: "
-            f"{', '.join(SUPPORTED)} (and their subclasses). Narrow the selector or add `types:` to the target")
+            f"{', '.join(MODULE_KINDS)} (and their subclasses). Narrow the selector or add `types:` to the target")
+    if kind == "Attention":
+        return kind, kv_dim(m), kv_dim(m)
     if kind == "Linear":
         return kind, m.in_features, m.out_features
     if kind == "Conv1D":

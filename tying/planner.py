@@ -111,7 +111,10 @@ class Plan:
 def _shape(factor: str, rank: int, d_in: int, d_out: int, kind: str = "lora") -> tuple[int, ...]:
     if kind == "bottleneck" and factor == "A":  # the bottleneck reads the module's output
         return (rank, d_out)
-    return {"A": (rank, d_in), "B": (d_out, rank), "u": (rank,), "v": (d_out,), "G": (rank, rank)}[factor]
+    if kind == "ia3" and factor == "u":  # IA3 on the input: one scale per input feature
+        return (d_in,)
+    return {"A": (rank, d_in), "B": (d_out, rank), "u": (rank,), "v": (d_out,), "G": (rank, rank),
+            "pk": (rank, d_out), "pv": (rank, d_out)}[factor]  # prefix: rank virtual tokens x kv width
 
 
 def _bucket(axis, value: str, site: str) -> str:
@@ -192,7 +195,10 @@ def plan(model: nn.Module, spec: TyingSpec) -> Plan:
                                              "weights directly instead of calling it; exclude it from the selector")
             kind, d_in, d_out = dims(name, module)
             wrapper_class(spec.adapter.kind, kind, name)  # raises for a kind/module pair that cannot work
-            limit = {"ia3": rank, "bottleneck": d_out}.get(spec.adapter.kind, min(d_in, d_out))
+            if spec.adapter.kind == "ia3" and "u" in spec.adapter.factors and kind not in ("Linear", "Conv1D"):
+                raise UnsupportedModuleError(f"module {name!r} is a {kind}: IA3 input scaling (factor u) supports "
+                                             "Linear and Conv1D modules; scale its output with v instead")
+            limit = {"ia3": rank, "prefix": rank, "bottleneck": d_out}.get(spec.adapter.kind, min(d_in, d_out))
             if rank > limit:
                 raise SpecError(f"adapter.rank {rank} is larger than module {name!r} allows "
                                 f"(d_in={d_in}, d_out={d_out}); use rank <= {limit}")

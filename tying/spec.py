@@ -20,11 +20,11 @@ from pydantic import (
 
 from .errors import SelectorError, SpecError
 from .kinds import KIND_FACTORS
-from .layers import SUPPORTED
+from .layers import MODULE_KINDS
 from .selectors import compile_selector
 
 SPEC_VERSION = 1
-FACTOR_NAMES = ("A", "B", "u", "v", "G")
+FACTOR_NAMES = ("A", "B", "u", "v", "G", "pk", "pv")
 _PRESET_FILE = Path(__file__).parent / "presets" / "presets.yaml"
 
 
@@ -113,16 +113,18 @@ class Factor(_Frozen):
 class Adapter(_Frozen):
     """The adapter placed on every selected module. ``alpha`` defaults to ``rank`` (scale 1, as the paper)."""
 
-    kind: Literal["lora", "ia3", "bottleneck"] = "lora"
+    kind: Literal["lora", "ia3", "bottleneck", "prefix"] = "lora"
     rank: PositiveInt
     alpha: float | None = Field(None, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    factors: dict[Literal["A", "B", "u", "v", "G"], Factor]
+    factors: dict[Literal["A", "B", "u", "v", "G", "pk", "pv"], Factor]
 
     @model_validator(mode="after")
     def _factors_fit_kind(self) -> Adapter:
         need, allowed = KIND_FACTORS[self.kind]
         missing, extra = sorted(need - set(self.factors)), sorted(set(self.factors) - allowed)
+        if self.kind == "ia3" and not self.factors:
+            missing = ["u or v"]
         if missing or extra:
             raise ValueError(f"a {self.kind} adapter needs factors {sorted(need)} and allows {sorted(allowed)}; "
                              f"missing {missing}, not allowed {extra}")
@@ -145,7 +147,7 @@ class Adapter(_Frozen):
 
 class Target(_Frozen):
     """A selector over module names, an optional filter on module kinds (``Linear``, ``Conv1D``, ``Conv1d``,
-    ``Conv2d``, ``Embedding``; subclasses count), and exclusions."""
+    ``Conv2d``, ``Embedding``; subclasses count; ``Attention`` for prefix adapters), and exclusions."""
 
     select: Selector
     types: list[str] | None = None
@@ -154,9 +156,9 @@ class Target(_Frozen):
     @field_validator("types")
     @classmethod
     def _known_types(cls, types: list[str] | None) -> list[str] | None:
-        unknown = [t for t in types or [] if t not in SUPPORTED]
+        unknown = [t for t in types or [] if t not in MODULE_KINDS]
         if unknown:
-            raise ValueError(f"unsupported module type(s) {unknown}; supported: {', '.join(SUPPORTED)}")
+            raise ValueError(f"unsupported module type(s) {unknown}; supported: {', '.join(MODULE_KINDS)}")
         return types
 
     @property
