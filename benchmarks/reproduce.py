@@ -41,7 +41,9 @@ SETTINGS = ("steps", "n_train", "n_test", "batch")  # a finished part is reused 
 # The others were not swept and keep a-priori choices: 1e-3 for settings that train full matrices per
 # layer or tied, 3e-3 for tied matrices with per-layer vectors, 1e-2 for vectors on frozen random factors.
 LR = {"lora": 1e-2, "tl5": 1e-3, "tl6": 3e-3, "tied-ABu": 1e-3, "tied-ABv": 3e-3, "tied-Auv": 3e-3,
-      "tied-Buv": 3e-3, "vera": 1e-2, "tied-v": 1e-2}
+      "tied-Buv": 3e-3, "vera": 1e-2, "tied-v": 1e-2,
+      # other kinds (issue 8's quick rows), a priori: vectors 1e-2, bottleneck matrices 1e-3 / tied 3e-3
+      "ia3": 1e-2, "ia3-tied": 1e-2, "bottleneck": 1e-3, "bottleneck-tied": 3e-3, "prefix": 1e-2, "prefix-tied": 1e-2}
 
 
 def evaluate(model, tok, task, test) -> dict:
@@ -64,7 +66,7 @@ def run_part(part: dict, out: Path, lr: float | None = None, val: bool = False) 
     if part["config"] == "zero-shot":
         row.update(trainable=0, seconds=0.0)
     else:
-        spec = tx.spec(model, part["config"], "attn_qkv", rank=part["rank"])
+        spec = tx.spec(model, part["config"], rank=part["rank"])  # q/k/v; prefix kinds: the attention modules
         counts = tying.apply_(model, spec)
         lr = lr or LR[part["config"]]
         hist = finetune(model, train, tok, steps=part["steps"], lr=lr, batch_size=part["batch"], seed=part["seed"],
@@ -147,6 +149,11 @@ def sweep(s: dict, out: Path, grid=(1e-3, 3e-3, 1e-2)) -> None:
             results.append({"task": part["task"], "config": part["config"], "lr": lr, "score": row["score"]})
             print(results[-1], flush=True)
             (out / "lr_sweep.json").write_text(json.dumps({"settings": s, "results": results}, indent=1))
+    sweep_table(out, s, results, grid)
+
+
+def sweep_table(out: Path, s: dict, results: list[dict], grid=(1e-3, 3e-3, 1e-2)) -> None:
+    """lr_sweep.md: one row per (task, config), one column per LR, and the best LR."""
     metric = {r["task"]: get_task(r["task"]).metric for r in results}
     lines = [f"LR sweep: {s['steps']} steps x batch {s['batch']} on {s['n_train']} training examples, scored on "
              f"{s['n_test']} held-out *training* examples (never the test split); rank {s['ranks'][0]}, seed 0.", "",

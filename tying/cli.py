@@ -44,19 +44,23 @@ def _budget(args) -> None:
     for preset in preset_names():  # aliases (tl6 = tied-ABuv, ...) are one entry
         names.setdefault(load_spec(preset).model_dump_json(), []).append(preset)
     for preset in (" = ".join(n) for n in names.values()):
+        first = preset.split(" = ")[0]
+        targets = "attention" if load_spec(first).adapter.kind == "prefix" else args.targets
+        counts = []
         for rank in BUDGET_RANKS:
             try:
-                spec = tx.spec(model, preset.split(" = ")[0], args.targets, rank=rank)
-                c = plan(model, spec).counts
+                counts.append((rank, plan(model, tx.spec(model, first, targets, rank=rank)).counts))
             except TyingError:  # e.g. a rank larger than a module allows
                 continue
-            if c.trainable <= args.max_params:
-                rows.append({"preset": preset, "rank": rank, "trainable": c.trainable, "frozen": c.frozen})
-    rows.sort(key=lambda r: (r["trainable"], r["preset"], r["rank"]))
+        if len({(c.trainable, c.frozen) for _, c in counts}) == 1:  # the rank does not matter (ia3): one row
+            counts = [("—", counts[0][1])]
+        rows += [{"preset": preset, "rank": rank, "trainable": c.trainable, "frozen": c.frozen}
+                 for rank, c in counts if c.trainable <= args.max_params]
+    rows.sort(key=lambda r: (r["trainable"], r["preset"], str(r["rank"]).zfill(4)))
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'preset':<20} {'rank':>5} {'trainable':>12} {'frozen':>12}   (targets {args.targets}, budget {args.max_params:,})")
+    print(f"{'preset':<20} {'rank':>5} {'trainable':>12} {'frozen':>12}   (targets {args.targets}; prefix presets: attention modules; budget {args.max_params:,})")
     for r in rows:
         print(f"{r['preset']:<20} {r['rank']:>5} {r['trainable']:>12,} {r['frozen']:>12,}")
 
