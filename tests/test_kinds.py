@@ -24,6 +24,20 @@ def bottleneck(tie_a=(), train_v=True):
                 "B": {"init": "zeros"}, "v": {"train": train_v, "init": "ones"}}}}
 
 
+def refuses_merge_and_round_trips(model, match, tmp_path, tokens):
+    """merge_ raises NotMergeableError and changes nothing; the saved adapter loads into a fresh model
+    with identical outputs."""
+    snap = snapshot(model)
+    with pytest.raises(NotMergeableError, match=match):
+        tying.merge_(model)
+    assert same_state(model, snap)
+    tying.save_adapter(model, tmp_path)
+    other = tiny_llama()
+    tying.load_adapter(other, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(other(tokens).logits, model(tokens).logits)
+
+
 def test_ia3_counts_tied_and_untied():
     m = tiny_llama()  # 3 layers, k/v out 16, down_proj out 32
     assert tying.count(m, ia3(tie=None)).trainable == 3 * (16 + 16 + 32)
@@ -82,15 +96,7 @@ def test_bottleneck_zero_start_training_and_no_merge(tmp_path, tokens):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    snap = snapshot(model)
-    with pytest.raises(NotMergeableError, match="non-linear"):
-        tying.merge_(model)
-    assert same_state(model, snap)
-    tying.save_adapter(model, tmp_path)
-    other = tiny_llama()
-    tying.load_adapter(other, tmp_path)
-    with torch.no_grad():
-        assert torch.equal(other(tokens).logits, model(tokens).logits)
+    refuses_merge_and_round_trips(model, "non-linear", tmp_path, tokens)
     tying.unapply_(model)
     assert not hasattr(model, "tying_bank")
 
@@ -223,15 +229,7 @@ def test_prefix_trains_only_its_factors_saves_and_refuses_merge(tmp_path, tokens
     model(input_ids=tokens, labels=tokens).loss.backward()
     assert sorted(n for n, p in model.named_parameters() if p.grad is not None) == \
         ["tying_bank.pk.*", "tying_bank.pv.*"]
-    snap = snapshot(model)
-    with pytest.raises(NotMergeableError, match="prefix tuning .* no merged form"):
-        tying.merge_(model)
-    assert same_state(model, snap)
-    tying.save_adapter(model, tmp_path)
-    other = tiny_llama()
-    tying.load_adapter(other, tmp_path)
-    with torch.no_grad():
-        assert torch.equal(other(tokens).logits, model(tokens).logits)
+    refuses_merge_and_round_trips(model, "prefix tuning .* no merged form", tmp_path, tokens)
 
 
 def test_prefix_errors():
