@@ -6,15 +6,16 @@ GQA), adapted on the attention q/k/v projections (the paper's fused-QKV setting;
 This is a SMALL-SCALE reproduction on 2 CPU cores, not the paper's 7B/2B models.
 
     python benchmarks/reproduce.py --quick                    # nli; zero-shot, lora, tl6, vera; < 10 min
-    python benchmarks/reproduce.py                            # five tasks; zero-shot, lora, tl6, vera (~2.5 h)
+    python benchmarks/reproduce.py                            # five tasks; zero-shot, lora, tl6, vera, tl5 (~3.5 h)
     python benchmarks/reproduce.py --tasks nli --configs tl5 tied-ABv --ranks 8 64   # any subset
-    python benchmarks/reproduce.py --sweep --tasks nli --configs lora tl6 vera --steps 30 --batch 4 \
+    python benchmarks/reproduce.py --sweep --tasks nli --configs lora tl6 vera tl5 --steps 30 --batch 4 \
         --n-train 400 --n-test 60                             # the learning-rate sweep (held-out train split)
 
 Every (task, config, rank, seed) is one part, written to <out>/parts/ as soon as it finishes; a
 rerun of the full comparison skips finished parts, so a long run can be split and resumed (``--quick``
-always retrains unless given ``--resume``). Writes <out>/reproduce.json,
-reproduce.md and reproduce.png (score against trainable parameters, one panel per task).
+always retrains unless given ``--resume``). Writes <out>/reproduce.json, reproduce.md and reproduce.png
+(score against trainable parameters, one panel per task), covering every finished part in <out> at
+the run's settings, so runs of different subsets add up to one report.
 """
 
 from __future__ import annotations
@@ -35,18 +36,26 @@ import tying
 CONFIGS = ["lora", "vera", "tl5", "tl6", "tied-Auv", "tied-Buv", "tied-ABu", "tied-ABv", "tied-v"]
 QUICK = {"tasks": ["nli"], "configs": ["lora", "tl6", "vera"], "ranks": [8], "steps": 30, "n_train": 120,
          "n_test": 60, "batch": 4}
-FULL = {"tasks": ["nli", "squad", "translation", "xsum", "gsm8k"], "configs": ["lora", "tl6", "vera"],
+FULL = {"tasks": ["nli", "squad", "translation", "xsum", "gsm8k"], "configs": ["lora", "tl6", "vera", "tl5"],
         "ranks": [8], "steps": 50, "n_train": 1000, "n_test": 100, "batch": 4}
 SETTINGS = ("steps", "n_train", "n_test", "batch")  # a finished part is reused only if these (and its LR) match
-# Learning rates. lora, tl6 and vera: the best of {1e-3, 3e-3, 1e-2} in the sweep (``--sweep --tasks nli
-# --configs lora tl6 vera --steps 30 --batch 4 --n-train 400 --n-test 60``), extended by one step
+# Learning rates. lora, tl6, vera and tl5: the best of {1e-3, 3e-3, 1e-2} in the sweep (``--sweep --tasks nli
+# --configs lora tl6 vera tl5 --steps 30 --batch 4 --n-train 400 --n-test 60``), extended by one step
 # (``--lrs 0.03``, vera also ``0.1``) where the best was at the grid's edge; results/reproduce/lr_sweep.md.
 # The others were not swept and keep a-priori choices: 1e-3 for settings that train full matrices per
 # layer or tied, 3e-3 for tied matrices with per-layer vectors, 1e-2 for vectors on frozen random factors.
-LR = {"lora": 1e-2, "tl5": 1e-3, "tl6": 3e-3, "tied-ABu": 1e-3, "tied-ABv": 3e-3, "tied-Auv": 3e-3,
+LR = {"lora": 1e-2, "tl5": 1e-2, "tl6": 3e-3, "tied-ABu": 1e-3, "tied-ABv": 3e-3, "tied-Auv": 3e-3,
       "tied-Buv": 3e-3, "vera": 3e-2, "tied-v": 1e-2,
       # other kinds (issue 8's quick rows), a priori: vectors 1e-2, bottleneck matrices 1e-3 / tied 3e-3
       "ia3": 1e-2, "ia3-tied": 1e-2, "bottleneck": 1e-3, "bottleneck-tied": 3e-3, "prefix": 1e-2, "prefix-tied": 1e-2}
+
+# Rank 64: a sweep at that rank (``--sweep --tasks nli --configs lora tl6 --ranks 64 ... --out
+# benchmarks/results/reproduce-r64-sweep``) moved LoRA's best to 3e-3; TL6 tied at 3e-3 and 1e-2, so kept.
+LR_AT_RANK = {("lora", 64): 3e-3}
+
+
+def lr_of(config: str, rank: int) -> float | None:
+    return LR_AT_RANK.get((config, rank), LR.get(config))
 
 
 def evaluate(model, tok, task, test) -> dict:
@@ -71,7 +80,7 @@ def run_part(part: dict, out: Path, lr: float | None = None, val: bool = False) 
     else:
         spec = tx.spec(model, part["config"], rank=part["rank"])  # q/k/v; prefix kinds: the attention modules
         counts = tying.apply_(model, spec)
-        lr = lr or LR[part["config"]]
+        lr = lr or lr_of(part["config"], part["rank"])
         hist = finetune(model, train, tok, steps=part["steps"], lr=lr, batch_size=part["batch"], seed=part["seed"],
                         schedule="linear", warmup=max(1, part["steps"] // 10))
         if not val:
@@ -88,7 +97,7 @@ def is_current(row: dict, s: dict) -> bool:
     (zero-shot does not train: only its test size matters)."""
     if row["config"] == "zero-shot":
         return row.get("seed") == s["seed"] and row.get("n_test") == s["n_test"]
-    return all(row.get(k) == s[k] for k in (*SETTINGS, "seed")) and row.get("lr") == LR.get(row["config"])
+    return all(row.get(k) == s[k] for k in (*SETTINGS, "seed")) and row.get("lr") == lr_of(row["config"], row["rank"])
 
 
 def part_name(p: dict) -> str:
@@ -135,7 +144,8 @@ def report(rows: list[dict], out: Path, settings: dict) -> None:
             if r["config"] == "zero-shot":
                 ax.axhline(r["score"], color="gray", ls="--", lw=1, label="zero-shot")
                 continue
-            ax.scatter(r["trainable"], r["score"], marker="o" if r["rank"] == 8 else "s")
+            ax.scatter(r["trainable"], r["score"], marker="o" if r["rank"] == 8 else "s",
+                       color=f"C{list(LR).index(r['config']) % 10}")  # one colour per config in every panel
             ax.annotate(f"{r['config']} r{r['rank']}", (r["trainable"], r["score"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")

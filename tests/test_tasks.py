@@ -163,6 +163,15 @@ def test_gsm_example():
     assert tasks.gsm_example({**rec, "metadata": {}})["answer"] == "#### 7"
 
 
+def test_load_gsm8k_disjoint_splits_with_final_numbers():
+    pytest.importorskip("reasoning_gym", reason="the bench extra installs reasoning-gym")
+    train, test = tasks.load_gsm8k(n_train=8, n_test=5)
+    assert len(train) == 8 and len(test) == 5
+    assert not {e["prompt"] for e in train} & {e["prompt"] for e in test}
+    assert all(metrics.final_number(e["answer"]) is not None for e in train + test)
+    assert tasks.load_gsm8k(n_train=8, n_test=5)[1] == test  # fixed test split
+
+
 def test_jsonl_task(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(20)))
