@@ -54,3 +54,24 @@ def test_resume_reuses_parts_and_reports_every_current_part(tmp_path, monkeypatc
         ("zero-shot", 1.0), ("lora", 31.0), ("vera", 2.0), ("tl6", 38.0), ("ia3", 33.0)]
     md = (tmp_path / "reproduce.md").read_text()
     assert "| nli | accuracy | tl6 | 8 | 38.00 | 100 | 10.0 |" in md  # percent of LoRA's 1,000
+
+
+def test_sweeps_side_by_side_keep_each_others_results(tmp_path, monkeypatch):
+    s = {**reproduce.QUICK, "seed": 0, "configs": ["tl6"]}
+    f = tmp_path / "lr_sweep.json"
+    f.write_text(json.dumps({"settings": s, "results": [{"task": "nli", "config": "lora", "lr": 0.01, "score": 30.0}]}))
+
+    def fake_run_part(part, out, lr=None, val=False):
+        assert val, "the sweep scores held-out training examples"
+        # another sweep finishes a point while this one trains
+        other = json.loads(f.read_text())
+        other["results"].append({"task": "nli", "config": "vera", "lr": lr, "score": 5.0})
+        f.write_text(json.dumps(other))
+        return {"score": 40.0 + 1000 * lr}
+
+    monkeypatch.setattr(reproduce, "run_part", fake_run_part)
+    reproduce.sweep(s, tmp_path, grid=(1e-3, 1e-2))
+    got = {(r["config"], r["lr"]): r["score"] for r in json.loads(f.read_text())["results"]}
+    assert got == {("lora", 0.01): 30.0, ("vera", 0.001): 5.0, ("vera", 0.01): 5.0,
+                   ("tl6", 0.001): 41.0, ("tl6", 0.01): 50.0}
+    assert "| nli (accuracy) | tl6 | 41.0 | 50.0 | 0.01 |" in (tmp_path / "lr_sweep.md").read_text()
