@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 _spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).parents[1] / "benchmarks" / "reproduce.py")
@@ -75,3 +76,17 @@ def test_sweeps_side_by_side_keep_each_others_results(tmp_path, monkeypatch):
     assert got == {("lora", 0.01): 30.0, ("vera", 0.001): 5.0, ("vera", 0.01): 5.0,
                    ("tl6", 0.001): 41.0, ("tl6", 0.01): 50.0}
     assert "| nli (accuracy) | tl6 | 41.0 | 50.0 | 0.01 |" in (tmp_path / "lr_sweep.md").read_text()
+
+
+def test_adapt_seeds_presets_without_their_own_seed():
+    from conftest import tiny_llama
+
+    def bank(seed, rng_state):  # LoRA's A has no seed in the preset: it draws from the global RNG
+        model = tiny_llama()
+        torch.manual_seed(rng_state)  # whatever state the process was in (it differs between processes)
+        reproduce.adapt(model, "lora", 4, seed)
+        return {k: v.clone() for k, v in model.tying_bank.state_dict().items()}
+
+    a, b, c = bank(0, rng_state=1), bank(0, rng_state=2), bank(1, rng_state=1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
