@@ -9,14 +9,24 @@ exactly where the paper's fused-QKV LoRA shares A; output and down projections c
 
     spec = tying.integrations.transformers.spec(model, "tl6", "all_linear", rank=8)
     tying.apply_(model, spec)
+
+Checkpoints: an adapted model's ``state_dict`` keeps every base key, so ``save_pretrained``,
+``from_pretrained`` and the plain ``Trainer`` see an unchanged base (plus ``tying_bank.*``).
+:class:`TyingTrainer` (and :func:`adapter_trainer` for subclasses such as TRL's ``SFTTrainer``) write
+adapter-only checkpoints instead, as PEFT does, and resume from them exactly.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import torch
 from torch import nn
 
 from ..errors import SelectorError
 from ..spec import TyingSpec, load_spec
+from ..state import SPEC_FILE, load_adapter, save_adapter
 
 # family -> (qkv, attention output, mlp input(s), mlp output); each a glob under "<prefix>.<layer>."
 FAMILIES: dict[str, tuple[str, str, str, str]] = {
@@ -64,3 +74,47 @@ def spec(model: nn.Module, preset: str, target_set: str | None = None, **overrid
     if target_set is None:
         target_set = "attention" if load_spec(preset).adapter.kind == "prefix" else "attn_qkv"
     return load_spec(preset, targets=targets(model, target_set), **overrides)
+
+
+class AdapterCheckpoints:
+    """Mixin for ``transformers.Trainer`` and its subclasses: every checkpoint (``save_steps``,
+    ``save_model()``, the best model) is the adapter folder (``spec.yaml`` + ``adapter.safetensors``, with the
+    spec's ``train_modules``) beside the Trainer's optimizer, scheduler and RNG states, and resuming loads it
+    back (a spec that differs from the model's raises before anything changes). Use :class:`TyingTrainer`, or
+    :func:`adapter_trainer` to mix it into another Trainer class."""
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not (Path(resume_from_checkpoint) / SPEC_FILE).is_file():  # a full checkpoint of a plain Trainer
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_adapter(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if not (Path(best) / SPEC_FILE).is_file():
+            return super()._load_best_model()
+        load_adapter(self.accelerator.unwrap_model(self.model), best)
+
+
+def adapter_trainer(trainer_class: type) -> type:
+    """``trainer_class`` (a ``transformers.Trainer`` subclass, e.g. ``trl.SFTTrainer``) with adapter-only
+    checkpoints (:class:`AdapterCheckpoints`)."""
+    return type(f"Tying{trainer_class.__name__}", (AdapterCheckpoints, trainer_class), {})
+
+
+def __getattr__(name: str):
+    """``TyingTrainer``: ``transformers.Trainer`` with adapter-only checkpoints (created on first use)."""
+    if name == "TyingTrainer":
+        from transformers import Trainer
+
+        globals()[name] = cls = adapter_trainer(Trainer)
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

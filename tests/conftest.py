@@ -1,11 +1,15 @@
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+
+def _transformers():
+    """transformers, or skip the calling test alone (the core tests run without the hf extra)."""
+    return pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
 
 
 def tiny_llama(layers: int = 3, seed: int = 0):
     """A random Llama with GQA (q 32, k/v 16) and untied embeddings."""
+    transformers = _transformers()
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=64, vocab_size=100,
@@ -15,6 +19,7 @@ def tiny_llama(layers: int = 3, seed: int = 0):
 
 def tiny_gpt2(layers: int = 3, seed: int = 0):
     """A random GPT-2 (fused c_attn Conv1D)."""
+    transformers = _transformers()
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=4, vocab_size=100, n_positions=64,
                                   bos_token_id=0, eos_token_id=0)
@@ -49,3 +54,33 @@ def randomize_bank(model, seed: int = 1):
     with torch.no_grad():
         for p in model.tying_bank.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+# Without an optional extra, a test that needs it skips alone, with the extra's name: the core suite runs on
+# `pip install -e ".[dev]"` (torch, pydantic, pyyaml, safetensors, pytest, hypothesis).
+EXTRAS = {"transformers": "hf", "accelerate": "hf", "gguf": "hf", "tokenizers": "hf", "timm": "timm",
+          "torchvision": "timm", "gymnasium": "rl", "stable_baselines3": "rl", "peft": "bench", "trl": "bench",
+          "datasets": "bench", "matplotlib": "bench", "sacrebleu": "bench", "rouge_score": "bench", "tqdm": "bench",
+          "reasoning_gym": "bench", "numpy": "rl"}
+
+
+def missing_extra(e: ImportError) -> str | None:
+    """The extra whose absence raised ``e`` (a missing module, or tying's own 'pip install tying[...]' hint)."""
+    if isinstance(e, ModuleNotFoundError) and e.name and e.name.split(".")[0] in EXTRAS:
+        return EXTRAS[e.name.split(".")[0]]
+    hint = str(e).partition("tying[")[2]
+    return hint.partition("]")[0] or None
+
+
+def _skip_without_extras():
+    try:
+        return (yield)
+    except ImportError as e:
+        extra = missing_extra(e)
+        if extra is None:
+            raise
+        pytest.skip(f"needs the {extra} extra ({e})")
+
+
+pytest_runtest_setup = pytest.hookimpl(wrapper=True)(lambda item: (yield from _skip_without_extras()))
+pytest_runtest_call = pytest.hookimpl(wrapper=True)(lambda item: (yield from _skip_without_extras()))

@@ -72,6 +72,7 @@ def main(mode: str, out: str) -> None:
     per = BATCH // world
     train(wrapped, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
     state = bank_state(model)
+    assert not [k for k in model.state_dict() if ".base." in k], "checkpoints must see the base's own keys"
     if rank == 0:
         save_file(state, out)
     dist.destroy_process_group()

@@ -191,6 +191,11 @@ def test_device_and_dtype_arguments(tiny):
     assert {p.dtype for p in tiny.tying_bank.parameters()} == {torch.float64}
     out = tiny(torch.randint(0, 100, (1, 4))).logits
     assert out.dtype == torch.float32
+    with torch.device("meta"):  # a base on another device than the one asked for: the factors go where asked
+        meta = type(tiny)(tiny.config)
+    tying.apply_(meta, "tl6", device="cpu")
+    assert {p.device.type for p in meta.tying_bank.parameters()} == {"cpu"}
+    assert {p.device.type for n, p in meta.named_parameters() if "tying_bank" not in n} == {"meta"}
 
 
 def test_seeded_init_is_reproducible():
@@ -208,5 +213,12 @@ def test_plan_summary_and_plan_object(tiny):
     text = p.summary()
     assert "trainable" in text and len(p.sites) == (9 if "llama" in type(tiny).__name__.lower() else 3)
     assert not hasattr(tiny, "tying_bank")
+    # by hand, rank 4: A (4 x 32) tied; B tied across layers per projection; u (4) per layer; v (d_out) per site
+    if "llama" in type(tiny).__name__.lower():  # q 32 out, k/v 16 out (GQA)
+        want = {"A": 4 * 32, "B": (32 + 16 + 16) * 4, "u": 3 * 4, "v": 3 * (32 + 16 + 16)}
+    else:  # fused c_attn, 96 out
+        want = {"A": 4 * 32, "B": 96 * 4, "u": 3 * 4, "v": 3 * 96}
+    assert {f: c["trainable"] for f, c in p.counts.by_factor.items()} == want
     counts = tying.apply_(tiny, p)
-    assert counts == p.counts
+    assert counts.trainable == sum(want.values()) == sum(q.numel() for q in tiny.tying_bank.parameters())
+    assert f"{counts.trainable:,}" in text

@@ -8,16 +8,20 @@ from conftest import randomize_bank, tiny_gpt2, tiny_llama
 from tying.integrations.peft import export_peft, import_peft
 
 import tying
+import tying.integrations.transformers
 from tying.cli import main
 
 peft = pytest.importorskip("peft")
 FAMILIES = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
-@pytest.mark.parametrize("preset", ["tl6", "vera", "lora", "tied-ABv"])
+LORA_FORM = [p for p in tying.preset_names() if tying.load_spec(p).adapter.kind == "lora"]
+
+
+@pytest.mark.parametrize("preset", LORA_FORM)
 @pytest.mark.parametrize("fam", sorted(FAMILIES))
 def test_export_loads_in_peft_with_same_outputs(tmp_path, fam, preset, tokens):
-    model = FAMILIES[fam]()
+    model = FAMILIES[fam](layers=4)  # lora-group4 ties in groups of 4 layers
     tying.apply_(model, tying.load_spec(preset, rank=4, alpha=8))  # scale 2 must be absorbed too
     randomize_bank(model)
     with torch.no_grad():
@@ -25,10 +29,58 @@ def test_export_loads_in_peft_with_same_outputs(tmp_path, fam, preset, tokens):
     export_peft(model, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["fan_in_fan_out"] == (fam == "gpt2")
-    served = peft.PeftModel.from_pretrained(FAMILIES[fam](), tmp_path).eval()
+    served = peft.PeftModel.from_pretrained(FAMILIES[fam](layers=4), tmp_path).eval()
     with torch.no_grad():
         out = served(tokens).logits
-    assert (out - ref).abs().max() < 1e-4
+        plain = FAMILIES[fam](layers=4)(tokens).logits
+    assert (out - ref).abs().max() < 1e-4 and (plain - ref).abs().max() > 1e-3  # the adapter does change outputs
+
+
+class ConvEmbedNet(torch.nn.Module):
+    """Conv2d (strided, padded), Embedding (padding_idx), a transformers Conv1D and a Linear: every site kind."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(20, 8, padding_idx=0)
+        self.conv = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fused = Conv1D(24, 8)  # GPT-2 layout: weight (d_in, d_out)
+        self.proj = torch.nn.Linear(24, 8)
+
+    def forward(self, ids):
+        h = self.emb(ids)  # (b, 16, 8)
+        img = h.transpose(1, 2).reshape(-1, 8, 4, 4)
+        h = self.conv(img).flatten(2).mean(-1)  # (b, 8)
+        return self.proj(self.fused(h))
+
+
+@pytest.mark.parametrize("factors", ["AB", "ABuv", "ABuG"])
+def test_export_conv_embedding_and_mixed_conv1d_linear(tmp_path, factors):
+    net = ConvEmbedNet()
+    ids = torch.randint(0, 20, (3, 16), generator=torch.Generator().manual_seed(0))
+    spec = tying.load_spec({"targets": [{"select": "re:emb|conv|fused|proj"}],  # sites differ in shape: per site
+                            "adapter": {"rank": 2, "alpha": 4, "factors": {f: {"init": "ones"} for f in factors}}})
+    tying.apply_(net, spec)
+    randomize_bank(net)
+    with torch.no_grad():
+        ref = net(ids)
+    export_peft(net, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == ["conv", "emb", "fused", "proj"]
+    served = peft.PeftModel.from_pretrained(ConvEmbedNet(), tmp_path).eval()
+    with torch.no_grad():
+        assert (served(ids) - ref).abs().max() < 1e-4 and (ConvEmbedNet()(ids) - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("preset", ["ia3", "bottleneck", "prefix"])
+def test_export_refuses_kinds_without_a_lora_form(tmp_path, preset):
+    model = tiny_llama()
+    tying.apply_(model, tying.integrations.transformers.spec(model, preset, rank=2))
+    with pytest.raises(tying.errors.AdapterFileError, match="only lora adapters .* export to PEFT LoRA"):
+        export_peft(model, tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()
 
 
 def test_cli_export_from_adapter_folder_on_a_meta_model(tmp_path, tokens):

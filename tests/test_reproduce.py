@@ -1,11 +1,15 @@
-"""benchmarks/reproduce.py's bookkeeping: which finished parts are reused and reported (no model runs)."""
+"""benchmarks/reproduce.py: bookkeeping (which finished parts are reused and reported), the paper's grid file,
+bad input refused before anything is written, and whole runs on a tiny local model (any model, dtype, GPU preset)."""
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import tying
 
 pytest.importorskip("transformers")
 _spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).parents[1] / "benchmarks" / "reproduce.py")
@@ -14,8 +18,8 @@ _spec.loader.exec_module(reproduce)
 
 
 def _row(config, score, lr=None, rank=8, trainable=1000, **settings):
-    s = {**reproduce.QUICK, "seed": 0, **settings}
-    row = {k: s[k] for k in (*reproduce.SETTINGS, "seed")}
+    s = {**reproduce.RUN, **reproduce.QUICK, "seed": 0, **settings}
+    row = {k: s[k] for k in (*reproduce.SETTINGS, *reproduce.RUN, "seed")}
     row.update(task="nli", config=config, rank=0 if config == "zero-shot" else rank, score=score,
                trainable=0 if config == "zero-shot" else trainable, seconds=1.0, metrics={"accuracy": score})
     if config != "zero-shot":
@@ -24,7 +28,7 @@ def _row(config, score, lr=None, rank=8, trainable=1000, **settings):
 
 
 def test_is_current_checks_settings_seed_and_lr():
-    s = {**reproduce.QUICK, "seed": 0}
+    s = {**reproduce.RUN, **reproduce.QUICK, "seed": 0}
     assert reproduce.is_current(_row("lora", 30.0), s)
     assert not reproduce.is_current(_row("lora", 30.0, lr=1e-5), s)  # trained at another LR
     assert not reproduce.is_current(_row("lora", 30.0, steps=999), s)
@@ -32,6 +36,11 @@ def test_is_current_checks_settings_seed_and_lr():
     # zero-shot does not train: only its test set (and seed) matter
     assert reproduce.is_current(_row("zero-shot", 1.0, steps=999, batch=1), s)
     assert not reproduce.is_current(_row("zero-shot", 1.0, n_test=7), s)
+    # model, dtype and data: another one is never reused; rows from before these keys count as the defaults
+    assert not reproduce.is_current(_row("lora", 30.0, dtype="bfloat16"), s)
+    assert not reproduce.is_current(_row("zero-shot", 1.0, model="/ckpt/llama"), s)
+    old = {k: v for k, v in _row("lora", 30.0).items() if k not in reproduce.RUN}
+    assert reproduce.is_current({**old, "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"}, s)
 
 
 def test_resume_reuses_parts_and_reports_every_current_part(tmp_path, monkeypatch):
@@ -58,7 +67,7 @@ def test_resume_reuses_parts_and_reports_every_current_part(tmp_path, monkeypatc
 
 
 def test_sweeps_side_by_side_keep_each_others_results(tmp_path, monkeypatch):
-    s = {**reproduce.QUICK, "seed": 0, "configs": ["tl6"]}
+    s = {**reproduce.RUN, **reproduce.QUICK, "seed": 0, "configs": ["tl6"]}
     f = tmp_path / "lr_sweep.json"
     f.write_text(json.dumps({"settings": s, "results": [{"task": "nli", "config": "lora", "lr": 0.01, "score": 30.0}]}))
 
@@ -90,3 +99,141 @@ def test_adapt_seeds_presets_without_their_own_seed():
     a, b, c = bank(0, rng_state=1), bank(0, rng_state=2), bank(1, rng_state=1)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+# ---------------------------------------------------------------- the paper's grid, whole runs, bad input
+PAPER = Path(__file__).parents[1] / "benchmarks" / "configs" / "paper.yaml"
+
+
+def test_plan_prints_the_papers_grid_with_exact_counts(capsys):
+    reproduce.main(["--plan", str(PAPER), "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    at = {(r["model"], r["config"], r["rank"]): r["trainable"] for r in rows if r["task"] == "squad"}
+    assert at["llama2-7b", "lora", 8] == 4_194_304 and at["llama2-7b", "tl6", 8] == 524_544  # PAPER.md
+    assert at["gpt-2b-001", "lora", 128] == 25_165_824 and at["gpt-2b-001", "tl6", 2] == 163_888
+    assert {r["rank"] for r in rows} == {2, 8, 16, 32, 64, 128} and {"tl5", "vera", "tied-v"} <= {r["config"] for r in rows}
+    assert all(set(r) >= {"model", "task", "config", "rank", "seed", "trainable", "tokens", "gpu_hours"} for r in rows)
+    assert len({r["task"] for r in rows}) == 5 and all(r["gpu_hours"] > 0 for r in rows)
+    assert "| llama2-7b | tl6 | 8 | 524,544 |" in reproduce.G.table(rows, reproduce.G.load_grid(PAPER))  # without --json
+
+
+def run_cli(args, out):
+    """reproduce.main with --threads 1 and a 1-test-example-per-part budget; returns reproduce.json's rows."""
+    reproduce.main([*args, "--threads", "1", "--device", "cpu", "--out", str(out)])
+    return json.loads((out / "reproduce.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from test_llm_models import addition_jsonl, tiny_llm_folder
+    root = tmp_path_factory.mktemp("tiny")
+    return tiny_llm_folder(root / "model"), addition_jsonl(root / "add.jsonl")
+
+
+def test_any_model_folder_in_bfloat16(tiny_run, tmp_path):
+    """The issue's contract: a save_pretrained Llama folder, a JSONL task, TL6 in bfloat16."""
+    folder, jsonl = tiny_run
+    threads = torch.get_num_threads()
+    try:
+        report = run_cli(["--model", str(folder), "--tasks", str(jsonl), "--configs", "tl6", "--steps", "3",
+                          "--n-train", "16", "--n-test", "8", "--batch", "2", "--dtype", "bfloat16"], tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    (tl6,) = [r for r in report["rows"] if r["config"] == "tl6"]
+    # rank 8, d 32, q 32 / k 16 / v 16, 2 layers: A and B tied once, u and v per layer
+    assert tl6["trainable"] == 8 * 32 + (32 + 16 + 16) * 8 + 2 * (8 + 32 + 16 + 16)
+    assert 0 <= tl6["score"] <= 100 and tl6["dtype"] == "bfloat16" and tl6["tokens"] > 0
+    assert (tmp_path / "adapters" / "add.jsonl-tl6-r8-s0" / "adapter.safetensors").exists()
+
+
+def test_gpu_preset_and_grid_file_run_end_to_end_on_the_cpu(tiny_run, tmp_path):
+    """--gpu is the same code path as every run: here tiny, on the CPU; a grid file runs and resumes by parts."""
+    folder, jsonl = tiny_run
+    threads = torch.get_num_threads()
+    try:
+        report = run_cli(["--gpu", "--model", str(folder), "--tasks", str(jsonl), "--steps", "2", "--n-train", "8",
+                          "--n-test", "4", "--batch", "2"], tmp_path / "gpu")
+        assert report["settings"]["dtype"] == "bfloat16" and report["settings"]["gen_batch"] == 64
+        assert [r["config"] for r in report["rows"]] == ["zero-shot", "lora", "vera", "tl5", "tl6"]
+        grid = tmp_path / "grid.yaml"
+        grid.write_text(f"models: {{tiny: {{shape: {folder / 'config.json'}, checkpoint: {folder}}}}}\n"
+                        f"tasks: [{jsonl}]\nconfigs: [tl5]\nranks: [2]\n"
+                        "training: {steps: 2, batch: 2, n_train: 8, n_test: 4, dtype: float32}\n")
+        reproduce.main(["--grid", str(grid), "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "g")])
+        rows = json.loads((tmp_path / "g" / "tiny" / "reproduce.json").read_text())["rows"]
+        assert [(r["config"], r["rank"]) for r in rows] == [("zero-shot", 0), ("tl5", 2)]
+        mtime = (tmp_path / "g" / "tiny" / "parts" / "add.jsonl-tl5-r2-s0.json").stat().st_mtime_ns
+        reproduce.main(["--grid", str(grid), "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "g")])
+        assert (tmp_path / "g" / "tiny" / "parts" / "add.jsonl-tl5-r2-s0.json").stat().st_mtime_ns == mtime  # resumed
+    finally:
+        torch.set_num_threads(threads)
+
+
+def refused(args, out, match, capsys=None):
+    with pytest.raises(SystemExit) as e:
+        reproduce.main([*args, "--device", "cpu", "--out", str(out)])
+    assert re.search(match, str(e.value)), str(e.value)
+    assert not out.exists(), "bad input must leave nothing in the results folder"
+
+
+def test_bad_input_is_refused_before_anything_is_written(tiny_run, tmp_path, monkeypatch):
+    folder, jsonl = tiny_run
+    out = tmp_path / "out"
+    refused(["--model", str(tmp_path / "nope"), "--quick"], out, "--model .*no such model folder")
+    refused(["--model", str(folder), "--tasks", str(jsonl), "--configs", "tl6", "--ranks", "40"], out,
+            "--configs tl6 --ranks 40 .*use rank <= 32")
+    refused(["--model", str(folder), "--tasks", str(jsonl), "--configs", "tl99"], out, "tl99")
+    refused(["--tasks", "nli", "--data", str(tmp_path)], out, "no folder .*nli.*write its split files")
+    (tmp_path / "nli").mkdir()
+    (tmp_path / "nli" / "train.json").write_text(json.dumps({"premise": "a", "hypothesis": "b", "label": 0}) + "\n")
+    refused(["--tasks", "nli", "--data", str(tmp_path)], out, "no 'test' split")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else real(n, *a))
+    refused(["--model", str(gguf), "--quick"], out, "needs the 'gguf' package")
+    monkeypatch.undo()
+
+    def no_half(self, x):
+        if x.dtype == torch.float16:
+            raise RuntimeError("\"addmm_impl_cpu_\" not implemented for 'Half'")
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", no_half)
+    refused(["--quick", "--dtype", "float16"], out, "--dtype float16 on --device cpu: this machine cannot run it")
+    monkeypatch.undo()
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(PAPER.read_text().replace("configs: [lora,", "configs: [tl99, lora,"))
+    refused(["--plan", str(grid)], out, "config 'tl99' at rank 2 on models.llama2-7b")
+    grid.write_text(PAPER.read_text().replace("ranks: [2,", "ranks: [5000, 2,"))
+    refused(["--plan", str(grid)], out, "config .lora. at rank 5000 on models.llama2-7b.*use rank <= 4096")
+    refused(["--grid", str(PAPER)], out, "fill in models.<name>.checkpoint for llama2-7b, gpt-2b-001")
+
+
+def test_unknown_family_names_its_modules_and_runs_with_a_yaml_spec(tmp_path):
+    """Bloom's `self_attention.query_key_value` is in no family: the error names the modules and the fix, and a
+    spec YAML with the user's own targets then runs."""
+    from test_llm_models import addition_jsonl
+    from test_tasks import char_tokenizer
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    transformers = pytest.importorskip("transformers")
+    transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=len(tok),
+                                                           pad_token_id=0, eos_token_id=2)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    jsonl = addition_jsonl(tmp_path / "add.jsonl")
+    args = ["--model", str(tmp_path / "m"), "--tasks", str(jsonl), "--steps", "1", "--n-train", "4", "--n-test", "2",
+            "--batch", "2", "--threads", "1"]
+    refused([*args, "--configs", "tl6"], tmp_path / "out",
+            "transformer.h.0.self_attention.query_key_value.*write a spec YAML.*pass its path to --configs")
+    spec = tmp_path / "bloom-tl6.yaml"
+    spec.write_text(tying.load_spec("tl6", targets=[{"select": "**.{layer:#}.self_attention.{proj:query_key_value}"}])
+                    .to_yaml())
+    threads = torch.get_num_threads()
+    try:
+        report = run_cli([*args, "--configs", str(spec), "--lr", "1e-2"], tmp_path / "out")
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = [r for r in report["rows"] if r["config"] == str(spec)]
+    assert row["trainable"] > 0 and row["lr"] == 1e-2
+    assert (tmp_path / "out" / "parts" / "add.jsonl-bloom-tl6-r8-s0.json").exists()

@@ -117,11 +117,9 @@ def test_plain_policy_trains_and_merges():
         assert torch.allclose(a, model(x)[0], atol=1e-5)
 
 
-sb3 = pytest.importorskip("stable_baselines3")
-gym = pytest.importorskip("gymnasium")
-
-
 def ppo(seed=0, env_id="CartPole-v1"):
+    """A small SB3 PPO model; skips the calling test (alone) without the rl extra."""
+    sb3, gym = pytest.importorskip("stable_baselines3"), pytest.importorskip("gymnasium")
     return sb3.PPO("MlpPolicy", gym.make(env_id), n_steps=64, batch_size=32, n_epochs=2, seed=seed, device="cpu",
                    policy_kwargs={"net_arch": {"pi": [16, 16, 16], "vf": [16, 16, 16]}})
 
@@ -152,7 +150,7 @@ def test_sb3_ppo_trains_and_saves_adapter(tmp_path, preset):
     assert changed and torch.equal(model.policy.mlp_extractor.policy_net[2].base.weight, base_w)
 
     tg.save_sb3_adapter(model, tmp_path / "adapter")
-    fresh = sb3.PPO.load(base_path, device="cpu")
+    fresh = type(model).load(base_path, device="cpu")
     tg.load_sb3_adapter(fresh, tmp_path / "adapter")
     obs = torch.randn(8, 4)
     with torch.no_grad():

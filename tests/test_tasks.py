@@ -6,7 +6,7 @@ import string
 
 import pytest
 import torch
-from tying.integrations import metrics, tasks
+from tying.integrations.llm import metrics, tasks
 
 transformers = pytest.importorskip("transformers")
 
@@ -183,12 +183,15 @@ def test_jsonl_task(tmp_path):
     path.write_text('{"prompt": "q"}\n')
     with pytest.raises(ValueError, match="answer"):
         tasks.load_jsonl_examples(path)
-    with pytest.raises(KeyError):
+    from tying.integrations.llm.hf_data import DataSourceError
+
+    with pytest.raises(DataSourceError, match="unknown task"):
         tasks.get_task("nope")
 
 
 def test_registry_and_postprocess():
-    assert set(tasks.TASKS) == {"squad", "xsum", "nli", "translation", "gsm8k"}
+    assert {k for k, t in tasks.TASKS.items() if t.load} == {"squad", "xsum", "nli", "translation", "gsm8k"}
+    assert {k for k, t in tasks.TASKS.items() if not t.load} == {"dialogsum", "hellaswag"}  # Hugging Face data only
     assert tasks.clean_answer('\nEnglish: "It is dark."\n\nExplanation: ...') == "It is dark."
     assert tasks.TASKS["squad"].references([{"answer": "a", "references": ["a", "b"]}, {"answer": "c"}]) == [
         ["a", "b"], "c"]
@@ -235,7 +238,7 @@ def one_thread():
 
 
 def test_finetune_and_generate_tiny(tmp_path, one_thread):
-    from tying.integrations.finetune import finetune, generate_answers
+    from tying.integrations.llm.finetune import finetune, generate_answers
 
     torch.manual_seed(0)
     tok = char_tokenizer()
@@ -272,7 +275,7 @@ def test_real_loaders(name):
 
 @pytest.mark.slow
 def test_real_smollm2_encoding():
-    from tying.integrations.smollm import load_smollm2
+    from tying.integrations.llm.smollm import load_smollm2
 
     model, tok = load_smollm2()
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576

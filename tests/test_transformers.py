@@ -154,8 +154,8 @@ def test_trainer_trains_the_adapter(tmp_path):
 @pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2])
 def test_answer_loss_equals_the_models_loss(model_fn):
     """finetune's loss computes logits only at answer tokens; value and gradients match model(**batch).loss."""
-    from tying.integrations.finetune import answer_loss
-    from tying.integrations.tasks import collate
+    from tying.integrations.llm.finetune import answer_loss
+    from tying.integrations.llm.tasks import collate
 
     model = model_fn()
     tying.apply_(model, tx.spec(model, "tl6", rank=4))

@@ -5,16 +5,19 @@
     counts = tying.apply_(model, spec)      # in place
     tying.merge_(model); tying.unmerge_(model); tying.unapply_(model, merge=False)
     tying.save_adapter(model, "out/"); tying.load_adapter(model, "out/")
+    tying.load_adapters_(model, {"a": "out/"}); with tying.adapters(model, ["a", None]): ...  # mixed batches
 """
 
 from . import errors
 from .count import count
 from .engine import apply_, bank_of, merge_, unapply_, unmerge_
 from .planner import Counts, Plan, plan
+from .serving import adapters, load_adapters_, unload_adapter_
 from .spec import TyingSpec, load_spec, preset_names
 from .state import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
-__all__ = ["Counts", "Plan", "TyingSpec", "__version__", "apply_", "bank_of", "count", "errors", "load_adapter",
-           "load_spec", "merge_", "plan", "preset_names", "save_adapter", "unapply_", "unmerge_"]
+__all__ = ["Counts", "Plan", "TyingSpec", "__version__", "adapters", "apply_", "bank_of", "count", "errors",
+           "load_adapter", "load_adapters_", "load_spec", "merge_", "plan", "preset_names", "save_adapter",
+           "unapply_", "unload_adapter_", "unmerge_"]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .bank import FactorBank
+from .fastpath import link_shared_down
 from .errors import NotAppliedError, TyingError
 from .kinds import wrapper_class
 from .layers import NotMergeableError, TiedAdapter
@@ -47,6 +48,7 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
     a = p.spec.adapter
     wrappers = {s.name: wrapper_class(a.kind, s.kind, s.name)(modules[s.name], bank, s.keys, a.scale, a.dropout)
                 for s in p.sites}
+    link_shared_down(wrappers)  # q, k, v with one A and one input compute A x once per forward
     # From here on nothing can fail: mutate.
     bank.requires_grad_before = {n: q.requires_grad for n, q in model.named_parameters()}
     if p.spec.freeze_base:
@@ -57,7 +59,23 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
     setattr(model, BANK_ATTR, bank)
     for name, wrapper in wrappers.items():
         model.set_submodule(name, wrapper)
+    bank.hooks = [model.register_load_state_dict_pre_hook(_note_checkpoint_kind),
+                  model.register_load_state_dict_post_hook(_accept_plain_checkpoint)]
     return p.counts
+
+
+def _note_checkpoint_kind(model, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook of an adapted root: a checkpoint without any ``tying_bank.*`` key is a plain
+    base checkpoint, whose load keeps the factors as they are. (A missing base key is torch's own error:
+    every hook is told ``strict=True``, so a hook cannot tell a strict load from a partial one.)"""
+    bank_of(model).loading_plain = not any(k.startswith(f"{prefix}{BANK_ATTR}.") for k in state_dict)
+
+
+def _accept_plain_checkpoint(model, incompatible) -> None:
+    """load_state_dict post-hook: a plain base checkpoint does not report the factors as missing."""
+    bank = getattr(model, BANK_ATTR, None)
+    if isinstance(bank, FactorBank) and getattr(bank, "loading_plain", False):
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if f"{BANK_ATTR}." not in k]
 
 
 def bank_of(model: nn.Module) -> FactorBank:
@@ -112,6 +130,8 @@ def unapply_(model: nn.Module, merge: bool = False) -> None:
     for name, w in list(wrappers(model)):
         model.set_submodule(name, w.base)
     delattr(model, BANK_ATTR)
+    for h in getattr(bank, "hooks", ()):
+        h.remove()
     for n, q in model.named_parameters():
         if n in bank.requires_grad_before:
             q.requires_grad_(bank.requires_grad_before[n])

@@ -35,3 +35,8 @@ class NotAppliedError(TyingError, RuntimeError):
 
 class AdapterFileError(TyingError, ValueError):
     """An adapter folder or file is missing, corrupted, or does not fit the model."""
+
+
+
+class ServingError(TyingError, ValueError):
+    """Serving several adapters at once: a bad adapter name, batch map or adapter mix."""

@@ -26,16 +26,24 @@ class NotMergeableError(TyingError, RuntimeError):
     """The update cannot be folded into (or out of) the base weight."""
 
 
-def fold_factors(A, B, u=None, v=None, G=None, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G diag(u) A, scale * diag(v) B) in A's dtype: the per-site pair that every kind of use needs."""
+def fold_down(A, u=None, G=None) -> torch.Tensor:
+    """G diag(u) A: the down side of a site, (r, d_in)."""
     if u is not None:
         A = A * u[:, None]
-    if G is not None:
-        A = G @ A
+    return A if G is None else G @ A
+
+
+def fold_up(B, v=None, scale: float = 1.0) -> torch.Tensor:
+    """scale * diag(v) B: the up side of a site, (d_out, r)."""
     if v is not None:
-        B = B * v[:, None]
-    B = B.to(A.dtype)  # factors of one site may live in different dtypes in mixed-precision models
-    return A, (B * scale if scale != 1.0 else B)
+        return B * (v[:, None] if scale == 1.0 else v[:, None] * scale)
+    return B if scale == 1.0 else B * scale
+
+
+def fold_factors(A, B, u=None, v=None, G=None, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G diag(u) A, scale * diag(v) B) in A's dtype: the per-site pair that every kind of use needs."""
+    A = fold_down(A, u, G)
+    return A, fold_up(B, v, scale).to(A.dtype)  # factors of one site may live in different dtypes
 
 
 class TiedAdapter(nn.Module):
@@ -49,6 +57,20 @@ class TiedAdapter(nn.Module):
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None  # p = 0: skip the op entirely
         self.merged = False
+        # checkpoints see the unchanged base: ``q_proj.weight``, never ``q_proj.base.weight``
+        self.register_state_dict_post_hook(_base_keys_out)
+        self.register_load_state_dict_pre_hook(_base_keys_in)
+
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks (``weight``, ``in_features``, ...) are the base module's, so code
+        that reads ``model.q_proj.weight`` (transformers, torch.distributed.checkpoint) keeps working."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None or name == "base":
+                raise
+            return getattr(base, name)
 
     def factor(self, name: str) -> torch.Tensor | None:
         """The factor ``name`` (A, B, u or v) of this site, or None when the spec leaves it out."""
@@ -70,16 +92,28 @@ class TiedAdapter(nn.Module):
         matrices, so the forward pass does no elementwise work on activations."""
         return fold_factors(*(self.factor(n) for n in "ABuvG"), self.scale)
 
+    share_down = None  # (SharedDown, index) where sibling sites share this one's down projection: fastpath.py
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """h = G diag(u) A dropout(x), (..., r). A floating ``x`` sets the compute dtype, as under autocast: a
+        bfloat16 base computes in bfloat16 with its float32 factors cast (small), never its activations."""
+        A = fold_down(self.factor("A"), self.factor("u"), self.factor("G"))
+        if x.is_floating_point():
+            A = A.to(x.dtype)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return self.down(x, A)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
         if self.merged:
             return out
-        A, B = self.effective()
-        if x.is_floating_point() and x.dtype != A.dtype:
-            x = x.to(A.dtype)
-        if self.dropout is not None:
-            x = self.dropout(x)
-        return self.add_up(out, self.down(x, A), B)
+        if self.share_down is None or torch.compiler.is_compiling():
+            h = self.project(x)
+        else:
+            shared, index = self.share_down
+            h = shared.down(index, x, (self.factor("A"), self.factor("u"), self.factor("G")), self.project)
+        return self.add_up(out, h, fold_up(self.factor("B"), self.factor("v"), self.scale).to(h.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         """scale * diag(v) B diag(u) A as a (d_out, d_in) matrix."""
@@ -104,11 +138,46 @@ class TiedAdapter(nn.Module):
         return f"keys={self.keys}, scale={self.scale:g}, merged={self.merged}"
 
 
+_BASE = "base."
+
+
+def _base_keys_out(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook of a wrapper: move ``<site>.base.<k>`` to ``<site>.<k>``."""
+    inner = prefix + _BASE
+    for k in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + k[len(inner):]] = state_dict.pop(k)
+
+
+def _base_keys_in(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook of a wrapper: accept ``<site>.<k>`` (plain and adapted checkpoints) as well
+    as the older ``<site>.base.<k>``."""
+    inner = prefix + _BASE
+    for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + k[len(prefix):]] = state_dict.pop(k)
+
+
 class LinearAdapter(TiedAdapter):
-    """nn.Linear (weight d_out x d_in)."""
+    """nn.Linear (weight d_out x d_in).
+
+    The features are kept transposed, ``h`` of shape (r, tokens), and B enters as a row-major (r, d_out)
+    matrix, so that every small product has its long side last: ``A x^T`` forward, and in autograd's
+    backward (which follows its inputs' layouts) ``B^T g^T``, ``h g`` and ``g_h x``. At rank 8 CPU GEMMs
+    run these 2-4x faster in float32 than the (tokens, r) layout of ``F.linear`` (benchmarks/speed.py)."""
+
+    shares_down = True  # siblings with one input and one A compute ``down`` once (fastpath.py)
+
+    def down(self, x, A):
+        return torch.mm(A, x.reshape(-1, x.shape[-1]).t())
+
+    def add_up(self, out, h, B):
+        Bt = B.t().to(h.dtype, memory_format=torch.contiguous_format)  # (r, d_out), row-major
+        if out.dtype != h.dtype:
+            return out + torch.mm(h.t(), Bt).view(out.shape).to(out.dtype)
+        # one fused GEMM-and-add: no output-sized temporary for the update
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h.t(), Bt).view(out.shape)
 
 
-class Conv1DAdapter(TiedAdapter):
+class Conv1DAdapter(LinearAdapter):
     """transformers' Conv1D (GPT-2): y = x @ W + b with W of shape (d_in, d_out)."""
 
     def fold(self, delta):
@@ -139,7 +208,8 @@ class EmbeddingAdapter(TiedAdapter):
         super().__init__(base, bank, keys, scale, 0.0)
 
     def down(self, x, A):
-        return F.embedding(x, A.T)
+        # padding_idx as in the base: the padding token's column of A gets no gradient
+        return F.embedding(x, A.T, padding_idx=self.base.padding_idx)
 
     def fold(self, delta):
         return delta.T

@@ -211,7 +211,7 @@ def _format_validation(e: ValidationError, where: str) -> str:
         path = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or "(" in p)))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling against the spec reference in README.md)"
+            msg = "unknown key (check its spelling against the spec reference, docs/spec.md)"
         rows.append((path, msg, err["type"]))
     # in a union, a failed literal branch is noise when another branch failed deeper down
     rows = [r for r in rows if not (r[2] == "literal_error" and any(o[0].startswith(r[0] + ".") for o in rows))]

@@ -89,7 +89,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     if applied:
         bank = bank_of(model)
         if bank.spec != spec:
-            raise AlreadyAppliedError("the model carries a different tying adapter; call tying.unapply_(model) first")
+            mine, theirs = bank.spec.model_dump(), spec.model_dump()
+            diff = [k for k in mine if mine[k] != theirs.get(k)]
+            raise AlreadyAppliedError(f"{src} holds an adapter whose spec differs from the model's (in {diff}); "
+                                      "nothing was loaded. Load it into a model without an adapter, or call "
+                                      "tying.unapply_(model) first")
         if any(w.merged for _, w in wrappers(model)):
             raise AlreadyAppliedError("the model's adapter is merged; call tying.unmerge_(model) before loading "
                                       "new factors (the base weights hold the old update)")

@@ -62,12 +62,16 @@ def parse_squad(raw: dict, max_words: int = 110) -> list[Example]:
         for para in article["paragraphs"]:
             if len(para["context"].split()) > max_words:
                 continue
-            for qa in para["qas"]:
-                refs = [a["text"] for a in qa["answers"]]
-                prompt = ("Answer with a short span copied from the passage.\n\n"
-                          f"Passage: {para['context']}\n\nQuestion: {qa['question'].strip()}")
-                out.append({"prompt": prompt, "answer": refs[0], "references": refs})
+            out += [squad_example(para["context"], qa["question"], [a["text"] for a in qa["answers"]])
+                    for qa in para["qas"]]
     return out
+
+
+def squad_example(context: str, question: str, answers: list[str]) -> Example:
+    """A SQuAD example (any source): the first answer is the target, all of them the references."""
+    prompt = ("Answer with a short span copied from the passage.\n\n"
+              f"Passage: {context}\n\nQuestion: {question.strip()}")
+    return {"prompt": prompt, "answer": answers[0], "references": list(answers)}
 
 
 def load_squad(n_train=1000, n_test=200, seed=0, max_words=110, cache=None):
@@ -82,13 +86,14 @@ def load_squad(n_train=1000, n_test=200, seed=0, max_words=110, cache=None):
 # ---------------------------------------------------------------- XSum (BIG-bench)
 def parse_xsum(raw: dict, max_words: int = 100) -> list[Example]:
     """Examples from BIG-bench's ``gem/xsum/task.json``; articles cut to ``max_words`` words."""
-    out = []
-    for ex in raw["examples"]:
-        words = ex["input"].split()
-        article = " ".join(words[:max_words]) + (" ..." if len(words) > max_words else "")
-        out.append({"prompt": f"Summarize the article in one sentence.\n\nArticle: {article}",
-                    "answer": ex["target"].strip()})
-    return out
+    return [summary_example(ex["input"], ex["target"], max_words) for ex in raw["examples"]]
+
+
+def summary_example(text: str, summary: str, max_words: int = 100, kind: str = "article") -> Example:
+    """A summarization example (XSum articles; ``kind="dialogue"`` for DialogSum): text cut to ``max_words``."""
+    words = text.split()
+    cut = " ".join(words[:max_words]) + (" ..." if len(words) > max_words else "")
+    return {"prompt": f"Summarize the {kind} in one sentence.\n\n{kind.capitalize()}: {cut}", "answer": summary.strip()}
 
 
 def xsum_file(cache=None) -> Path:
@@ -119,12 +124,16 @@ def parse_snli(lines) -> list[Example]:
         if not line.strip():
             continue
         rec = json.loads(line)
-        if rec["gold_label"] not in metrics.NLI_LABELS:
-            continue
-        prompt = (f"Premise: {rec['sentence1'].strip()}\nHypothesis: {rec['sentence2'].strip()}\n"
-                  "Does the premise entail the hypothesis? Answer with one word: entailment, neutral or contradiction.")
-        out.append({"prompt": prompt, "answer": rec["gold_label"]})
+        if rec["gold_label"] in metrics.NLI_LABELS:
+            out.append(nli_example(rec["sentence1"], rec["sentence2"], rec["gold_label"]))
     return out
+
+
+def nli_example(premise: str, hypothesis: str, label: str) -> Example:
+    """An SNLI example (any source); ``label`` is entailment, neutral or contradiction."""
+    prompt = (f"Premise: {premise.strip()}\nHypothesis: {hypothesis.strip()}\n"
+              "Does the premise entail the hypothesis? Answer with one word: entailment, neutral or contradiction.")
+    return {"prompt": prompt, "answer": label}
 
 
 def load_nli(n_train=1000, n_test=200, seed=0, cache=None):
@@ -134,6 +143,14 @@ def load_nli(n_train=1000, n_test=200, seed=0, cache=None):
     train = parse_snli(files["train.jsonl"].read_text().splitlines())
     test = parse_snli(files["test.jsonl"].read_text().splitlines())
     return _take(train, n_train, seed), _take(test, n_test, TEST_SEED)
+
+
+def choice_example(context: str, endings: list[str], label: int) -> Example:
+    """A HellaSwag-style example: pick the ending (numbered from 1) that continues ``context`` best."""
+    options = "\n".join(f"{i + 1}. {e.strip()}" for i, e in enumerate(endings))
+    prompt = (f"Pick the most plausible continuation. Answer with its number.\n\nContext: {context.strip()}\n\n"
+              f"{options}")
+    return {"prompt": prompt, "answer": str(int(label) + 1)}
 
 
 # ---------------------------------------------------------------- German -> English (dict-de-en)
@@ -186,8 +203,13 @@ def parse_dict_pairs(dict_bytes: bytes, index_text: str) -> list[Example]:
         pair = sentence_pair(entry)
         if pair and pair[0] not in seen:
             seen.add(pair[0])
-            out.append({"prompt": f"Translate from German to English.\n\nGerman: {pair[0]}", "answer": pair[1]})
+            out.append(translation_example(*pair))
     return out
+
+
+def translation_example(german: str, english: str) -> Example:
+    """A German -> English example (any source)."""
+    return {"prompt": f"Translate from German to English.\n\nGerman: {german.strip()}", "answer": english.strip()}
 
 
 def load_translation(n_train=1000, n_test=200, seed=0, cache=None):
@@ -290,17 +312,36 @@ TASKS = {
     "translation": Task("translation", load_translation, metrics.bleu_score, max_new_tokens=48, metric="bleu"),
     "gsm8k": Task("gsm8k", load_gsm8k, metrics.gsm_score, postprocess=str.strip, max_new_tokens=160,
                   metric="exact_match"),
+    # only from Hugging Face datasets (--data hf or a local folder), see .hf_data
+    "dialogsum": Task("dialogsum", None, metrics.rouge_score, max_new_tokens=48, metric="rougeL"),
+    "hellaswag": Task("hellaswag", None, metrics.choice_score, max_new_tokens=4, metric="accuracy"),
 }
 
 
-def get_task(name: str) -> Task:
-    """A task from :data:`TASKS`, or a ``jsonl`` task for a path ending in ``.jsonl`` (scored by SQuAD EM/F1)."""
-    if name in TASKS:
-        return TASKS[name]
+def get_task(name: str, data: str | None = None) -> Task:
+    """A task from :data:`TASKS`, or a ``jsonl`` task for a path ending in ``.jsonl`` (scored by SQuAD EM/F1).
+
+    ``data`` picks the source: None for the packaged offline one, ``"hf"`` for the Hugging Face hub
+    datasets or a local folder of the same files (:mod:`.hf_data`); prompts, answers and metrics are
+    the same whichever source. Raises :class:`.hf_data.DataSourceError` for an unknown task.
+    """
+    from . import hf_data
+
     if name.endswith(".jsonl"):
+        if not Path(name).is_file():
+            raise hf_data.DataSourceError(f"--tasks {name!r}: no such file; give an existing JSONL file with "
+                                          "'prompt' and 'answer' fields on each line")
         return Task(name, lambda n_train=None, n_test=100, seed=0: load_jsonl(name, n_train, n_test, seed),
                     metrics.squad_score, metric="exact_match")
-    raise KeyError(f"unknown task {name!r}; choose one of {', '.join(TASKS)} or a .jsonl file")
+    if name not in TASKS:
+        raise hf_data.DataSourceError(f"--tasks {name!r}: unknown task; choose from {', '.join(TASKS)} "
+                                      "or give a .jsonl file")
+    if data is not None:
+        return hf_data.task(TASKS[name], data)
+    if TASKS[name].load is None:
+        raise hf_data.DataSourceError(f"--tasks {name}: no packaged offline source; add --data hf (the hub) or "
+                                      "--data DIR (a local folder of the Hugging Face files)")
+    return TASKS[name]
 
 
 # ---------------------------------------------------------------- encoding

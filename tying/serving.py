@@ -1,0 +1,303 @@
+"""Serve many adapters on one base model in one mixed batch, each kept in its tied form.
+
+    tying.load_adapters_(model, {"alice": "adapters/alice", "bob": "adapters/bob"})
+    with tying.adapters(model, ["alice", "bob", None, "alice"]):   # one name per row; None = the base
+        logits = model(input_ids).logits                            # and model.generate(...)
+    tying.unload_adapter_(model, "bob")
+
+Adapters of the LoRA family (lora, tied-*, sharelora, lora-group*, lotr; any ranks) and IA3 mix in one
+batch; bottleneck, prefix and adapters with ``train_modules`` are refused. The factors live stacked in
+``model.tying_serving`` (:mod:`tying.serving_bank`), once per tie group and adapter. Each served module
+keeps its place in the model (so ``state_dict`` keys and ``tying.plan`` see the plain base) and gains two
+hooks. Entering ``adapters(model, names)`` gathers, once per batch, each site's per-row factors:
+``A`` (one shared entry, or one per row) and ``Bt = (scale diag(v) B G diag(u))^T`` per row, with u, v, G
+and the scale folded in. Each call of a site is then ``out + bmm(A x, Bt)`` (``A x`` one matmul for the
+whole batch when all rows share A, as VeRA-like adapters do); no Python loop over adapters.
+Outside an ``adapters`` block the model computes the base model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .errors import AdapterFileError, AlreadyAppliedError, NotAppliedError, ServingError, TyingError
+from .planner import BANK_ATTR, Plan, plan
+from .serving_bank import COL, NEUTRAL, ROLES, ServingBank, stack_key
+from .spec import load_spec
+from .state import SPEC_FILE, WEIGHTS_FILE, _read_header
+
+SERVING_ATTR = "tying_serving"
+MIXABLE = ("lora", "ia3")
+SITE_KINDS = ("Linear", "Conv1D")
+
+
+@dataclass
+class _Route:
+    """What one site needs for one batch of ``rows`` rows (tensors gathered when the block is entered)."""
+
+    rows: int
+    A: torch.Tensor | None = None  # (R, d_in) shared by every row, or (rows, d_in, R)
+    Bt: torch.Tensor | None = None  # (rows, R, d_out): scale diag(v) B G diag(u), transposed
+    x_scale: torch.Tensor | None = None  # (rows, d_in) IA3 input scaling
+    y_scale: torch.Tensor | None = None  # (rows, d_out) IA3 output scaling
+
+
+class _Site:
+    """The two hooks of one served module. A plain object: the bank owns every tensor."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.route: _Route | None = None
+        self.handles = []
+
+    def pre(self, module: nn.Module, args: tuple):
+        r = self.route
+        if r is None:
+            return None
+        x = args[0]
+        if x.shape[0] != r.rows:
+            raise ServingError(f"module {self.name!r} got a batch of {x.shape[0]} rows, but tying.adapters was given "
+                               f"{r.rows} names; give one name per row")
+        if r.x_scale is None:
+            return None
+        return (x * r.x_scale.view(x.shape[0], *[1] * (x.ndim - 2), -1).to(x.dtype), *args[1:])
+
+    def post(self, module: nn.Module, args: tuple, out: torch.Tensor):
+        r = self.route
+        if r is None:
+            return None
+        if r.y_scale is not None:
+            out = out * r.y_scale.view(out.shape[0], *[1] * (out.ndim - 2), -1).to(out.dtype)
+        if r.Bt is None:
+            return out
+        b = out.shape[0]
+        x = args[0].reshape(b, -1, args[0].shape[-1]).to(r.Bt.dtype)
+        h = F.linear(x, r.A) if r.A.ndim == 2 else torch.bmm(x, r.A)  # (rows, tokens, R)
+        o = out.reshape(b, -1, out.shape[-1])
+        if o.dtype == r.Bt.dtype:
+            return torch.baddbmm(o, h, r.Bt).view(out.shape)  # out + h @ Bt in one kernel
+        return out + torch.bmm(h, r.Bt).view(out.shape).to(out.dtype)
+
+
+def load_adapters_(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) -> None:
+    """Load the adapter folders ``{name: folder}`` (as written by :func:`tying.save_adapter`) onto ``model``
+    for mixed-batch serving. May be called again to add adapters. Every adapter must adapt the same modules
+    as the others; every check runs before anything changes, so on an error the loaded adapters stay as they
+    were."""
+    if getattr(model, BANK_ATTR, None) is not None:
+        merged = any(getattr(m, "merged", False) for m in model.modules())
+        raise AlreadyAppliedError(f"the model carries a tying adapter{' merged into its base weights' if merged else ''}"
+                                  " (tying.apply_ / tying.load_adapter); serve adapters on a plain base model: call "
+                                  "tying.unapply_(model) first")
+    if not isinstance(adapters, Mapping) or not adapters:
+        raise ServingError(f"load_adapters_ takes a non-empty mapping {{name: adapter folder}}; got {adapters!r}")
+    bank = getattr(model, SERVING_ATTR, None)
+    ref = None if bank is None else (bank.sites, "the loaded adapters")
+    read = {}
+    for name, folder in adapters.items():
+        if not isinstance(name, str) or not name:
+            raise ServingError(f"adapter names are non-empty strings; got {name!r}")
+        if bank is not None and name in bank.adapters:
+            raise ServingError(f"adapter {name!r} is loaded already; call tying.unload_adapter_(model, {name!r}) "
+                               "first to replace it")
+        p, tensors = _read(model, name, folder)
+        sites = {s.name: (s.d_in, s.d_out) for s in p.sites}
+        if ref is None:
+            ref = (sites, f"adapter {name!r}")
+        elif sites != ref[0]:
+            only, lacks = sorted(set(sites) - set(ref[0])), sorted(set(ref[0]) - set(sites))
+            raise ServingError(f"adapter {name!r} adapts other modules than {ref[1]}: only in {name!r}: {only[:3]}, "
+                               f"missing: {lacks[:3]}. Adapters served together must select the same modules")
+        read[name] = (p, tensors)
+    if bank is None:
+        first = model.get_submodule(next(iter(ref[0]))).weight
+        bank = ServingBank(ref[0], first.device, first.dtype)
+        for site in bank.sites:
+            hooks = bank.hooked[site] = _Site(site)
+            module = model.get_submodule(site)
+            hooks.handles = [module.register_forward_pre_hook(hooks.pre), module.register_forward_hook(hooks.post)]
+        setattr(model, SERVING_ATTR, bank)
+    w = model.get_submodule(next(iter(bank.sites))).weight
+    bank.device, bank.dtype = w.device, w.dtype  # the model may have been moved or cast since the first load
+    for name, (p, tensors) in read.items():
+        bank.add(name, p, tensors)
+    _activate(bank, bank.active)
+
+
+def _read(model: nn.Module, name: str, folder) -> tuple[Plan, dict[str, torch.Tensor]]:
+    """Plan and read one adapter folder; every error names the adapter. Changes nothing."""
+    src = Path(folder)
+    try:
+        for f in (SPEC_FILE, WEIGHTS_FILE):
+            if not (src / f).is_file():
+                raise AdapterFileError(f"{src / f} not found: an adapter folder holds {SPEC_FILE} and {WEIGHTS_FILE}")
+        spec = load_spec(src / SPEC_FILE)
+        if spec.adapter.kind not in MIXABLE:
+            raise ServingError(f"it is a {spec.adapter.kind} adapter, which cannot be mixed row by row (only the LoRA "
+                               "family and ia3 can); serve it alone with tying.load_adapter")
+        if spec.train_modules:
+            raise ServingError(f"it trains whole base modules ({spec.train_modules}), which all rows share; only "
+                               "adapters without train_modules can be mixed")
+        p = plan(model, spec)
+        odd = [f"{s.name} ({s.kind})" for s in p.sites if s.kind not in SITE_KINDS]
+        if odd:
+            raise ServingError(f"it adapts {odd[:3]}; mixed batches support {' and '.join(SITE_KINDS)} modules")
+        groups = {f"{g.factor}.{g.key}": g.shape for g in p.groups}
+        found = _read_header(src / WEIGHTS_FILE)
+        missing, extra = sorted(set(groups) - set(found)), sorted(set(found) - set(groups))
+        if missing or extra:
+            raise AdapterFileError(f"its file does not fit this model: missing factors {missing[:3]}, unexpected "
+                                   f"{extra[:3]} (saved from a different model?)")
+        bad = [f"{k}: {found[k][1]} {found[k][0]}, model needs {v}" for k, v in groups.items()
+               if found[k][0] != v or found[k][1] not in ("F16", "BF16", "F32", "F64")]
+        if bad:
+            raise AdapterFileError(f"shape or dtype mismatch: {'; '.join(bad[:3])}")
+        try:
+            return p, load_file(str(src / WEIGHTS_FILE))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AdapterFileError(f"{src / WEIGHTS_FILE} is corrupted: {e}") from None
+    except TyingError as e:
+        raise type(e)(f"adapter {name!r} ({src}): {e}") from None
+
+
+def _bank(model: nn.Module) -> ServingBank:
+    bank = getattr(model, SERVING_ATTR, None)
+    if not isinstance(bank, ServingBank):
+        raise NotAppliedError("the model serves no adapters; call tying.load_adapters_(model, {name: folder}) first")
+    return bank
+
+
+def _gather(stack: torch.Tensor | None, idx: torch.Tensor, role: str) -> torch.Tensor | None:
+    """The rows' entries of ``stack``; None when it is absent or every row uses the neutral entry."""
+    if stack is None or (role in NEUTRAL and not idx.any()):
+        return None
+    return stack[idx.to(stack.device)]
+
+
+@torch.no_grad()
+def _routes(bank: ServingBank, names: list[str | None]) -> dict[str, _Route]:
+    """Each site's per-row factors for the rows ``names`` (see the module docstring)."""
+    none = torch.full((len(bank.sites), len(ROLES)), -1, dtype=torch.int32)
+    none[:, [COL[r] for r in NEUTRAL]] = 0
+    served = [None if n is None else bank.adapters[n] for n in names]
+    table = torch.stack([none if s is None else s.table for s in served]).long()  # (rows, sites, roles)
+    scale = torch.tensor([0.0 if s is None else s.scale for s in served])
+    lowrank = list(range(COL["v"] + 1))  # columns A, B, u, G, v
+    routes, gathered = {}, {}
+    for site, (d_in, d_out) in bank.sites.items():
+        t = table[:, bank.row[site]]
+
+        def rows(role, t=t, d_in=d_in, d_out=d_out):
+            return _gather(bank.stack(stack_key(role, d_in, d_out)), t[:, COL[role]], role)
+
+        r = routes[site] = _Route(len(names))
+        lora = t[:, COL["A"]] >= 0
+        if lora.any():  # rows without a low-rank part borrow a LoRA row's entries; their scale is 0
+            t[:, lowrank] = torch.where(lora[:, None], t[:, lowrank], t[lora][0, lowrank])
+            B, v, G, u = rows("B").float(), rows("v"), rows("G"), rows("u")
+            s = scale.to(B.device)[:, None]  # buffers follow model.to(); the tables stay on the CPU
+            B = B * (s if v is None else v.float() * s)[:, :, None]
+            B = B if G is None else B @ G.float()
+            B = B if u is None else B * u.float()[:, None, :]
+            key, idx = stack_key("A", d_in, d_out), t[:, COL["A"]]
+            A = bank.stack(key)
+            r.Bt = B.transpose(1, 2).to(A.dtype).contiguous()
+            if bool((idx == idx[0]).all()):
+                r.A = A[idx[0]]  # a view: one `A x` for the whole batch
+            else:  # gathered once per batch for all sites that share these entries (a tied A: every site)
+                memo = (key, tuple(idx.tolist()))
+                if memo not in gathered:
+                    gathered[memo] = A[idx.to(A.device)].transpose(1, 2).contiguous()
+                r.A = gathered[memo]
+        r.x_scale, r.y_scale = rows("in"), rows("out")
+    return routes
+
+
+def _activate(bank: ServingBank, names: list[str | None] | None) -> None:
+    bank.active = names
+    routes = {} if names is None else _routes(bank, names)
+    for site, hooks in bank.hooked.items():
+        hooks.route = routes.get(site)
+
+
+def _rows_of(args: tuple, kwargs: dict) -> int | None:
+    for t in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(t, torch.Tensor) and t.ndim >= 2:
+            return t.shape[0]
+    return None
+
+
+@contextmanager
+def adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
+    """Route row i of every batch inside the block to adapter ``names[i]`` (None: the base model).
+
+    Works with ``generate()`` and its KV cache: the rows stay the rows of the batch at every step. With
+    ``num_beams=k`` or ``num_return_sequences=k``, generate() runs k rows per input: repeat each name k
+    times (``[n for n in names for _ in range(k)]``). Blocks nest; leaving one restores the outer routing.
+    """
+    bank = _bank(model)
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise ServingError(f"tying.adapters takes a non-empty list with one adapter name (or None) per row of the "
+                           f"batch; got {names!r}")
+    names = list(names)
+    for i, n in enumerate(names):
+        if n is not None and n not in bank.adapters:
+            raise ServingError(f"adapter {n!r} (row {i}) is not loaded; loaded: {', '.join(bank.adapters) or 'none'}. "
+                               f"Load it with tying.load_adapters_(model, {{{n!r}: folder}})")
+
+    def check(module, args, kwargs):  # before the forward pass: nothing has run yet
+        rows, want = _rows_of(args, kwargs), len(bank.active or ())
+        if rows is not None and rows != want:
+            raise ServingError(f"the batch has {rows} rows but tying.adapters was given {want} names; give one "
+                               "name per row (with num_beams=k or num_return_sequences=k, repeat each name k times)")
+
+    outer = bank.active
+    _activate(bank, names)
+    hook = model.register_forward_pre_hook(check, with_kwargs=True) if outer is None else None
+    try:
+        yield
+    finally:
+        if hook is not None:
+            hook.remove()
+        _activate(bank, outer if outer is None or all(n is None or n in bank.adapters for n in outer) else None)
+
+
+def unload_adapter_(model: nn.Module, name: str) -> None:
+    """Remove the served adapter ``name``; the others keep their outputs. When the last one goes, the model
+    is the plain base again (hooks and ``model.tying_serving`` removed)."""
+    bank = _bank(model)
+    if name not in bank.adapters:
+        raise ServingError(f"adapter {name!r} is not loaded; loaded: {', '.join(bank.adapters)}")
+    if bank.active is not None and name in bank.active:
+        raise ServingError(f"adapter {name!r} serves rows of the active tying.adapters block; unload it after the block")
+    bank.remove(name)
+    if bank.adapters:
+        _activate(bank, bank.active)
+        return
+    for hooks in bank.hooked.values():
+        for h in hooks.handles:
+            h.remove()
+        hooks.route = None
+    delattr(model, SERVING_ATTR)
+
+
+def served(model: nn.Module) -> list[str]:
+    """Names of the adapters loaded on ``model`` for mixed-batch serving (empty if none)."""
+    bank = getattr(model, SERVING_ATTR, None)
+    return list(bank.adapters) if isinstance(bank, ServingBank) else []
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor held for the served adapters (stacked factors and index tables); 0 if none."""
+    bank = getattr(model, SERVING_ATTR, None)
+    return bank.resident_bytes() if isinstance(bank, ServingBank) else 0
