@@ -7,7 +7,11 @@ every contender for ``--steps`` optimizer steps (after one warm-up repetition), 
 tokens/s = real tokens / seconds of the training loop proper (Trainer construction excluded, reported
 apart). One process, ``--threads`` torch threads.
 
-    python benchmarks/llm_step.py [--reps 7 --steps 4 --threads 1 --out benchmarks/results/llm-step]
+    python benchmarks/llm_step.py [--reps 7 --steps 2 --threads 1 --out benchmarks/results/llm-step]
+    python benchmarks/llm_step.py --overhead    # the Trainer's own cost, on a tiny model where compute is ~0
+
+``--overhead`` times whole calls of the hand loop and of ``finetune`` (Trainer) for 10 and 50 steps on a
+2-layer, width-32 random Llama: the difference gives the per-step cost, the rest the fixed cost per call.
 """
 
 from __future__ import annotations
@@ -73,6 +77,43 @@ def run(name, models, examples, tok, steps, seed):
     return {"tokens_per_s": h["tokens"] / h["seconds"], "overhead_s": time.perf_counter() - t0 - h["seconds"]}
 
 
+def overhead(args) -> None:
+    """Per-step and fixed cost of the Trainer against the hand loop on a tiny model (compute ~0)."""
+    import transformers
+
+    tok = load_model("smollm2-135m")[1]
+    examples, _ = load_nli(n_train=50, n_test=1, seed=0)
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=64, vocab_size=len(tok))
+    calls = {"loop": hand_loop, "Trainer": lambda m, e, t, steps, lr, bs, seed: ft.finetune(
+        m, e, t, steps=steps, lr=lr, batch_size=bs, seed=seed, warmup=1, progress=False)}
+    times = {(n, k): [] for n in calls for k in (10, 50)}
+    for _rep in range(args.reps):
+        for (name, steps), seconds in times.items():
+            torch.manual_seed(0)
+            model = transformers.LlamaForCausalLM(cfg)
+            tying.apply_(model, tx.spec(model, "tl6", rank=8))
+            t0 = time.perf_counter()
+            calls[name](model, examples, tok, steps, 3e-3, 4, 0)
+            seconds.append(time.perf_counter() - t0)
+    rows = []
+    for name in calls:
+        a, b = statistics.median(times[name, 10]), statistics.median(times[name, 50])
+        rows.append({"contender": name, "call_10_steps_s": a, "call_50_steps_s": b, "per_step_ms": 1e3 * (b - a) / 40,
+                     "fixed_s": a - 10 * (b - a) / 40})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "llm_step_overhead.json").write_text(json.dumps({"rows": rows, "raw": {f"{n} {k}": v for (n, k), v in
+                                                                                 times.items()}}, indent=1))
+    lines = [(f"Trainer overhead: tiny random Llama (2 layers, width 32), TL6 rank 8, SNLI prompts, batch 4; "
+              f"median of {args.reps} alternated repetitions, {torch.get_num_threads()} thread(s), {platform.machine()} CPU."),
+             "", "| contender | 10-step call s | 50-step call s | per step ms | fixed s per call |", "|---|---|---|---|---|"]
+    lines += [f"| {r['contender']} | {r['call_10_steps_s']:.2f} | {r['call_50_steps_s']:.2f} | {r['per_step_ms']:.1f} | "
+              f"{r['fixed_s']:.2f} |" for r in rows]
+    (out / "llm_step_overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 ANSWER_LOSS = ft.answer_loss
 CONTENDERS = ["loop fp32", "Trainer fp32", "Trainer fp32 model loss", "Trainer bf16"]
 
@@ -80,11 +121,14 @@ CONTENDERS = ["loop fp32", "Trainer fp32", "Trainer fp32 model loss", "Trainer b
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--overhead", action="store_true", help="the Trainer's own cost on a tiny model")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/llm-step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.overhead:
+        return overhead(args)
     models = {dt: load_model("smollm2-135m", dtype=dt)[0] for dt in (torch.float32, torch.bfloat16)}
     tok = load_model("smollm2-135m")[1]
     examples, _ = load_nli(n_train=200, n_test=1, seed=0)

@@ -254,6 +254,7 @@ def sweep_table(out: Path, s: dict, results: list[dict]) -> None:
 
 
 def describe(s: dict) -> str:
+    """The model as reports name it: the built-in's description, else the name given to --model."""
     return BUILTIN.get(s["model"], s["model"])
 
 
@@ -340,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--grid", metavar="GRID", help="run a grid file (its checkpoints filled in), resumable by parts")
     ap.add_argument("--model", help="smollm2-135m (default), a save_pretrained folder, a hub id or a .gguf file")
     ap.add_argument("--device", help="cpu, cuda, mps (default: cuda if available, else cpu)")
-    ap.add_argument("--dtype", choices=list(DTYPES), help="the frozen base's dtype (factors stay float32)")
+    ap.add_argument("--dtype", choices=list(DTYPES),
+                    help="the frozen base's dtype (factors stay float32); default bfloat16 on cuda, else float32")
     ap.add_argument("--data", help="hf (Hugging Face hub datasets) or a local folder of them; default: packaged sources")
     ap.add_argument("--max-len", type=int)
     ap.add_argument("--grad-accum", type=int)
@@ -377,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
             if getattr(args, k) is not None:
                 s[k] = getattr(args, k)
         s["seed"] = args.seed
+        if args.dtype is None and s["device"].startswith("cuda"):
+            s["dtype"] = "bfloat16"  # float32 stays the CPU default: docs/llm.md, "Precision on this CPU"
         if args.lr is not None:
             s["lr_of"] = {c: args.lr for c in s["configs"]}
         check(s)

@@ -22,7 +22,8 @@ as adapter folders and loaded with ``tying.load_adapters_``. PEFT gets the same 
   repetition, min / median / max over the repetitions.
 
 Each preset writes ``<out>/<preset>.json``; ``<out>/serving.md`` is rebuilt from every JSON there, so the
-presets may run as separate commands (each stays under ten minutes on one thread).
+presets may run as separate commands. At the default (the issue's) shape one preset takes about 9 minutes
+on one idle core of a 2-core x86 CPU, so run one preset per command; ``--quick`` (CI size) takes a few.
 """
 
 from __future__ import annotations

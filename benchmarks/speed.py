@@ -58,6 +58,7 @@ def build(name: str, args):
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(model_type, **kwargs)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model.loss_type = "ForCausalLM"  # else GPT-2 logs a warning from its loss: a graph break for torch.compile
     model.requires_grad_(False)
     return model.to(device=args.device, dtype=args.dtype_)
 
@@ -149,16 +150,21 @@ def clock(args) -> float:
     return time.process_time()
 
 
-def alternate(fns: dict, reps: int, args) -> dict:
-    """Times of each fn, alternated inside every repetition, after one warm-up call each."""
+def alternate(fns: dict, reps: int, args, inner: int = 1) -> dict:
+    """Times of each fn, alternated inside every repetition, after one warm-up call each; with ``inner`` > 1
+    a repetition's time is the least of ``inner`` consecutive calls (a call that another process disturbed
+    takes longer, never shorter)."""
     for f in fns.values():
         f()
     times = {n: [] for n in fns}
     for _ in range(reps):
         for n, f in fns.items():
-            t = clock(args)
-            f()
-            times[n].append(clock(args) - t)
+            best = float("inf")
+            for _ in range(inner):
+                t = clock(args)
+                f()
+                best = min(best, clock(args) - t)
+            times[n].append(best)
     return times
 
 
@@ -178,7 +184,7 @@ def overheads(times: dict, floor: str, ref: str) -> dict:
 
 
 def train_bench(model_name: str, args) -> dict:
-    names = ["floor", *TRAIN]
+    names = ["floor", *(n for n in TRAIN if not n.endswith("-per-site"))]  # ablations: block_bench only
     models = {n: contender(n, model_name, args).train() for n in names}
     if args.compile:
         models["floor-compiled"] = torch.compile(contender("floor", model_name, args).train(), fullgraph=True)
@@ -198,6 +204,8 @@ def train_bench(model_name: str, args) -> dict:
 
     mem = {}
     for n, m in models.items():
+        if n.endswith("-compiled"):  # saved-tensor hooks are not for compiled graphs: see the eager twin
+            continue
         _, saved = saved_bytes(lambda: m(inputs_embeds=embeds.detach().requires_grad_(), labels=ids).loss)
         trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
         mem[n] = {"saved_for_backward": saved, "trainable": trainable,
@@ -215,8 +223,9 @@ def train_bench(model_name: str, args) -> dict:
                                                      times["peft-lora"], times["floor"])])
     tokens = args.batch * args.seq
     for n, r in res.items():
-        r.update(mem[n], tokens_per_s=tokens / r["seconds"]["median"])
-        total = mem[n]["saved_for_backward"] + mem[n]["trainable_state"]
+        m = mem[n.removesuffix("-compiled")]
+        r.update(m, tokens_per_s=tokens / r["seconds"]["median"])
+        total = m["saved_for_backward"] + m["trainable_state"]
         r["memory_vs_peft"] = total / (mem["peft-lora"]["saved_for_backward"] + mem["peft-lora"]["trainable_state"])
     return res
 
@@ -237,11 +246,12 @@ def block_bench(model_name: str, args) -> dict:
         m.zero_grad(set_to_none=True)
         torch.autograd.backward(m(x.detach().requires_grad_()), grads)
 
-    times = alternate({n: (lambda m=m: step(m)) for n, m in models.items()}, args.block_reps, args)
+    times = alternate({n: (lambda m=m: step(m)) for n, m in models.items()}, args.block_reps, args, args.inner)
     res = {"train": overheads(times, "floor", "peft-lora")}
     inf = {n: models[n] if n in models else contender(n, model_name, args, make=Projections) for n in ["floor", *INFER]}
     with torch.inference_mode():
-        res["inference"] = overheads(alternate({n: (lambda m=m: m(x)) for n, m in inf.items()}, args.block_reps, args),
+        res["inference"] = overheads(alternate({n: (lambda m=m: m(x)) for n, m in inf.items()}, args.block_reps, args,
+                                               args.inner),
                                      "floor", "peft-lora")
     res["optimizer"] = optimizer_bench(model_name, args)
     for n, r in res["train"].items():  # the whole model's overhead, composed: layers x block + optimizer step
@@ -272,12 +282,12 @@ def optimizer_bench(model_name: str, args) -> dict:
     opts = {n: torch.optim.AdamW(ps, lr=1e-4) for n, ps in params.items()}
     for p in (p for ps in params.values() for p in ps):
         p.grad = torch.ones_like(p)  # allocating gradients is part of the backward, timed in block_bench
-    times = alternate({n: opts[n].step for n in TRAIN}, args.block_reps // 4 + 1, args)
+    times = alternate({n: opts[n].step for n in TRAIN}, args.block_reps, args, args.inner)
     return {n: {"seconds": spread(t), "tensors": len(params[n])} for n, t in times.items()}
 
 
 def inference_bench(model_name: str, args) -> dict:
-    models = {n: contender(n, model_name, args).eval() for n in ["floor", *INFER]}
+    models = {n: contender(n, model_name, args).eval() for n in ["floor", *INFER] if not n.endswith("-per-site")}
     vocab = models["floor"].config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(args.device)
     with torch.inference_mode():
@@ -310,6 +320,37 @@ def profile_adapter(model_name: str, args) -> list[dict]:
             r["calls"] += sign * c
     return sorted((r for r in rows.values() if r["calls"] or abs(r["self_cpu_ms"]) > 0.5),
                   key=lambda r: -r["self_cpu_ms"])
+
+
+def layout_bench(args) -> dict:
+    """Each rank-r product of a LoRA site (forward and backward) in torch's own layout (``F.linear`` and its
+    autograd formulas) against the layout of tying's LowRankDown / LowRankUp (the long side last), at each
+    model's q (or c_attn) shape. torch.utils.benchmark, median of blocked runs, microseconds."""
+    import torch.utils.benchmark as tb
+
+    out = {}
+    for model_name in args.models:
+        cfg = {**REGISTRY[model_name][1], **(TINY[model_name] if args.tiny else {})}
+        d = cfg.get("hidden_size", cfg.get("n_embd", 768))
+        d_out = d if model_name != "gpt2" else 3 * d
+        t, r, g = args.batch * args.seq, args.rank, torch.Generator().manual_seed(0)
+        x, g_out = (torch.randn(t, n, generator=g).to(args.device, args.dtype_) for n in (d, d_out))
+        A, Bt, h = (torch.randn(*s, generator=g).to(args.device, args.dtype_) for s in ((r, d), (r, d_out), (t, r)))
+        B, hT, gh = Bt.t().contiguous(), h.t().contiguous(), h.t().contiguous()
+        pairs = {  # product: (torch's layout, tying's layout); the same values
+            "down: h = x A^T": (lambda: x @ A.t(), lambda: A @ x.t()),
+            "up: out + h B^T": (lambda: torch.addmm(g_out, h, B.t()), lambda: torch.addmm(g_out, hT.t(), Bt)),
+            "grad h = g B": (lambda: g_out @ B, lambda: Bt @ g_out.t()),
+            "grad B = g^T h": (lambda: g_out.t() @ h, lambda: hT @ g_out),
+            "grad A = g_h^T x": (lambda: h.t() @ x, lambda: gh @ x),
+            "grad x = g_h A": (lambda: h @ A, lambda: gh.t() @ A),
+        }
+        rows = {}
+        for name, fns in pairs.items():
+            us = [tb.Timer("f()", globals={"f": f}).blocked_autorange(min_run_time=0.2).median * 1e6 for f in fns]
+            rows[name] = {"torch_us": us[0], "tying_us": us[1], "speedup": us[0] / us[1]}
+        out[f"{model_name} (tokens {t}, d_in {d}, d_out {d_out}, rank {r})"] = rows
+    return out
 
 
 def apply_bench(args) -> dict:
@@ -353,7 +394,7 @@ def fmt(s: dict, unit: str = "", scale: float = 1.0, digits: int = 3) -> str:
 
 def block_table(shape: str, r: dict, args) -> list[str]:
     lines = [f"**Adapter overhead, {shape}: one layer's adapted modules** (floor: their frozen forward + backward "
-             f"to the input; {args.block_reps} repetitions; whole model = {r['layers']} layers x one layer + the AdamW step)", "",
+             f"to the input; {args.block_reps} repetitions, each the best of {args.inner} calls; whole model = {r['layers']} layers x one layer + the AdamW step)", "",
              "| contender | train overhead / layer (ms) | / PEFT's | AdamW step (ms) | whole-model train overhead (ms) "
              "| / PEFT's | inference overhead / layer (ms) | / PEFT's |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for n, t in r["train"].items():
@@ -374,9 +415,12 @@ def block_table(shape: str, r: dict, args) -> list[str]:
 
 
 def tables(res: dict, args) -> list[str]:
-    lines = [f"Machine: {res['machine']}. Batch {args.batch} x {args.seq} tokens, rank {args.rank}, {args.threads} "
-             f"thread(s), {args.reps} alternated repetitions (inference: {2 * args.reps}); median (min to max); "
-             + ("wall time" if args.device.startswith("cuda") else "CPU time of the process") + ".", ""]
+    if args.layouts_only:
+        lines = [f"Machine: {res['machine']}; {args.threads} thread(s); torch.utils.benchmark medians."]
+    else:
+        lines = [f"Machine: {res['machine']}. Batch {args.batch} x {args.seq} tokens, rank {args.rank}, {args.threads} "
+                 f"thread(s), {args.reps} alternated repetitions (inference: {2 * args.reps}); median (min to max); "
+                 + ("wall time" if args.device.startswith("cuda") else "CPU time of the process") + ".", ""]
     for key, r in res.items():
         if key.startswith("block "):
             lines += block_table(key[6:], r, args)
@@ -409,6 +453,11 @@ def tables(res: dict, args) -> list[str]:
         lines += ["", "**Adapter file on the LLaMA-2 7B shape, rank 8**", "", "| file | bytes |", "|---|---|"]
         lines += [f"| {n} | {v:,} |" if isinstance(v, int) else f"| {n} | {v:.4f} |"
                   for n, v in res["adapter file bytes llama2-7b r8"].items()]
+    for key, rows in res.get("layouts", {}).items():
+        lines += ["", f"**Rank-{args.rank} products, {key}, {args.dtype[0]}: torch's layout vs tying's (us)**", "",
+                  "| product | torch (F.linear and its backward) | tying (LowRankDown / LowRankUp) | speed-up |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {n} | {r['torch_us']:.1f} | {r['tying_us']:.1f} | {r['speedup']:.2f}x |" for n, r in rows.items()]
     for key, rows in res.items():
         if key.startswith("profile "):
             lines += ["", f"**{key}: TL6 train step minus the floor's step, by op (torch.profiler self CPU time)**", "",
@@ -429,12 +478,14 @@ def main(argv=None) -> dict:
                     help="the base model's dtype (factors stay float32)")
     ap.add_argument("--models", nargs="+", default=list(QKV), choices=list(QKV))
     ap.add_argument("--compile", action="store_true", help="add torch.compile(fullgraph=True) rows (floor, TL6)")
-    ap.add_argument("--block-reps", type=int, default=61, help="repetitions of the one-layer measurement")
+    ap.add_argument("--block-reps", type=int, default=31, help="repetitions of the one-layer measurement")
+    ap.add_argument("--inner", type=int, default=5, help="one-layer measurement: best of this many calls per repetition")
     ap.add_argument("--whole", action=argparse.BooleanOptionalAction, default=True,
                     help="also time whole-model steps (slow on a small CPU)")
     ap.add_argument("--profile", action="store_true", help="add a torch.profiler table of TL6's extra ops")
     ap.add_argument("--profile-rows", type=int, default=25)
     ap.add_argument("--no-extras", action="store_true", help="skip the apply-time and file-size tables")
+    ap.add_argument("--layouts-only", action="store_true", help="only the table of GEMM layouts (first --dtype)")
     ap.add_argument("--tiny", action="store_true", help="2-layer, 64-wide models of the same shapes (smoke test)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="speed", help="output file stem")
@@ -443,7 +494,10 @@ def main(argv=None) -> dict:
     res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
                       + (f", {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else ""),
            "settings": vars(args).copy()}
-    for dtype in args.dtype:
+    if args.layouts_only:
+        args.dtype_ = getattr(torch, args.dtype[0])
+        res["layouts"] = layout_bench(args)
+    for dtype in ([] if args.layouts_only else args.dtype):
         args.dtype_ = getattr(torch, dtype)
         tag = "" if dtype == "float32" else ", bfloat16 base + float32 factors"
         for model_name in args.models:
@@ -454,7 +508,7 @@ def main(argv=None) -> dict:
                 res[f"inference {model_name}-shaped{tag}"] = inference_bench(model_name, args)
             if args.profile:
                 res[f"profile {model_name}-shaped{tag}"] = profile_adapter(model_name, args)
-    if not args.no_extras:
+    if not (args.no_extras or args.layouts_only):
         res["apply llama2-7b meta"] = apply_bench(args)
         res["adapter file bytes llama2-7b r8"] = size_bench()
     out = Path(args.out)

@@ -70,6 +70,8 @@ def test_hub_id_offline_is_a_clear_error():
 
 def test_check_device_refuses_what_this_machine_cannot_run(monkeypatch):
     models.check_device("cpu", torch.float32)
+    with pytest.raises(models.PrecisionError, match="not a device; use cpu, cuda"):
+        models.check_device("gpu0", torch.float32)
     if not torch.cuda.is_available():
         with pytest.raises(models.PrecisionError, match="CUDA is not available"):
             models.check_device("cuda", torch.bfloat16)

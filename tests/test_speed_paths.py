@@ -109,8 +109,7 @@ def test_reuse_only_for_the_same_unchanged_input_and_factors():
     x = torch.randn(2, 5, 32)
 
     def ref(site):  # the per-site computation, without the cache
-        return site.base(x) + site.add_up(torch.zeros(2, 5, site.base.out_features), site.project(x),
-                                          tying.layers.fold_up(site.factor("B"), site.factor("v"), site.scale))
+        return site.base(x) + site.up(torch.zeros(2, 5, site.base.out_features), site.project(x))
     with torch.no_grad():
         attn.q_proj(x)
         model.tying_bank["A"]["model:layers:*:self_attn:*"].add_(0.5)  # factors change between siblings
@@ -164,12 +163,49 @@ def test_speed_benchmark_runs_on_the_device_code_path(tmp_path):
     spec = importlib.util.spec_from_file_location("speed_bench", path)
     speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(speed)
-    res = speed.main(["--device", "cpu", "--dtype", "bfloat16", "--tiny", "--reps", "1", "--no-extras",
-                      "--models", "smollm2-135m", "--out", str(tmp_path)])
-    train = res["train smollm2-135m-shaped, bfloat16 base + float32 factors"]
-    assert set(train) == {"floor", "peft-lora", "tying-lora-untied", "tying-lora", "tying-tl6"}
+    res = speed.main(["--device", "cpu", "--dtype", "bfloat16", "--tiny", "--reps", "1", "--block-reps", "2",
+                      "--no-extras", "--models", "smollm2-135m", "--out", str(tmp_path)])
+    tag = "smollm2-135m-shaped, bfloat16 base + float32 factors"
+    train, block = res[f"train {tag}"], res[f"block {tag}"]
+    assert set(block["train"]) == {"floor", *speed.TRAIN} and {"floor", "peft-lora", "tying-tl6"} <= set(train)
     assert train["tying-tl6"]["trainable"] < train["peft-lora"]["trainable"]
-    for row in train.values():
+    for row in [*train.values(), *block["train"].values()]:
         assert row["seconds"]["median"] > 0
     assert "overhead_vs_peft" in train["tying-tl6"] and "overhead_s" not in train["floor"]
-    assert (tmp_path / "speed.md").read_text().count("| tying-tl6 |") == 2  # train and inference rows
+    assert block["train"]["tying-tl6"]["composed_overhead_s"] > 0
+    assert (tmp_path / "speed.md").read_text().count("| tying-tl6 |") == 3  # one-layer, train and inference rows
+
+
+def test_inference_adds_in_place_only_where_nothing_else_sees_the_output(tokens):
+    model = tiny_llama()
+    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    randomize_bank(model)
+    with torch.no_grad():
+        eager = model(input_ids=tokens).logits
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=tokens).logits, eager)
+    q = model.model.layers[0].self_attn.q_proj
+    seen = []
+    handle = q.base.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens).logits, eager)
+    handle.remove()
+    x, out = seen[0]
+    assert torch.equal(out, q.base(x))  # the hook's tensor is the base's output, not the adapted one
+
+
+def test_low_rank_functions_pass_gradcheck():
+    """The hand-written backward of the fast path's products, with u, v and a scale folded in."""
+    from tying.fastpath import LowRankDown, LowRankUp
+
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+
+    x, A, u = t(6, 5), t(3, 5), t(3)
+    assert torch.autograd.gradcheck(LowRankDown.apply, (x, A, u))
+    assert torch.autograd.gradcheck(LowRankDown.apply, (x, A, None))
+    out, hT, B, v = t(6, 4), t(3, 6), t(4, 3), t(4)
+    assert torch.autograd.gradcheck(LowRankUp.apply, (out, hT, B, v, 0.5))
+    assert torch.autograd.gradcheck(LowRankUp.apply, (out, hT, B, None, 1.0))

@@ -1,4 +1,4 @@
-"""integrations.tasks / metrics / finetune: metrics on known values, parsers on inline samples, encoding, a tiny run."""
+"""integrations.llm tasks / metrics / finetune: metrics on known values, parsers on inline samples, encoding, a tiny run."""
 
 import gzip
 import json

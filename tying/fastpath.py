@@ -65,3 +65,64 @@ def link_shared_down(wrappers: Mapping[str, nn.Module]) -> None:
             shared = SharedDown(len(members))
             for i, w in enumerate(members):
                 w.share_down = (shared, i)
+
+
+def _scaled(M: torch.Tensor, s: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """M * s[:, None] * scale (s: one value per row of M, or None)."""
+    M = M if s is None else M * s[:, None]
+    return M if scale == 1.0 else M * scale
+
+
+def _row_grad(gM: torch.Tensor, M: torch.Tensor, s: torch.Tensor | None, scale: float, needs: tuple[bool, bool]):
+    """Gradients of M and s for ``M * s[:, None] * scale``, given the gradient ``gM`` of that product."""
+    gs = None
+    if s is not None and needs[1]:
+        gs = (gM * M).sum(1) if scale == 1.0 else (gM * M).sum(1).mul_(scale)
+        gs = gs.to(s.dtype)
+    return (_scaled(gM, s, scale).to(M.dtype) if needs[0] else None), gs
+
+
+class LowRankDown(torch.autograd.Function):
+    """``h^T = diag(u) A x^T`` of shape (r, tokens) for a 2-D ``x``, computed in ``x``'s dtype.
+
+    Each product takes the operand layouts that rank-r GEMMs run fastest on this CPU (``A x^T`` forward;
+    ``g x`` and ``g^T A`` backward, measured in benchmarks/results/speed-layouts*.md); torch's own
+    ``F.linear`` runs ``x A^T`` 1.2-1.7x slower. Folding u here, not as separate autograd ops, also saves
+    their per-op overhead."""
+
+    @staticmethod
+    def forward(ctx, x, A, u):
+        Ae = _scaled(A, u, 1.0).to(x.dtype)
+        ctx.save_for_backward(x, A, u, Ae)
+        return torch.mm(Ae, x.t())
+
+    @staticmethod
+    def backward(ctx, g):
+        x, A, u, Ae = ctx.saved_tensors
+        gx = torch.mm(g.t(), Ae) if ctx.needs_input_grad[0] else None
+        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            return gx, None, None
+        return gx, *_row_grad(torch.mm(g, x).to(A.dtype), A, u, 1.0, ctx.needs_input_grad[1:])
+
+
+class LowRankUp(torch.autograd.Function):
+    """``out + h (scale diag(v) B)^T`` for 2-D ``out`` (tokens, d_out) and ``hT`` (r, tokens), in one fused
+    GEMM-and-add, computed in ``hT``'s dtype. The backward computes ``B^T g^T`` and ``h^T g`` as (r, ·)
+    products, 3-4.5x faster in float32 than torch's ``g B`` and ``g^T h`` (speed-layouts.md); v and the
+    scale are folded here too."""
+
+    @staticmethod
+    def forward(ctx, out, hT, B, v, scale):
+        Bt = _scaled(B, v, scale).t().to(hT.dtype, memory_format=torch.contiguous_format)  # (r, d_out)
+        ctx.save_for_backward(hT, B, v, Bt)
+        ctx.scale = scale
+        return torch.addmm(out, hT.t(), Bt)
+
+    @staticmethod
+    def backward(ctx, g):
+        hT, B, v, Bt = ctx.saved_tensors
+        gh = torch.mm(Bt, g.t()) if ctx.needs_input_grad[1] else None
+        if not (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
+            return g, gh, None, None, None
+        gB, gv = _row_grad(torch.mm(hT, g).t().to(B.dtype), B, v, ctx.scale, ctx.needs_input_grad[2:4])
+        return g, gh, gB, gv, None

@@ -72,8 +72,11 @@ def _trainer_classes():
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("finetune needs transformers and accelerate: pip install 'tying[hf]'") from e
 
-    class AnswerTrainer(transformers.Trainer):
-        """Trainer whose loss is :func:`answer_loss` and whose batches follow a fixed, seeded order."""
+    from .. import transformers as tx
+
+    class AnswerTrainer(tx.TyingTrainer):
+        """Trainer whose loss is :func:`answer_loss` and whose batches follow a fixed, seeded order;
+        its checkpoints, where enabled, are adapter folders (``TyingTrainer``)."""
 
         def __init__(self, *args, order: list[int], **kwargs):
             super().__init__(*args, **kwargs)
@@ -215,7 +218,8 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
     try:
         for lo in range(0, len(order), batch_size):
             idx = order[lo:lo + batch_size]
-            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
                                  eos_token_id=tokenizer.eos_token_id)
             for i, row in zip(idx, gen[:, enc["input_ids"].shape[1]:]):

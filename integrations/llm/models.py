@@ -90,7 +90,10 @@ def resolve(name: str, local_files_only: bool = False) -> ModelSource:
 def check_device(device: str, dtype: torch.dtype) -> None:
     """Raise :class:`PrecisionError` unless ``device`` exists here and runs a ``dtype`` linear layer's
     forward and backward (e.g. float16 on a CPU without half-precision kernels)."""
-    kind = torch.device(device).type
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise PrecisionError(f"--device {device!r}: not a device; use cpu, cuda (or cuda:N) or mps") from e
     if kind == "cuda" and not torch.cuda.is_available():
         raise PrecisionError(f"--device {device}: CUDA is not available here; use --device cpu")
     if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
