@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tying.integrations import gymnasium as tg
 
 import tying
-from tying.integrations import gymnasium as tg
 
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).parent / "results"

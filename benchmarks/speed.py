@@ -43,9 +43,9 @@ from tying.engine import wrappers
 from tying.models import REGISTRY, meta_model
 
 QKV = {"smollm2-135m": ["q_proj", "k_proj", "v_proj"], "gpt2": ["c_attn"]}
-TINY = {"smollm2-135m": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=128, vocab_size=256),
-        "gpt2": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=256)}
+TINY = {"smollm2-135m": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                         "intermediate_size": 128, "vocab_size": 256},
+        "gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 256}}
 TRAIN = ["peft-lora", "tying-lora-untied", "tying-lora", "tying-lora-per-site", "tying-tl6", "tying-tl6-per-site"]
 INFER = ["peft-lora", "tying-lora", "tying-tl6", "tying-tl6-per-site", "tying-tl6-merged"]
 
@@ -206,7 +206,7 @@ def train_bench(model_name: str, args) -> dict:
     for n, m in models.items():
         if n.endswith("-compiled"):  # saved-tensor hooks are not for compiled graphs: see the eager twin
             continue
-        _, saved = saved_bytes(lambda: m(inputs_embeds=embeds.detach().requires_grad_(), labels=ids).loss)
+        _, saved = saved_bytes(lambda m=m: m(inputs_embeds=embeds.detach().requires_grad_(), labels=ids).loss)
         trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
         mem[n] = {"saved_for_backward": saved, "trainable": trainable,
                   "trainable_state": 4 * 4 * trainable}  # float32 parameter, gradient, two AdamW moments
@@ -304,7 +304,9 @@ def profile_adapter(model_name: str, args) -> list[dict]:
         m = contender(name, model_name, args).train()
         ids = torch.randint(0, m.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
         embeds = m.get_input_embeddings()(ids.to(args.device)).detach()
-        run = lambda: m(inputs_embeds=embeds.detach().requires_grad_(), labels=ids.to(args.device)).loss.backward()  # noqa: E731
+        def run(m=m, embeds=embeds, ids=ids):
+            m(inputs_embeds=embeds.detach().requires_grad_(), labels=ids.to(args.device)).loss.backward()
+
         run()
         best = None
         for _ in range(3):  # the least disturbed of three profiled steps
@@ -322,6 +324,19 @@ def profile_adapter(model_name: str, args) -> list[dict]:
                   key=lambda r: -r["self_cpu_ms"])
 
 
+def _layout_pairs(x, g_out, A, Bt, h) -> dict:
+    """product: (torch's layout, tying's layout), computing the same values."""
+    B, hT, gh = Bt.t().contiguous(), h.t().contiguous(), h.t().contiguous()
+    return {
+        "down: h = x A^T": (lambda: x @ A.t(), lambda: A @ x.t()),
+        "up: out + h B^T": (lambda: torch.addmm(g_out, h, B.t()), lambda: torch.addmm(g_out, hT.t(), Bt)),
+        "grad h = g B": (lambda: g_out @ B, lambda: Bt @ g_out.t()),
+        "grad B = g^T h": (lambda: g_out.t() @ h, lambda: hT @ g_out),
+        "grad A = g_h^T x": (lambda: h.t() @ x, lambda: gh @ x),
+        "grad x = g_h A": (lambda: h @ A, lambda: gh.t() @ A),
+    }
+
+
 def layout_bench(args) -> dict:
     """Each rank-r product of a LoRA site (forward and backward) in torch's own layout (``F.linear`` and its
     autograd formulas) against the layout of tying's LowRankDown / LowRankUp (the long side last), at each
@@ -336,17 +351,8 @@ def layout_bench(args) -> dict:
         t, r, g = args.batch * args.seq, args.rank, torch.Generator().manual_seed(0)
         x, g_out = (torch.randn(t, n, generator=g).to(args.device, args.dtype_) for n in (d, d_out))
         A, Bt, h = (torch.randn(*s, generator=g).to(args.device, args.dtype_) for s in ((r, d), (r, d_out), (t, r)))
-        B, hT, gh = Bt.t().contiguous(), h.t().contiguous(), h.t().contiguous()
-        pairs = {  # product: (torch's layout, tying's layout); the same values
-            "down: h = x A^T": (lambda: x @ A.t(), lambda: A @ x.t()),
-            "up: out + h B^T": (lambda: torch.addmm(g_out, h, B.t()), lambda: torch.addmm(g_out, hT.t(), Bt)),
-            "grad h = g B": (lambda: g_out @ B, lambda: Bt @ g_out.t()),
-            "grad B = g^T h": (lambda: g_out.t() @ h, lambda: hT @ g_out),
-            "grad A = g_h^T x": (lambda: h.t() @ x, lambda: gh @ x),
-            "grad x = g_h A": (lambda: h @ A, lambda: gh.t() @ A),
-        }
         rows = {}
-        for name, fns in pairs.items():
+        for name, fns in _layout_pairs(x, g_out, A, Bt, h).items():
             us = [tb.Timer("f()", globals={"f": f}).blocked_autorange(min_run_time=0.2).median * 1e6 for f in fns]
             rows[name] = {"torch_us": us[0], "tying_us": us[1], "speedup": us[0] / us[1]}
         out[f"{model_name} (tokens {t}, d_in {d}, d_out {d_out}, rank {r})"] = rows
@@ -393,10 +399,11 @@ def fmt(s: dict, unit: str = "", scale: float = 1.0, digits: int = 3) -> str:
 
 
 def block_table(shape: str, r: dict, args) -> list[str]:
-    lines = [f"**Adapter overhead, {shape}: one layer's adapted modules** (floor: their frozen forward + backward "
-             f"to the input; {args.block_reps} repetitions, each the best of {args.inner} calls; whole model = {r['layers']} layers x one layer + the AdamW step)", "",
-             "| contender | train overhead / layer (ms) | / PEFT's | AdamW step (ms) | whole-model train overhead (ms) "
-             "| / PEFT's | inference overhead / layer (ms) | / PEFT's |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [(f"**Adapter overhead, {shape}: one layer's adapted modules** (floor: their frozen forward + backward "
+              f"to the input; {args.block_reps} repetitions, each the best of {args.inner} calls; whole model = "
+              f"{r['layers']} layers x one layer + the AdamW step)"), "",
+             ("| contender | train overhead / layer (ms) | / PEFT's | AdamW step (ms) | whole-model train overhead (ms) "
+              "| / PEFT's | inference overhead / layer (ms) | / PEFT's |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for n, t in r["train"].items():
         if n == "floor":
             lines.append(f"| floor | {t['seconds']['median'] * 1e3:.2f} (time) | | | | | "
@@ -427,8 +434,8 @@ def tables(res: dict, args) -> list[str]:
             continue
         if key.startswith("train "):
             lines += [f"**Training step, {key[6:]}** (floor: frozen model, forward + backward to the embeddings)", "",
-                      "| contender | trainable | step (s) | tokens/s | overhead over floor (ms) | overhead % | "
-                      "overhead / PEFT's | step / PEFT's | memory / PEFT's |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                      ("| contender | trainable | step (s) | tokens/s | overhead over floor (ms) | overhead % | "
+                       "overhead / PEFT's | step / PEFT's | memory / PEFT's |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         elif key.startswith("inference "):
             lines += [f"**Inference forward, {key[10:]}** (floor: the base model)", "",
                       "| model | forward (s) | overhead over floor (ms) | overhead % | overhead / PEFT's |",

@@ -12,9 +12,6 @@ import tying
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", ROOT / "examples" / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
-# Pages other engineers are writing right now. A link to one of them passes while the page does not
-# exist yet; once it exists it is checked like any other. The lead empties this list at the end.
-PENDING_PAGES = {"docs/speed.md", "docs/serving.md", "docs/llm.md"}
 README_MAX_CHARS = 10_000
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
@@ -36,11 +33,6 @@ def anchors(page: Path) -> set[str]:
     return {slug(m) for m in re.findall(r"^#+ (.+)$", prose(page), re.MULTILINE)}
 
 
-def pending(target: Path) -> bool:
-    rel = target.relative_to(ROOT).as_posix() if target.is_relative_to(ROOT) else ""
-    return rel in PENDING_PAGES and not target.exists()
-
-
 def test_pages_exist():
     assert (ROOT / "docs" / "spec.md").is_file() and len(PAGES) > 5
 
@@ -53,8 +45,6 @@ def test_relative_links_resolve(page):
             continue
         file, _, anchor = link.partition("#")
         target = (page.parent / file).resolve() if file else page
-        if pending(target):
-            continue
         if not target.exists():
             broken.append(link)
         elif anchor and target.suffix == ".md" and anchor not in anchors(target):
@@ -67,16 +57,11 @@ def test_paths_in_backticks_exist(page):
     """Moved text keeps naming files (result folders, scripts): they must still be there."""
     missing = []
     for path in PATH.findall(prose(page)):
-        if any(c in path for c in "{*<[") or pending(ROOT / path):
+        if any(c in path for c in "{*<["):
             continue
         if not (ROOT / path).exists():
             missing.append(path)
     assert not missing, f"{page.relative_to(ROOT)} names missing files {missing}"
-
-
-def test_pending_pages_are_the_four_being_written():
-    """The tolerance list stays the four pages owned by others; nothing else hides there."""
-    assert PENDING_PAGES <= {"docs/speed.md", "docs/serving.md", "docs/llm.md", "docs/huggingface.md"}
 
 
 def test_readme_is_short():

@@ -199,7 +199,7 @@ def test_prefix_equals_a_prefilled_kv_cache(tokens):
         cache = DynamicCache(config=model.config)
         for i, layer in enumerate(model.model.layers):
             attn = layer.self_attn
-            heads = lambda p: p.view(3, 2, 8).transpose(0, 1).expand(tokens.shape[0], -1, -1, -1)  # noqa: E731
+            heads = lambda p: p.view(3, 2, 8).transpose(0, 1).expand(tokens.shape[0], -1, -1, -1)
             cache.update(heads(attn.factor("pk")), heads(attn.factor("pv")), i)
         tying.unapply_(model)
         plain = model(tokens).logits

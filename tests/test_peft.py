@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+import tying.integrations.transformers
 from conftest import randomize_bank, tiny_gpt2, tiny_llama
 from tying.integrations.peft import export_peft, import_peft
 
 import tying
-import tying.integrations.transformers
 from tying.cli import main
 
 peft = pytest.importorskip("peft")

@@ -6,10 +6,10 @@ import itertools
 import pytest
 import torch
 from torch import nn
+from tying.integrations import gymnasium as tg
 
 import tying
 from tying.errors import SelectorError, TieError
-from tying.integrations import gymnasium as tg
 
 R = 2
 

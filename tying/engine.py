@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from .bank import FactorBank
-from .fastpath import link_shared_down
 from .errors import NotAppliedError, TyingError
+from .fastpath import link_shared_down
 from .kinds import wrapper_class
 from .layers import NotMergeableError, TiedAdapter
 from .planner import BANK_ATTR, Counts, Plan, plan

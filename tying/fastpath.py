@@ -35,7 +35,8 @@ class SharedDown:
     def __reduce__(self):
         return SharedDown, (self.size,)
 
-    def down(self, index: int, x: torch.Tensor, factors, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def down(self, index: int, x: torch.Tensor, factors, compute: Callable[[torch.Tensor], torch.Tensor]
+             ) -> torch.Tensor:
         """``compute(x)``, or the ``h`` an earlier member computed in this forward for this very ``x``, with
         ``x`` and the down ``factors`` unchanged since (version counters) and the same grad mode."""
         stamp = (torch.is_grad_enabled(), None if x.is_inference() else x._version,
@@ -87,8 +88,8 @@ class LowRankDown(torch.autograd.Function):
 
     Each product takes the operand layouts that rank-r GEMMs run fastest on this CPU (``A x^T`` forward;
     ``g x`` and ``g^T A`` backward, measured in benchmarks/results/speed-layouts*.md); torch's own
-    ``F.linear`` runs ``x A^T`` 1.2-1.7x slower. Folding u here, not as separate autograd ops, also saves
-    their per-op overhead."""
+    ``F.linear`` runs ``x A^T`` 1.6-2.1x slower in float32. Folding u here, not as separate autograd ops,
+    also saves their per-op overhead."""
 
     @staticmethod
     def forward(ctx, x, A, u):
@@ -108,7 +109,7 @@ class LowRankDown(torch.autograd.Function):
 class LowRankUp(torch.autograd.Function):
     """``out + h (scale diag(v) B)^T`` for 2-D ``out`` (tokens, d_out) and ``hT`` (r, tokens), in one fused
     GEMM-and-add, computed in ``hT``'s dtype. The backward computes ``B^T g^T`` and ``h^T g`` as (r, ·)
-    products, 3-4.5x faster in float32 than torch's ``g B`` and ``g^T h`` (speed-layouts.md); v and the
+    products, 3.5-3.8x faster in float32 than torch's ``g B`` and ``g^T h`` (speed-layouts.md); v and the
     scale are folded here too."""
 
     @staticmethod

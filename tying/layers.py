@@ -166,7 +166,7 @@ class LinearAdapter(TiedAdapter):
 
     The features are kept transposed, ``h`` of shape (r, tokens), and B enters as a row-major (r, d_out)
     matrix, so that the small products take the operand layouts that CPU GEMMs run fastest at rank 8
-    (fastpath.py's LowRankDown and LowRankUp; up to 4.5x faster than ``F.linear``'s backward in float32)."""
+    (fastpath.py's LowRankDown and LowRankUp; up to 3.8x faster than ``F.linear``'s backward in float32)."""
 
     shares_down = True  # siblings with one input and one A compute ``down`` once (fastpath.py)
 
