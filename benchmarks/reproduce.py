@@ -46,6 +46,7 @@ from tying.integrations.llm.models import (
     resolve,
     targets_hint,
 )
+from tying.integrations.llm.stats import mean_std, paired_bootstrap, verdict
 from tying.integrations.llm.tasks import get_task, load_jsonl_examples
 
 import tying
@@ -182,6 +183,7 @@ def report(rows: list[dict], out: Path, settings: dict) -> None:
         pct = f"{100 * r['trainable'] / lora[(r['task'], r['rank'])]:.1f}" if (r["task"], r["rank"]) in lora else "—"
         lines.append(f"| {r['task']} | {metric} | {r['config']} | {r['rank'] or '—'} | {r['score']:.2f} | "
                      f"{r['trainable']:,} | {pct if r['trainable'] else '—'} | {r.get('lr', '—')} | {r['seconds']:.0f} |")
+    lines += seed_table(rows)
     (out / "reproduce.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -214,6 +216,33 @@ def report(rows: list[dict], out: Path, settings: dict) -> None:
     fig.suptitle(f"{describe(settings)}\nscore vs trainable parameters (small scale)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "reproduce.png", dpi=110)
+
+
+def seed_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: each (task, config, rank) over its seeds as mean ± std, and its difference to LoRA (same
+    task and rank, the seeds both have) with a 95 % paired bootstrap interval over the test examples; only parts
+    that kept their per-example scores count."""
+    cells: dict[tuple, dict[int, list[float]]] = {}
+    for r in rows:
+        per = r.get("metrics", {}).get("per_example")
+        if per is not None and r["config"] != "zero-shot":
+            cells.setdefault((r["task"], r["config"], r["rank"]), {})[r["seed"]] = per
+    if not cells:
+        return []
+    lines = ["", ("Across seeds (parts with per-example scores): mean ± std over seeds; difference to LoRA at the "
+                  "same rank with a 95 % paired bootstrap interval (test examples resampled, paired by example and "
+                  "seed; BLEU resamples sentence BLEU); the claim checked is \"config >= LoRA\"."), "",
+             "| task | config | rank | seeds | score | − LoRA [95 % CI] | config >= LoRA |", "|---|---|---|---|---|---|---|"]
+    for (task, config, rank), by_seed in sorted(cells.items()):
+        mean, std = mean_std([sum(v) / len(v) for v in by_seed.values()])
+        ref = cells.get((task, "lora", rank), {})
+        both = sorted(set(by_seed) & set(ref))
+        vs = claim = "—"
+        if config != "lora" and both and all(len(by_seed[k]) == len(ref[k]) for k in both):
+            d, lo, hi = paired_bootstrap([by_seed[k] for k in both], [ref[k] for k in both])
+            vs, claim = f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]", verdict(lo, hi)
+        lines.append(f"| {task} | {config} | {rank} | {len(by_seed)} | {mean:.1f} ± {std:.1f} | {vs} | {claim} |")
+    return lines
 
 
 def sweep(s: dict, out: Path, grid=(1e-3, 3e-3, 1e-2)) -> None:

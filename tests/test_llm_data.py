@@ -98,4 +98,4 @@ def test_tasks_without_a_packaged_source_need_data():
 def test_choice_score_reads_the_first_number():
     from tying.integrations.llm.metrics import choice_score
     got = choice_score(["2", "The answer is 3.", "none", "12"], ["2", "2", "1", "1"])
-    assert got == {"accuracy": 25.0, "n": 4}
+    assert got == {"accuracy": 25.0, "n": 4, "per_example": [100.0, 0.0, 0.0, 0.0]}

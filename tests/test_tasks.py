@@ -47,6 +47,7 @@ def test_squad_score_known_values():
     s = metrics.squad_score(preds, refs)
     assert s["exact_match"] == pytest.approx(200 / 3)
     assert s["f1"] == pytest.approx(100 * (1 + 1 + 0.5) / 3)
+    assert s["per_example"] == [100.0, 100.0, 0.0]
     assert metrics.normalize_answer("  The  Eiffel-Tower, an icon. ") == "eiffeltower icon"
 
 
@@ -61,7 +62,7 @@ def test_rouge_known_values():
 def test_nli_accuracy():
     preds = ["Entailment.", "I think it is neutral", "contradiction", "no idea"]
     s = metrics.nli_score(preds, ["entailment", "neutral", "entailment", "neutral"])
-    assert s == {"accuracy": 50.0, "n": 4}
+    assert s == {"accuracy": 50.0, "n": 4, "per_example": [100.0, 100.0, 0.0, 0.0]}
     assert metrics.nli_label("not entailment but contradiction") == "entailment"
 
 

@@ -1,4 +1,6 @@
-"""Offline metrics for the five task types: each ``score(predictions, references) -> dict`` (0-100 scale).
+"""Offline metrics for the five task types: each ``score(predictions, references) -> dict`` (0-100 scale),
+with ``per_example``: the headline metric of each example (0-100), the unit that seeds and bootstrap
+intervals resample (:mod:`.stats`). BLEU is a corpus metric: its ``per_example`` is sentence BLEU.
 
 ``references`` is a list with one entry per prediction: a string, or a list of acceptable strings
 (SQuAD's several annotator answers); multi-reference metrics take the best match.
@@ -45,7 +47,8 @@ def squad_score(predictions, references) -> dict:
     em = [max(normalize_answer(p) == normalize_answer(r) for r in rs) for p, rs in zip(predictions, refs)]
     f1 = [max(_f1(p, r) for r in rs) for p, rs in zip(predictions, refs)]
     n = max(len(predictions), 1)
-    return {"exact_match": 100 * sum(em) / n, "f1": 100 * sum(f1) / n, "n": len(predictions)}
+    return {"exact_match": 100 * sum(em) / n, "f1": 100 * sum(f1) / n, "n": len(predictions),
+            "per_example": [100.0 * e for e in em]}
 
 
 def rouge_score(predictions, references) -> dict:
@@ -57,7 +60,7 @@ def rouge_score(predictions, references) -> dict:
         raise ImportError("ROUGE needs rouge-score: pip install 'tying[bench]'") from e
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     vals = [max(scorer.score(r, p)["rougeL"].fmeasure for r in rs) for p, rs in zip(predictions, _refs(references))]
-    return {"rougeL": 100 * sum(vals) / max(len(vals), 1), "n": len(vals)}
+    return {"rougeL": 100 * sum(vals) / max(len(vals), 1), "n": len(vals), "per_example": [100 * v for v in vals]}
 
 
 def nli_label(text: str) -> str:
@@ -70,7 +73,11 @@ def nli_score(predictions, references) -> dict:
     """Accuracy of the first label word (entailment / neutral / contradiction) in each prediction."""
     _check(predictions, references)
     hits = [nli_label(p) == nli_label(r[0] if not isinstance(r, str) else r) for p, r in zip(predictions, references)]
-    return {"accuracy": 100 * sum(hits) / max(len(hits), 1), "n": len(hits)}
+    return _hits("accuracy", hits)
+
+
+def _hits(name: str, hits: list[bool]) -> dict:
+    return {name: 100 * sum(hits) / max(len(hits), 1), "n": len(hits), "per_example": [100.0 * h for h in hits]}
 
 
 def bleu_score(predictions, references) -> dict:
@@ -81,7 +88,8 @@ def bleu_score(predictions, references) -> dict:
     except ImportError as e:
         raise ImportError("BLEU needs sacrebleu: pip install 'tying[bench]'") from e
     refs = [rs[0] for rs in _refs(references)]
-    return {"bleu": sacrebleu.corpus_bleu(list(predictions), [refs]).score, "n": len(refs)}
+    return {"bleu": sacrebleu.corpus_bleu(list(predictions), [refs]).score, "n": len(refs),
+            "per_example": [sacrebleu.sentence_bleu(p, [r]).score for p, r in zip(predictions, refs)]}
 
 
 def final_number(text: str) -> float | None:
@@ -103,7 +111,7 @@ def gsm_score(predictions, references) -> dict:
     for p, r in zip(predictions, _refs(references)):
         a, b = final_number(p), final_number(r[0])
         hits.append(a is not None and b is not None and abs(a - b) < 1e-6)
-    return {"exact_match": 100 * sum(hits) / max(len(hits), 1), "n": len(hits)}
+    return _hits("exact_match", hits)
 
 
 def choice_score(predictions, references) -> dict:
@@ -111,4 +119,4 @@ def choice_score(predictions, references) -> dict:
     _check(predictions, references)
     first = [re.search(r"\d+", p) for p in predictions]
     hits = [m is not None and m.group() == (r if isinstance(r, str) else r[0]).strip() for m, r in zip(first, references)]
-    return {"accuracy": 100 * sum(hits) / max(len(hits), 1), "n": len(hits)}
+    return _hits("accuracy", hits)
