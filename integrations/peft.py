@@ -24,7 +24,7 @@ from ..errors import AdapterFileError
 from ..layers import fold_factors
 from ..planner import plan
 from ..spec import load_spec
-from ..state import SPEC_FILE, WEIGHTS_FILE, _atomic_write, _read_header
+from ..state import _atomic_write, _read_header, read_factors, read_spec
 
 PREFIX = "base_model.model."
 _SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
@@ -34,19 +34,18 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
                 base_model_name_or_path: str | None = None) -> Path:
     """Write a PEFT LoRA adapter for ``model``'s tying adapter (or for the adapter folder ``adapter``,
     planned on ``model``, which may then be a meta-device model)."""
-    if adapter is None:
-        bank = bank_of(model)
-        p, spec, tensors = bank.plan, bank.spec, {k: v.detach().cpu() for k, v in bank.state_dict().items()}
-        modules = {n: getattr(m, "base", m) for n, m in model.named_modules()}
-    else:
-        spec = load_spec(Path(adapter) / SPEC_FILE)
-        _read_header(Path(adapter) / WEIGHTS_FILE)
-        tensors = load_file(str(Path(adapter) / WEIGHTS_FILE))
-        p = plan(model, spec)
-        modules = dict(model.named_modules())
+    spec = bank_of(model).spec if adapter is None else read_spec(Path(adapter))
     if spec.adapter.kind != "lora" or spec.train_modules:
         raise AdapterFileError(f"only lora adapters without train_modules export to PEFT LoRA (kind "
                                f"{spec.adapter.kind!r}, train_modules {spec.train_modules})")
+    if adapter is None:
+        bank = bank_of(model)
+        p, tensors = bank.plan, {k: v.detach().cpu() for k, v in bank.state_dict().items()}
+        modules = {n: getattr(m, "base", m) for n, m in model.named_modules()}
+    else:
+        p = plan(model, spec)
+        tensors = read_factors(Path(adapter), {f"{g.factor}.{g.key}": g.shape for g in p.groups})
+        modules = dict(model.named_modules())
     out, scale, r = Path(out_dir), spec.adapter.scale, spec.adapter.rank
     state = {}
     for site in p.sites:

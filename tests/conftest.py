@@ -35,6 +35,20 @@ def tiny(request):
 
 
 @pytest.fixture
+def keep_threads():
+    """Code under test may set torch's thread count; give the rest of the session its count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread(keep_threads):
+    """Tiny models run fastest (and robustly on a busy machine) on one thread."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
 def tokens():
     return torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
 

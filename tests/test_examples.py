@@ -17,12 +17,7 @@ import tying
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.fixture(autouse=True)
-def _keep_thread_count():
-    """The scripts set one thread for their tiny models; give the rest of the session its count back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("keep_threads")  # the scripts set one thread for their tiny models
 
 
 def script(name: str):

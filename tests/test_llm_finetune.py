@@ -12,16 +12,6 @@ from tying.integrations.llm.tasks import collate, encode_example
 
 import tying
 
-
-@pytest.fixture
-def one_thread():
-    """Tiny models train fastest (and robustly on a busy machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 EXAMPLES = [{"prompt": f"{i} + {i} =", "answer": str(2 * i) * (1 + i % 3)} for i in range(10)]
 
 

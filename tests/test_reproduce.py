@@ -117,6 +117,9 @@ def test_plan_prints_the_papers_grid_with_exact_counts(capsys):
     assert "| llama2-7b | tl6 | 8 | 524,544 |" in reproduce.G.table(rows, reproduce.G.load_grid(PAPER))  # without --json
 
 
+pytestmark = pytest.mark.usefixtures("keep_threads")  # the CLI sets one thread; the session gets its count back
+
+
 def run_cli(args, out):
     """reproduce.main with --threads 1 and a 1-test-example-per-part budget; returns reproduce.json's rows."""
     reproduce.main([*args, "--threads", "1", "--device", "cpu", "--out", str(out)])
@@ -133,12 +136,8 @@ def tiny_run(tmp_path_factory):
 def test_any_model_folder_in_bfloat16(tiny_run, tmp_path):
     """The issue's contract: a save_pretrained Llama folder, a JSONL task, TL6 in bfloat16."""
     folder, jsonl = tiny_run
-    threads = torch.get_num_threads()
-    try:
-        report = run_cli(["--model", str(folder), "--tasks", str(jsonl), "--configs", "tl6", "--steps", "3",
-                          "--n-train", "16", "--n-test", "8", "--batch", "2", "--dtype", "bfloat16"], tmp_path)
-    finally:
-        torch.set_num_threads(threads)
+    report = run_cli(["--model", str(folder), "--tasks", str(jsonl), "--configs", "tl6", "--steps", "3",
+                      "--n-train", "16", "--n-test", "8", "--batch", "2", "--dtype", "bfloat16"], tmp_path)
     (tl6,) = [r for r in report["rows"] if r["config"] == "tl6"]
     # rank 8, d 32, q 32 / k 16 / v 16, 2 layers: A and B tied once, u and v per layer
     assert tl6["trainable"] == 8 * 32 + (32 + 16 + 16) * 8 + 2 * (8 + 32 + 16 + 16)
@@ -149,24 +148,20 @@ def test_any_model_folder_in_bfloat16(tiny_run, tmp_path):
 def test_gpu_preset_and_grid_file_run_end_to_end_on_the_cpu(tiny_run, tmp_path):
     """--gpu is the same code path as every run: here tiny, on the CPU; a grid file runs and resumes by parts."""
     folder, jsonl = tiny_run
-    threads = torch.get_num_threads()
-    try:
-        report = run_cli(["--gpu", "--model", str(folder), "--tasks", str(jsonl), "--steps", "2", "--n-train", "8",
-                          "--n-test", "4", "--batch", "2"], tmp_path / "gpu")
-        assert report["settings"]["dtype"] == "bfloat16" and report["settings"]["gen_batch"] == 64
-        assert [r["config"] for r in report["rows"]] == ["zero-shot", "lora", "vera", "tl5", "tl6"]
-        grid = tmp_path / "grid.yaml"
-        grid.write_text(f"models: {{tiny: {{shape: {folder / 'config.json'}, checkpoint: {folder}}}}}\n"
-                        f"tasks: [{jsonl}]\nconfigs: [tl5]\nranks: [2]\n"
-                        "training: {steps: 2, batch: 2, n_train: 8, n_test: 4, dtype: float32}\n")
-        reproduce.main(["--grid", str(grid), "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "g")])
-        rows = json.loads((tmp_path / "g" / "tiny" / "reproduce.json").read_text())["rows"]
-        assert [(r["config"], r["rank"]) for r in rows] == [("zero-shot", 0), ("tl5", 2)]
-        mtime = (tmp_path / "g" / "tiny" / "parts" / "add.jsonl-tl5-r2-s0.json").stat().st_mtime_ns
-        reproduce.main(["--grid", str(grid), "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "g")])
-        assert (tmp_path / "g" / "tiny" / "parts" / "add.jsonl-tl5-r2-s0.json").stat().st_mtime_ns == mtime  # resumed
-    finally:
-        torch.set_num_threads(threads)
+    report = run_cli(["--gpu", "--model", str(folder), "--tasks", str(jsonl), "--steps", "2", "--n-train", "8",
+                      "--n-test", "4", "--batch", "2"], tmp_path / "gpu")
+    assert report["settings"]["dtype"] == "bfloat16" and report["settings"]["gen_batch"] == 64
+    assert [r["config"] for r in report["rows"]] == ["zero-shot", "lora", "vera", "tl5", "tl6"]
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"models: {{tiny: {{shape: {folder / 'config.json'}, checkpoint: {folder}}}}}\n"
+                    f"tasks: [{jsonl}]\nconfigs: [tl5]\nranks: [2]\n"
+                    "training: {steps: 2, batch: 2, n_train: 8, n_test: 4, dtype: float32}\n")
+    reproduce.main(["--grid", str(grid), "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "g")])
+    rows = json.loads((tmp_path / "g" / "tiny" / "reproduce.json").read_text())["rows"]
+    assert [(r["config"], r["rank"]) for r in rows] == [("zero-shot", 0), ("tl5", 2)]
+    mtime = (tmp_path / "g" / "tiny" / "parts" / "add.jsonl-tl5-r2-s0.json").stat().st_mtime_ns
+    reproduce.main(["--grid", str(grid), "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "g")])
+    assert (tmp_path / "g" / "tiny" / "parts" / "add.jsonl-tl5-r2-s0.json").stat().st_mtime_ns == mtime  # resumed
 
 
 def refused(args, out, match, capsys=None):
@@ -229,11 +224,7 @@ def test_unknown_family_names_its_modules_and_runs_with_a_yaml_spec(tmp_path):
     spec = tmp_path / "bloom-tl6.yaml"
     spec.write_text(tying.load_spec("tl6", targets=[{"select": "**.{layer:#}.self_attention.{proj:query_key_value}"}])
                     .to_yaml())
-    threads = torch.get_num_threads()
-    try:
-        report = run_cli([*args, "--configs", str(spec), "--lr", "1e-2"], tmp_path / "out")
-    finally:
-        torch.set_num_threads(threads)
+    report = run_cli([*args, "--configs", str(spec), "--lr", "1e-2"], tmp_path / "out")
     (row,) = [r for r in report["rows"] if r["config"] == str(spec)]
     assert row["trainable"] > 0 and row["lr"] == 1e-2
     assert (tmp_path / "out" / "parts" / "add.jsonl-bloom-tl6-r8-s0.json").exists()

@@ -229,15 +229,6 @@ def test_collate_pads_right():
 
 
 # ---------------------------------------------------------------- finetune + generate on a tiny model
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest (and robustly on a busy machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_finetune_and_generate_tiny(tmp_path, one_thread):
     from tying.integrations.llm.finetune import finetune, generate_answers
 

@@ -59,23 +59,20 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
     setattr(model, BANK_ATTR, bank)
     for name, wrapper in wrappers.items():
         model.set_submodule(name, wrapper)
-    bank.hooks = [model.register_load_state_dict_pre_hook(_note_checkpoint_kind),
-                  model.register_load_state_dict_post_hook(_accept_plain_checkpoint)]
+    bank.hook = model.register_load_state_dict_post_hook(_accept_plain_checkpoint)
     return p.counts
 
 
-def _note_checkpoint_kind(model, state_dict, prefix, *args) -> None:
-    """load_state_dict pre-hook of an adapted root: a checkpoint without any ``tying_bank.*`` key is a plain
-    base checkpoint, whose load keeps the factors as they are. (A missing base key is torch's own error:
-    every hook is told ``strict=True``, so a hook cannot tell a strict load from a partial one.)"""
-    bank_of(model).loading_plain = not any(k.startswith(f"{prefix}{BANK_ATTR}.") for k in state_dict)
-
-
 def _accept_plain_checkpoint(model, incompatible) -> None:
-    """load_state_dict post-hook: a plain base checkpoint does not report the factors as missing."""
+    """load_state_dict post-hook of an adapted root: a checkpoint without any factor (a plain base checkpoint)
+    loads with the factors kept as they are and not reported missing; one with only some factors reports
+    the others. (A missing base key stays torch's own error.)"""
     bank = getattr(model, BANK_ATTR, None)
-    if isinstance(bank, FactorBank) and getattr(bank, "loading_plain", False):
-        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if f"{BANK_ATTR}." not in k]
+    if not isinstance(bank, FactorBank):
+        return
+    ours = {k for k in incompatible.missing_keys if f"{BANK_ATTR}." in k}
+    if len(ours) == len(bank.state_dict()):
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in ours]
 
 
 def bank_of(model: nn.Module) -> FactorBank:
@@ -130,8 +127,7 @@ def unapply_(model: nn.Module, merge: bool = False) -> None:
     for name, w in list(wrappers(model)):
         model.set_submodule(name, w.base)
     delattr(model, BANK_ATTR)
-    for h in getattr(bank, "hooks", ()):
-        h.remove()
+    bank.hook.remove()
     for n, q in model.named_parameters():
         if n in bank.requires_grad_before:
             q.requires_grad_(bank.requires_grad_before[n])

@@ -68,10 +68,11 @@ def link_shared_down(wrappers: Mapping[str, nn.Module]) -> None:
                 w.share_down = (shared, i)
 
 
-def _scaled(M: torch.Tensor, s: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """M * s[:, None] * scale (s: one value per row of M, or None)."""
-    M = M if s is None else M * s[:, None]
-    return M if scale == 1.0 else M * scale
+def fold_up(B: torch.Tensor, v: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    """scale * diag(v) B: the up side of a site, (d_out, r); also any matrix scaled by one value per row."""
+    if v is not None:
+        return B * (v[:, None] if scale == 1.0 else v[:, None] * scale)
+    return B if scale == 1.0 else B * scale
 
 
 def _row_grad(gM: torch.Tensor, M: torch.Tensor, s: torch.Tensor | None, scale: float, needs: tuple[bool, bool]):
@@ -80,7 +81,7 @@ def _row_grad(gM: torch.Tensor, M: torch.Tensor, s: torch.Tensor | None, scale: 
     if s is not None and needs[1]:
         gs = (gM * M).sum(1) if scale == 1.0 else (gM * M).sum(1).mul_(scale)
         gs = gs.to(s.dtype)
-    return (_scaled(gM, s, scale).to(M.dtype) if needs[0] else None), gs
+    return (fold_up(gM, s, scale).to(M.dtype) if needs[0] else None), gs
 
 
 class LowRankDown(torch.autograd.Function):
@@ -93,7 +94,7 @@ class LowRankDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, u):
-        Ae = _scaled(A, u, 1.0).to(x.dtype)
+        Ae = fold_up(A, u, 1.0).to(x.dtype)
         ctx.save_for_backward(x, A, u, Ae)
         return torch.mm(Ae, x.t())
 
@@ -114,7 +115,7 @@ class LowRankUp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, hT, B, v, scale):
-        Bt = _scaled(B, v, scale).t().to(hT.dtype, memory_format=torch.contiguous_format)  # (r, d_out)
+        Bt = fold_up(B, v, scale).t().to(hT.dtype, memory_format=torch.contiguous_format)  # (r, d_out)
         ctx.save_for_backward(hT, B, v, Bt)
         ctx.scale = scale
         return torch.addmm(out, hT.t(), Bt)

@@ -18,9 +18,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 from .errors import TyingError, UnsupportedModuleError
-from .fastpath import LowRankDown, LowRankUp
+from .fastpath import LowRankDown, LowRankUp, fold_up
 
 
 class NotMergeableError(TyingError, RuntimeError):
@@ -32,13 +33,6 @@ def fold_down(A, u=None, G=None) -> torch.Tensor:
     if u is not None:
         A = A * u[:, None]
     return A if G is None else G @ A
-
-
-def fold_up(B, v=None, scale: float = 1.0) -> torch.Tensor:
-    """scale * diag(v) B: the up side of a site, (d_out, r)."""
-    if v is not None:
-        return B * (v[:, None] if scale == 1.0 else v[:, None] * scale)
-    return B if scale == 1.0 else B * scale
 
 
 def fold_factors(A, B, u=None, v=None, G=None, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,9 +193,7 @@ class LinearAdapter(TiedAdapter):
 
 def _sees_output(base: nn.Module) -> bool:
     """Whether a forward hook (the base's own or a global one) may hold the base's output, or we are tracing."""
-    from torch.nn.modules import module as m
-
-    return bool(base._forward_hooks or getattr(m, "_global_forward_hooks", True)) or torch.compiler.is_compiling()
+    return bool(base._forward_hooks or getattr(_module, "_global_forward_hooks", True)) or torch.compiler.is_compiling()
 
 
 class Conv1DAdapter(LinearAdapter):

@@ -26,15 +26,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from .errors import AdapterFileError, AlreadyAppliedError, NotAppliedError, ServingError, TyingError
+from .errors import AlreadyAppliedError, NotAppliedError, ServingError, TyingError
 from .planner import BANK_ATTR, Plan, plan
 from .serving_bank import COL, NEUTRAL, ROLES, ServingBank, stack_key
-from .spec import load_spec
-from .state import SPEC_FILE, WEIGHTS_FILE, _read_header
+from .state import read_factors, read_spec
 
 SERVING_ATTR = "tying_serving"
 MIXABLE = ("lora", "ia3")
@@ -138,10 +135,7 @@ def _read(model: nn.Module, name: str, folder) -> tuple[Plan, dict[str, torch.Te
     """Plan and read one adapter folder; every error names the adapter. Changes nothing."""
     src = Path(folder)
     try:
-        for f in (SPEC_FILE, WEIGHTS_FILE):
-            if not (src / f).is_file():
-                raise AdapterFileError(f"{src / f} not found: an adapter folder holds {SPEC_FILE} and {WEIGHTS_FILE}")
-        spec = load_spec(src / SPEC_FILE)
+        spec = read_spec(src)
         if spec.adapter.kind not in MIXABLE:
             raise ServingError(f"it is a {spec.adapter.kind} adapter, which cannot be mixed row by row (only the LoRA "
                                "family and ia3 can); serve it alone with tying.load_adapter")
@@ -152,20 +146,7 @@ def _read(model: nn.Module, name: str, folder) -> tuple[Plan, dict[str, torch.Te
         odd = [f"{s.name} ({s.kind})" for s in p.sites if s.kind not in SITE_KINDS]
         if odd:
             raise ServingError(f"it adapts {odd[:3]}; mixed batches support {' and '.join(SITE_KINDS)} modules")
-        groups = {f"{g.factor}.{g.key}": g.shape for g in p.groups}
-        found = _read_header(src / WEIGHTS_FILE)
-        missing, extra = sorted(set(groups) - set(found)), sorted(set(found) - set(groups))
-        if missing or extra:
-            raise AdapterFileError(f"its file does not fit this model: missing factors {missing[:3]}, unexpected "
-                                   f"{extra[:3]} (saved from a different model?)")
-        bad = [f"{k}: {found[k][1]} {found[k][0]}, model needs {v}" for k, v in groups.items()
-               if found[k][0] != v or found[k][1] not in ("F16", "BF16", "F32", "F64")]
-        if bad:
-            raise AdapterFileError(f"shape or dtype mismatch: {'; '.join(bad[:3])}")
-        try:
-            return p, load_file(str(src / WEIGHTS_FILE))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise AdapterFileError(f"{src / WEIGHTS_FILE} is corrupted: {e}") from None
+        return p, read_factors(src, {f"{g.factor}.{g.key}": g.shape for g in p.groups})
     except TyingError as e:
         raise type(e)(f"adapter {name!r} ({src}): {e}") from None
 

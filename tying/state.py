@@ -73,6 +73,35 @@ def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                                "tying reads only safetensors adapters and never unpickles") from None
 
 
+def read_spec(src: Path):
+    """The spec of the adapter folder ``src``, after checking that it holds both files."""
+    for name in (SPEC_FILE, WEIGHTS_FILE):
+        if not (src / name).is_file():
+            raise AdapterFileError(f"{src / name} not found: an adapter folder holds {SPEC_FILE} and {WEIGHTS_FILE}")
+    return load_spec(src / SPEC_FILE)
+
+
+def read_factors(src: Path, groups: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The tensors of ``src``'s adapter file, after checking its header against ``groups`` (key -> shape): the
+    same keys, floating-point factors, the same shapes. Reads nothing else and changes nothing."""
+    found = _read_header(src / WEIGHTS_FILE)
+    missing, extra = sorted(set(groups) - set(found)), sorted(set(found) - set(groups))
+    if missing or extra:
+        raise AdapterFileError(f"adapter in {src} does not fit this model: missing factors {missing[:5]}, "
+                               f"unexpected factors {extra[:5]} (was it saved from a different model?)")
+    ints = [f"{k} is {found[k][1]}" for k in groups
+            if not k.startswith(MODULES) and found[k][1] not in ("F16", "BF16", "F32", "F64")]
+    if ints:
+        raise AdapterFileError(f"adapter in {src}: dtype mismatch, factors are floating point but {'; '.join(ints[:5])}")
+    wrong = [f"{k}: file {found[k][0]} vs model {groups[k]}" for k in groups if found[k][0] != groups[k]]
+    if wrong:
+        raise AdapterFileError(f"adapter in {src} does not fit this model; shape mismatch: {'; '.join(wrong[:5])}")
+    try:
+        return load_file(str(src / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFileError(f"{src / WEIGHTS_FILE} is corrupted: {e}") from None
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     """Apply the adapter saved in ``directory`` to ``model`` and load its factors.
 
@@ -81,10 +110,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     are cast to the model's factor dtype (e.g. an fp32 adapter into a bf16 model).
     """
     src = Path(directory)
-    for name in (SPEC_FILE, WEIGHTS_FILE):
-        if not (src / name).is_file():
-            raise AdapterFileError(f"{src / name} not found: an adapter folder holds {SPEC_FILE} and {WEIGHTS_FILE}")
-    spec = load_spec(src / SPEC_FILE)
+    spec = read_spec(src)
     applied = hasattr(model, BANK_ATTR)
     if applied:
         bank = bank_of(model)
@@ -102,22 +128,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         p = plan(model, spec)
         groups = {f"{g.factor}.{g.key}": g.shape for g in p.groups}
         groups.update({k: tuple(v.shape) for k, v in _module_state(model, p.train_modules).items()})
-    found = _read_header(src / WEIGHTS_FILE)
-    missing, extra = sorted(set(groups) - set(found)), sorted(set(found) - set(groups))
-    if missing or extra:
-        raise AdapterFileError(f"adapter in {src} does not fit this model: missing factors {missing[:5]}, "
-                               f"unexpected factors {extra[:5]} (was it saved from a different model?)")
-    ints = [f"{k} is {found[k][1]}" for k in groups
-            if not k.startswith(MODULES) and found[k][1] not in ("F16", "BF16", "F32", "F64")]
-    if ints:
-        raise AdapterFileError(f"adapter in {src}: dtype mismatch, factors are floating point but {'; '.join(ints[:5])}")
-    wrong = [f"{k}: file {found[k][0]} vs model {groups[k]}" for k in groups if found[k][0] != groups[k]]
-    if wrong:
-        raise AdapterFileError(f"adapter in {src} does not fit this model; shape mismatch: {'; '.join(wrong[:5])}")
-    try:
-        tensors = load_file(str(src / WEIGHTS_FILE))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterFileError(f"{src / WEIGHTS_FILE} is corrupted: {e}") from None
+    tensors = read_factors(src, groups)
     if not applied:
         apply_(model, p)
     with torch.no_grad():
