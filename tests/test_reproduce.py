@@ -63,7 +63,7 @@ def test_resume_reuses_parts_and_reports_every_current_part(tmp_path, monkeypatc
     assert [(r["config"], r["score"]) for r in report["rows"]] == [
         ("zero-shot", 1.0), ("lora", 31.0), ("vera", 2.0), ("tl6", 38.0), ("ia3", 33.0)]
     md = (tmp_path / "reproduce.md").read_text()
-    assert "| nli | accuracy | tl6 | 8 | 38.00 | 100 | 10.0 |" in md  # percent of LoRA's 1,000
+    assert "| nli | accuracy | tl6 | 8 | 0 | 38.00 | 100 | 10.0 |" in md  # seed 0; percent of LoRA's 1,000
 
 
 def test_sweeps_side_by_side_keep_each_others_results(tmp_path, monkeypatch):
@@ -77,14 +77,65 @@ def test_sweeps_side_by_side_keep_each_others_results(tmp_path, monkeypatch):
         other = json.loads(f.read_text())
         other["results"].append({"task": "nli", "config": "vera", "lr": lr, "score": 5.0})
         f.write_text(json.dumps(other))
-        return {"score": 40.0 + 1000 * lr}
+        return {"score": 40.0 + 1000 * lr, "seconds": 2.0, "eval_seconds": 1.0, "loss_last": 0.5}
 
     monkeypatch.setattr(reproduce, "run_part", fake_run_part)
     reproduce.sweep(s, tmp_path, grid=(1e-3, 1e-2))
     got = {(r["config"], r["lr"]): r["score"] for r in json.loads(f.read_text())["results"]}
     assert got == {("lora", 0.01): 30.0, ("vera", 0.001): 5.0, ("vera", 0.01): 5.0,
                    ("tl6", 0.001): 41.0, ("tl6", 0.01): 50.0}
-    assert "| nli (accuracy) | tl6 | 41.0 | 50.0 | 0.01 |" in (tmp_path / "lr_sweep.md").read_text()
+    assert "| nli (accuracy) | tl6 | 8 | 41.0 | 50.0 | 0.01 (edge: extend) |" in (tmp_path / "lr_sweep.md").read_text()
+
+
+def test_the_lr_rule_and_the_grid_extension(tmp_path, monkeypatch):
+    assert reproduce.best_lr({1e-3: 40.0, 3e-3: 47.0, 1e-2: 47.0, 3e-2: 0.0}) == 3e-3  # a tie: the smaller rate
+    assert not reproduce.at_edge({1e-3: 40.0, 3e-3: 47.0, 1e-2: 47.0})
+    assert reproduce.at_edge({1e-3: 40.0, 3e-3: 41.0}) and reproduce.at_edge({1e-3: 42.0, 3e-3: 41.0})
+    assert [reproduce.next_rate(lr, up=True) for lr in (1e-3, 3e-3, 1e-2, 3e-2)] == [3e-3, 1e-2, 3e-2, 1e-1]
+    assert [reproduce.next_rate(lr, up=False) for lr in (1e-3, 3e-3, 1e-1)] == [3e-4, 1e-3, 3e-2]
+    # --extend: a cell peaking at the top edge gets 3e-2, then 1e-1 (which scores worse), and stops there
+    s = {**reproduce.RUN, **reproduce.QUICK, "seed": 0, "configs": ["tl6"]}
+    peak = {1e-3: 30.0, 3e-3: 35.0, 1e-2: 40.0, 3e-2: 45.0, 1e-1: 10.0}
+    ran = []
+    monkeypatch.setattr(reproduce, "run_part", lambda part, out, lr=None, val=False: ran.append(lr) or
+                        {"score": peak[lr], "seconds": 1.0, "eval_seconds": 0.0, "loss_last": 1.0})
+    reproduce.sweep(s, tmp_path, grid=(1e-3, 3e-3, 1e-2), extend=True)
+    assert ran == [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+    reproduce.sweep(s, tmp_path, grid=(1e-3, 3e-3, 1e-2), extend=True)
+    assert len(ran) == 5, "finished cells are not rerun"
+    # --lr-from: the rule's pick per (task, config, rank); a cell missing or at its edge is refused by name
+    assert reproduce.lr_table(str(tmp_path / "lr_sweep.json"), s) == {"nli/tl6/r8": 3e-2}
+    with pytest.raises(ValueError, match=r"nli/lora/r8 \(not swept\)"):
+        reproduce.lr_table(str(tmp_path / "lr_sweep.json"), {**s, "configs": ["tl6", "lora"]})
+    s2 = {**s, "lr_of": {"nli/tl6/r8": 3e-2, "tl6": 1e-3}}
+    assert reproduce.lr_for(s2, "nli", "tl6", 8) == 3e-2 and reproduce.lr_for(s2, "squad", "tl6", 8) == 1e-3
+    assert reproduce.lr_for(s, "nli", "tl6", 8) == reproduce.LR["tl6"]
+
+
+def test_seeds_and_per_task_test_sizes_add_up_to_one_report(tmp_path, monkeypatch):
+    def fake_run_part(part, out, lr=None, val=False):
+        per = [100.0] * (part["seed"] + 1) + [0.0] * (part["n_test"] - part["seed"] - 1)
+        return {**part, "lr": lr, "trainable": 10, "seconds": 3600.0, "eval_seconds": 0.0, "score": sum(per) / len(per),
+                "metrics": {"accuracy": 0.0, "per_example": per}, "loss": [4.0, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0]}
+
+    monkeypatch.setattr(reproduce, "run_part", fake_run_part)
+    args = ["--tasks", "nli", "translation", "--configs", "lora", "--steps", "8", "--n-train", "8", "--batch", "2",
+            "--lr", "0.01", "--out", str(tmp_path)]
+    reproduce.main([*args, "--n-test", "4", "nli=5", "--seed", "0", "1"])
+    rows = json.loads((tmp_path / "reproduce.json").read_text())["rows"]
+    assert [(r["task"], r["config"], r["seed"], r["n_test"]) for r in rows] == [
+        ("nli", "zero-shot", 0, 5), ("nli", "lora", 0, 5), ("nli", "lora", 1, 5),  # zero-shot: first seed only
+        ("translation", "zero-shot", 0, 4),
+        ("translation", "lora", 0, 4), ("translation", "lora", 1, 4)]
+    md = (tmp_path / "reproduce.md").read_text()
+    assert "| nli | lora | 8 | 2 | 30.0 ± 14.1 |" in md  # seed means 20 and 40 (1 and 2 of 5 right)
+    # loss: first 10 % of 8 steps = step 1 (4.0), last quarter 1.0, third quarter 1.0: nothing left to fall
+    assert "| nli | lora | 8 | 8 | 4.000 | 1.000 | 0% |" in md
+    assert "| nli | lora | 0.00 | 2.00 |" in md  # two one-hour parts
+    assert (tmp_path / "reproduce-loss.png").exists()
+    monkeypatch.setattr(reproduce, "run_part", lambda *a, **k: pytest.fail("--report trains nothing"))
+    reproduce.main([*args, "--n-test", "4", "nli=5", "--seed", "0", "--report"])  # a subset of the seeds
+    assert [r["seed"] for r in json.loads((tmp_path / "reproduce.json").read_text())["rows"]] == [0] * 4
 
 
 def test_adapt_seeds_presets_without_their_own_seed():

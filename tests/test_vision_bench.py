@@ -1,0 +1,43 @@
+"""benchmarks/vision.py's bookkeeping on fake images: each method's row is kept as it finishes, a rerun
+reuses it, ``--methods`` splits the work, and the report holds every finished method."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+_spec = importlib.util.spec_from_file_location("vision_bench", Path(__file__).parents[1] / "benchmarks" / "vision.py")
+vision = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(vision)
+pytestmark = pytest.mark.usefixtures("keep_threads")
+
+
+def test_methods_resume_and_split(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    fake = {k: (torch.randn(60, 1, 28, 28, generator=g), torch.arange(60) % 10) for k in ("train", "valid", "test")}
+    monkeypatch.setattr(vision, "RESULTS", tmp_path)
+    monkeypatch.setattr(vision, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(vision, "load_mnist", lambda: fake)
+    monkeypatch.setattr(vision, "PRETRAIN", {**vision.PRETRAIN, "epochs": 1})
+    monkeypatch.setitem(vision.MODES, "tiny", {"n_train": 20, "epochs": 1, "n_sweep": 10, "n_val": 10,
+                                               "seeds": [0, 1], "batch": 10})
+    monkeypatch.setattr(vision, "METHODS", {k: vision.METHODS[k] for k in ("probe", "lora", "tl6")})
+    first = vision.run("tiny", methods=["probe", "tl6"])
+    assert list(first["methods"]) == ["probe", "tl6"]
+    assert len(first["methods"]["tl6"]["test_accuracy"]) == 2  # two seeds
+    kept = (tmp_path / "vision-tiny" / "tl6.json").read_text()
+    calls = []
+    real = vision.train
+    monkeypatch.setattr(vision, "train", lambda model, *a, **k: calls.append(a[-1]) or real(model, *a, **k))
+    second = vision.run("tiny")  # only lora is left to run
+    assert list(second["methods"]) == ["probe", "lora", "tl6"]
+    assert calls and all(c.startswith("lora") for c in calls), calls
+    assert (tmp_path / "vision-tiny" / "tl6.json").read_text() == kept
+    assert second["methods"]["tl6"] == json.loads(kept)
+    monkeypatch.setitem(vision.MODES, "tiny", {**vision.MODES["tiny"], "epochs": 2})  # other settings: rerun
+    calls.clear()
+    vision.run("tiny", methods=["tl6"])
+    assert calls and all(c.startswith("tl6") for c in calls)
+    assert "| tl6 |" in vision.write(second)
