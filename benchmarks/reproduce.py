@@ -113,9 +113,10 @@ def next_rate(lr: float, up: bool) -> float:
     return float(f"{(3 if half % 2 else 1) * 10.0 ** (half // 2):.0e}")
 
 
-def lr_table(path: str, s: dict) -> dict[str, float]:
+def lr_table(path: str, s: dict, strict: bool = True) -> dict[str, float]:
     """The rate of every (task, config, rank) of ``s`` picked by :func:`best_lr` from a sweep file; a cell
-    missing or whose best rate is at its grid's edge is an error naming the sweep to run."""
+    missing or whose best rate is at its grid's edge is an error naming the sweep to run (left out where
+    not ``strict``: a report then leaves out that cell's parts)."""
     results = json.loads(Path(path).read_text())["results"]
     table, problems = {}, []
     for task in s["tasks"]:
@@ -127,7 +128,7 @@ def lr_table(path: str, s: dict) -> dict[str, float]:
                     problems.append(f"{lr_key(task, config, rank)} ({'not swept' if not scores else 'best at the edge'})")
                 else:
                     table[lr_key(task, config, rank)] = best_lr(scores)
-    if problems:
+    if problems and strict:
         raise ValueError(f"--lr-from {path}: no usable rate for {', '.join(problems)}; run --sweep --extend "
                          "with those tasks, configs and ranks at the sweep's settings first")
     return table
@@ -627,7 +628,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.lr is not None:
             s["lr_of"] = {c: args.lr for c in s["configs"]}
         if args.lr_from:
-            s["lr_of"], s["lr_from"] = lr_table(args.lr_from, s), args.lr_from
+            s["lr_of"], s["lr_from"] = lr_table(args.lr_from, s, strict=not args.report), args.lr_from
         check(s)
     except (TyingError, ValueError) as e:  # bad input: nothing has been written yet
         sys.exit(f"error: {e}")

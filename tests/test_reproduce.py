@@ -107,6 +107,8 @@ def test_the_lr_rule_and_the_grid_extension(tmp_path, monkeypatch):
     assert reproduce.lr_table(str(tmp_path / "lr_sweep.json"), s) == {"nli/tl6/r8": 3e-2}
     with pytest.raises(ValueError, match=r"nli/lora/r8 \(not swept\)"):
         reproduce.lr_table(str(tmp_path / "lr_sweep.json"), {**s, "configs": ["tl6", "lora"]})
+    assert reproduce.lr_table(str(tmp_path / "lr_sweep.json"), {**s, "configs": ["tl6", "lora"]}, strict=False) == {
+        "nli/tl6/r8": 3e-2}  # --report: the cells there are
     s2 = {**s, "lr_of": {"nli/tl6/r8": 3e-2, "tl6": 1e-3}}
     assert reproduce.lr_for(s2, "nli", "tl6", 8) == 3e-2 and reproduce.lr_for(s2, "squad", "tl6", 8) == 1e-3
     assert reproduce.lr_for(s, "nli", "tl6", 8) == reproduce.LR["tl6"]
