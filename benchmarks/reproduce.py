@@ -204,6 +204,8 @@ def is_current(row: dict, s: dict) -> bool:
         return False
     if row["config"] == "zero-shot":
         return True
+    if s.get("lr_from") and lr_key(row["task"], row["config"], row["rank"]) not in s["lr_of"]:
+        return False  # rates from a sweep: a cell this run's table does not name is not this run's
     return (all(row.get(k) == s[k] for k in SETTINGS if k != "n_test")
             and all(row.get(k, RUN[k]) == s[k] for k in RUN)
             and row.get("lr") == lr_for(s, row["task"], row["config"], row["rank"]))
@@ -268,6 +270,8 @@ def report(rows: list[dict], out: Path, settings: dict) -> None:
         print("matplotlib missing: no plot (pip install 'tying[bench]')")
         return
     tasks = list(dict.fromkeys(r["task"] for r in rows))
+    if not tasks:
+        return  # nothing finished yet: tables only
     from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(max(6.5, 4.5 * len(tasks)), 4), squeeze=False)

@@ -41,6 +41,10 @@ def test_is_current_checks_settings_seed_and_lr():
     assert not reproduce.is_current(_row("zero-shot", 1.0, model="/ckpt/llama"), s)
     old = {k: v for k, v in _row("lora", 30.0).items() if k not in reproduce.RUN}
     assert reproduce.is_current({**old, "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"}, s)
+    # rates from a sweep (--lr-from): a cell its table does not name is not this run's, even at a matching rate
+    swept = {**s, "lr_from": "lr_sweep.json", "lr_of": {"nli/tl6/r8": 0.05}}
+    assert reproduce.is_current(_row("tl6", 30.0, lr=0.05), swept)
+    assert not reproduce.is_current(_row("lora", 30.0), swept)
 
 
 def test_resume_reuses_parts_and_reports_every_current_part(tmp_path, monkeypatch):
@@ -123,6 +127,8 @@ def test_seeds_and_per_task_test_sizes_add_up_to_one_report(tmp_path, monkeypatc
     monkeypatch.setattr(reproduce, "run_part", fake_run_part)
     args = ["--tasks", "nli", "translation", "--configs", "lora", "--steps", "8", "--n-train", "8", "--batch", "2",
             "--lr", "0.01", "--out", str(tmp_path)]
+    reproduce.main([*args, "--n-test", "4", "--report"])  # nothing finished yet: an empty report, no error
+    assert "| task | metric | config |" in (tmp_path / "reproduce.md").read_text()
     reproduce.main([*args, "--n-test", "4", "nli=5", "--seed", "0", "1"])
     rows = json.loads((tmp_path / "reproduce.json").read_text())["rows"]
     assert [(r["task"], r["config"], r["seed"], r["n_test"]) for r in rows] == [
