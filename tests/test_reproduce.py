@@ -292,7 +292,7 @@ def test_unknown_family_names_its_modules_and_runs_with_a_yaml_spec(tmp_path):
 def test_default_precision_is_bfloat16_on_cuda_and_float32_elsewhere(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(reproduce, "check", lambda s: None)  # no CUDA here: only the settings are under test
-    monkeypatch.setattr(reproduce, "run", lambda s, out, resume: seen.append(s["dtype"]))
+    monkeypatch.setattr(reproduce, "run", lambda s, out, resume, train: seen.append(s["dtype"]))
     for args in (["--device", "cuda"], ["--device", "cpu"], ["--device", "cuda", "--dtype", "float32"], ["--gpu"]):
         reproduce.main(["--quick", *args, "--out", str(tmp_path)])
     assert seen == ["bfloat16", "float32", "float32", "bfloat16"]
