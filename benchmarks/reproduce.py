@@ -281,7 +281,7 @@ def report(rows: list[dict], out: Path, settings: dict) -> None:
                 ax.axhline(r["score"], color="gray", ls="--", lw=1, label="zero-shot")
                 continue
             ax.scatter(r["trainable"], r["score"], marker="o" if r["rank"] == 8 else "s",
-                       color=f"C{[*LR, r['config']].index(r['config']) % 10}")  # one colour per config in every panel
+                       color=colour(r["config"]))
             ax.annotate(f"{r['config']} r{r['rank']}", (r["trainable"], r["score"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
@@ -289,12 +289,25 @@ def report(rows: list[dict], out: Path, settings: dict) -> None:
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{task} ({get_task(task).metric})")
         ax.set_xlabel("trainable parameters")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{describe(settings)}\nscore vs trainable parameters (small scale)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "reproduce.png", dpi=110)
+        finish(ax)
+    save(fig, f"{describe(settings)}\nscore vs trainable parameters (small scale)", out / "reproduce.png")
     plot_losses(rows, out, settings, plt)
+
+
+def colour(config: str) -> str:
+    """One colour per config in every panel of every plot."""
+    return f"C{[*LR, config].index(config) % 10}"
+
+
+def finish(ax) -> None:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def save(fig, title: str, path: Path) -> None:
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 MARGIN = 0.10  # "comparable to LoRA": at least LoRA's mean score minus 10 % of it
@@ -424,14 +437,11 @@ def plot_losses(rows: list[dict], out: Path, settings: dict, plt) -> None:
             w = max(1, len(c) // 10)
             smooth = [sum(c[max(0, i - w + 1):i + 1]) / len(c[max(0, i - w + 1):i + 1]) for i in range(len(c))]
             ax.plot(range(1, len(c) + 1), smooth, label=f"{config} r{rank}", ls="-" if rank == 8 else "--",
-                    color=f"C{[*LR, config].index(config) % 10}")
+                    color=colour(config))
         ax.set_title(f"{task}: training loss")
         ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{describe(settings)} (mean over seeds, moving average)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "reproduce-loss.png", dpi=110)
+        finish(ax)
+    save(fig, f"{describe(settings)} (mean over seeds, moving average)", out / "reproduce-loss.png")
 
 
 def sweep(s: dict, out: Path, grid=(1e-3, 3e-3, 1e-2), extend: bool = False) -> None:
