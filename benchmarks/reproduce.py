@@ -47,7 +47,7 @@ from tying.integrations.llm.models import (
     resolve,
     targets_hint,
 )
-from tying.integrations.llm.stats import mean_std, paired_bootstrap, verdict
+from tying.integrations.llm.stats import MARGIN, mean_std, paired_bootstrap, verdict
 from tying.integrations.llm.tasks import get_task, load_jsonl_examples
 
 import tying
@@ -310,7 +310,6 @@ def save(fig, title: str, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-MARGIN = 0.10  # "comparable to LoRA": at least LoRA's mean score minus 10 % of it
 PAIRS = [("tl6", "tl5"), ("tl6", "vera")]  # compared directly, beside every config against LoRA
 
 

@@ -41,3 +41,19 @@ def test_methods_resume_and_split(tmp_path, monkeypatch):
     vision.run("tiny", methods=["tl6"])
     assert calls and all(c.startswith("tl6") for c in calls)
     assert "| tl6 |" in vision.write(second)
+    assert len(second["methods"]["tl6"]["hits"]) == 2 and len(second["methods"]["tl6"]["hits"][0]) == 30  # digits 5-9 of 60
+    assert "hits" not in json.loads((tmp_path / "vision.json").read_text())["methods"]["tl6"]  # kept in the parts
+
+
+def test_versus_lora_by_hand():
+    """LoRA gets both test images right (one seed). 'half' misses image 2: per-image differences 0 and -100, so
+    a resample of two images averages 0, -50 or -100 and the 95 % interval is [-100, 0]: undecided both ways.
+    'none' misses both: -100 with no width, refuted. 'same' equals LoRA: 0 [0, 0] is not above 0 (undecided) but
+    lies above the -10 bound of "comparable" (supported). A method without per-image hits is left out."""
+    methods = {"lora": {"hits": ["11"], "mean": 1.0}, "half": {"hits": ["10"]}, "none": {"hits": ["00"]},
+               "same": {"hits": ["11"]}, "old": {"mean": 0.5}}
+    rows = [line for line in vision.versus_lora(methods) if line.startswith("| ") and "−" not in line]
+    assert rows == ["| half | -50.00 [-100.00, +0.00] | undecided at this scale | undecided at this scale |",
+                    "| none | -100.00 [-100.00, -100.00] | refuted | refuted |",
+                    "| same | +0.00 [+0.00, +0.00] | undecided at this scale | supported |"]
+    assert vision.versus_lora({"probe": {"hits": ["1"]}}) == []  # no LoRA row: nothing to compare with

@@ -13,6 +13,8 @@ import random
 import statistics
 from collections.abc import Sequence
 
+MARGIN = 0.10  # "comparable to LoRA": at least LoRA's mean score minus 10 % of it
+
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
