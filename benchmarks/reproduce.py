@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ from tying.integrations.llm.models import (
     resolve,
     targets_hint,
 )
-from tying.integrations.llm.stats import MARGIN, mean_std, paired_bootstrap, verdict
+from tying.integrations.llm.stats import MARGIN, mean_std, next_rate, paired_bootstrap, verdict
 from tying.integrations.llm.tasks import get_task, load_jsonl_examples
 
 import tying
@@ -105,12 +104,6 @@ def best_lr(scores: dict[float, float]) -> float:
 def at_edge(scores: dict[float, float]) -> bool:
     """Whether the picked rate is the grid's smallest or largest, so the grid must be extended."""
     return best_lr(scores) in (min(scores), max(scores))
-
-
-def next_rate(lr: float, up: bool) -> float:
-    """The neighbour of ``lr`` on the grid 1e-3, 3e-3, 1e-2, 3e-2, ... (steps of about 3x)."""
-    half = round(2 * math.log10(lr)) + (1 if up else -1)  # 3e-3 -> -5, 1e-2 -> -4
-    return float(f"{(3 if half % 2 else 1) * 10.0 ** (half // 2):.0e}")
 
 
 def lr_table(path: str, s: dict, strict: bool = True) -> dict[str, float]:

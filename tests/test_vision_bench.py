@@ -41,8 +41,10 @@ def test_methods_resume_and_split(tmp_path, monkeypatch):
     vision.run("tiny", methods=["tl6"])
     assert calls and all(c.startswith("tl6") for c in calls)
     assert "| tl6 |" in vision.write(second)
+    rates = [{float(k): v for k, v in r["sweep_val_accuracy"].items()} for r in second["methods"].values()]
+    assert all(vision.beyond(r) is None for r in rates)  # every pick is inside its (extended) grid, or at 1e-5 / 1
     assert len(second["methods"]["tl6"]["hits"]) == 2 and len(second["methods"]["tl6"]["hits"][0]) == 30  # digits 5-9 of 60
-    assert "hits" not in json.loads((tmp_path / "vision.json").read_text())["methods"]["tl6"]  # kept in the parts
+    assert "hits" not in json.loads((tmp_path / "vision-tiny.json").read_text())["methods"]["tl6"]  # kept in the parts
 
 
 def test_versus_lora_by_hand():
@@ -57,3 +59,15 @@ def test_versus_lora_by_hand():
                     "| none | -100.00 [-100.00, -100.00] | refuted | refuted |",
                     "| same | +0.00 [+0.00, +0.00] | undecided at this scale | supported |"]
     assert vision.versus_lora({"probe": {"hits": ["1"]}}) == []  # no LoRA row: nothing to compare with
+
+
+def test_rate_pick_and_grid_extension_by_hand():
+    """The smallest rate within one point of the best; a pick at the grid's edge asks for the next 3x rate
+    beyond it (up at the top, down at the bottom), never above 1."""
+    inside = {0.01: 0.80, 0.03: 0.85, 0.1: 0.845}
+    assert vision.pick(inside) == 0.03 and vision.beyond(inside) is None
+    top = {0.03: 0.78, 0.1: 0.82, 0.3: 0.85}
+    assert vision.pick(top) == 0.3 and vision.beyond(top) == 1.0
+    assert vision.beyond({0.3: 0.80, 1.0: 0.85}) is None  # 3.0 is past the ladder's end
+    bottom = {0.003: 0.85, 0.01: 0.85, 0.03: 0.80}
+    assert vision.pick(bottom) == 0.003 and vision.beyond(bottom) == 0.001

@@ -1,5 +1,6 @@
 """Uncertainty for small-scale comparisons: mean and spread over seeds, paired bootstrap intervals of a
-difference between two configs, and the verdict that an interval allows.
+difference between two configs, the verdict that an interval allows, and the 3x rate ladder that learning-rate
+sweeps extend along.
 
 Scores are per example (0-100, ``metrics.*_score(...)["per_example"]``), one row per seed, the same test
 examples in every row and for every config. The bootstrap resamples *test examples* (one draw of example
@@ -9,6 +10,7 @@ over seeds and examples of ``a - b``.
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections.abc import Sequence
@@ -56,3 +58,9 @@ def verdict(lo: float, hi: float, margin: float = 0.0) -> str:
     if hi < -margin:
         return "refuted"
     return "undecided at this scale"
+
+
+def next_rate(lr: float, up: bool) -> float:
+    """The neighbour of ``lr`` on the grid 1e-3, 3e-3, 1e-2, 3e-2, ... (steps of about 3x)."""
+    half = round(2 * math.log10(lr)) + (1 if up else -1)  # 3e-3 -> -5, 1e-2 -> -4
+    return float(f"{(3 if half % 2 else 1) * 10.0 ** (half // 2):.0e}")
