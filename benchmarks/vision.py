@@ -247,23 +247,34 @@ def run(mode: str, threads: int = 1, methods: list[str] | None = None) -> dict:
             "torch_threads": threads, "methods": rows, "wall_seconds": round(time.time() - start, 1)}
 
 
+PAIRS = [("tl6", "tl5"), ("tl6", "vera"), ("tied-ABv", "tl6")]  # compared directly, beside each against LoRA
+
+
 def versus_lora(methods: dict) -> list[str]:
     """Markdown rows: each method's accuracy minus LoRA's (points) with a 95 % paired bootstrap interval over the
-    test images (paired by image and seed) and the verdicts it allows; methods without per-image hits are skipped."""
-    ref = methods.get("lora", {}).get("hits")
-    if not ref:
+    test images (paired by image and seed) and the verdicts it allows, then the pairs of :data:`PAIRS`; methods
+    without per-image hits (or scored on other seeds) are skipped."""
+    def diff(a: str, b: str):
+        ha, hb = methods.get(a, {}).get("hits"), methods.get(b, {}).get("hits")
+        if not ha or not hb or len(ha) != len(hb):
+            return None
+        return paired_bootstrap(*([[100.0 * (c == "1") for c in h] for h in x] for x in (ha, hb)))
+
+    rows = [(name, diff(name, "lora")) for name in methods if name != "lora"]
+    if not any(got for _, got in rows):
         return []
+    margin = MARGIN * 100 * methods["lora"]["mean"]
     lines = ["", (f"Difference to LoRA in accuracy points, 95 % paired bootstrap interval (2,000 resamples of the "
                   f"test images, paired by image and seed); \"comparable\": at least LoRA's mean minus {MARGIN:.0%} "
                   "of it. Supported / refuted only where the interval lies wholly above / below the bound."), "",
              "| method | − LoRA [95 % CI] | method >= LoRA | comparable to LoRA |", "|---|---:|---|---|"]
-    for name, r in methods.items():
-        if name == "lora" or len(r.get("hits") or []) != len(ref):
-            continue
-        d, lo, hi = paired_bootstrap([[100.0 * (c == "1") for c in h] for h in r["hits"]],
-                                     [[100.0 * (c == "1") for c in h] for h in ref])
-        margin = MARGIN * 100 * methods["lora"]["mean"]
-        lines.append(f"| {name} | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] | {verdict(lo, hi)} | {verdict(lo, hi, margin)} |")
+    lines += [f"| {name} | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] | {verdict(lo, hi)} | {verdict(lo, hi, margin)} |"
+              for name, (d, lo, hi) in ((n, got) for n, got in rows if got)]
+    pairs = [(a, b, diff(a, b)) for a, b in PAIRS]
+    if any(got for *_, got in pairs):
+        lines += ["", "| first | second | difference [95 % CI] | first >= second |", "|---|---|---:|---|"]
+        lines += [f"| {a} | {b} | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] | {verdict(lo, hi)} |"
+                  for a, b, (d, lo, hi) in ((a, b, got) for a, b, got in pairs if got)]
     return lines
 
 
@@ -271,9 +282,9 @@ def write(result: dict) -> str:
     """Write vision.json (per-image hits stay in the parts), vision.md and vision.png (vision-<mode>.* for a mode
     other than full, so a quick run never overwrites the full one); return the markdown."""
     RESULTS.mkdir(exist_ok=True)
-    name = "vision" if result["mode"] == "full" else f"vision-{result['mode']}"
+    stem = "vision" if result["mode"] == "full" else f"vision-{result['mode']}"
     slim = {**result, "methods": {k: {f: v for f, v in r.items() if f != "hits"} for k, r in result["methods"].items()}}
-    (RESULTS / f"{name}.json").write_text(json.dumps(slim, indent=2) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(slim, indent=2) + "\n")
     seeds = len(result["seeds"])
     lines = [(f"Self-pretrained timm ViT (6 blocks, width 64, {result['pretrain']['params']:,} params; digits 0-4, test "
              f"accuracy {result['pretrain']['test_accuracy']:.4f}) adapted to MNIST digits 5-9. Mode `{result['mode']}`: "
@@ -289,7 +300,7 @@ def write(result: dict) -> str:
         head = r["trainable"] - r["trainable_backbone_or_adapter"] if name != "full" else "—"
         lines.append(f"| {name} | {r['trainable']:,} | {head} | {acc} | {r['lr']:g} | {sum(r['train_seconds']):.0f} |")
     table = "\n".join(lines + versus_lora(result["methods"]))
-    (RESULTS / f"{name}.md").write_text(table + "\n")
+    (RESULTS / f"{stem}.md").write_text(table + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -305,7 +316,7 @@ def write(result: dict) -> str:
     ax.set_title(f"Self-pretrained ViT (digits 0-4) adapted to digits 5-9 ({result['mode']})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}.png", dpi=120)
+    fig.savefig(RESULTS / f"{stem}.png", dpi=120)
     return table
 
 

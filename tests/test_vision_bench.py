@@ -45,6 +45,7 @@ def test_methods_resume_and_split(tmp_path, monkeypatch):
     assert all(vision.beyond(r) is None for r in rates)  # every pick is inside its (extended) grid, or at 1e-5 / 1
     assert len(second["methods"]["tl6"]["hits"]) == 2 and len(second["methods"]["tl6"]["hits"][0]) == 30  # digits 5-9 of 60
     assert "hits" not in json.loads((tmp_path / "vision-tiny.json").read_text())["methods"]["tl6"]  # kept in the parts
+    assert sorted(f.name for f in tmp_path.glob("*.*")) == ["vision-tiny.json", "vision-tiny.md", "vision-tiny.png"]
 
 
 def test_versus_lora_by_hand():
@@ -59,6 +60,12 @@ def test_versus_lora_by_hand():
                     "| none | -100.00 [-100.00, -100.00] | refuted | refuted |",
                     "| same | +0.00 [+0.00, +0.00] | undecided at this scale | supported |"]
     assert vision.versus_lora({"probe": {"hits": ["1"]}}) == []  # no LoRA row: nothing to compare with
+    # the direct pairs: TL6 right on both images, TL5 on none, the VeRA-like setting scored on another seed count
+    pairs = {"lora": {"hits": ["10"], "mean": 0.5}, "tl6": {"hits": ["11"]}, "tl5": {"hits": ["00"]},
+             "vera": {"hits": ["11", "11"]}}
+    lines = vision.versus_lora(pairs)
+    assert "| tl6 | tl5 | +100.00 [+100.00, +100.00] | supported |" in lines
+    assert not any(line.startswith("| tl6 | vera |") for line in lines)
 
 
 def test_rate_pick_and_grid_extension_by_hand():
