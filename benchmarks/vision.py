@@ -217,13 +217,15 @@ def run(mode: str, threads: int = 1, methods: list[str] | None = None) -> dict:
             continue
         if methods and method not in methods:
             continue
-        todo = [r for r in grid if r not in sweep]  # one short run per LR on a subset, scored on validation
-        while todo:  # digits (never test), on a grid extended by 3x steps while the pick is at its edge
-            for lr in todo:
-                model, groups, _ = build(method, state, lr, seed=0)
-                train(model, groups, sweep_data, 1, cfg["batch"], 0, f"{method} sweep lr={lr:g}")
-                sweep[lr] = accuracy(model, val_data)
-            todo = [r for r in [beyond(sweep)] if r is not None]
+        def score(lr: float) -> float:  # one short run on a subset, scored on validation digits (never test)
+            model, groups, _ = build(method, state, lr, seed=0)
+            train(model, groups, sweep_data, 1, cfg["batch"], 0, f"{method} sweep lr={lr:g}")
+            return accuracy(model, val_data)
+
+        for lr in (r for r in grid if r not in sweep):
+            sweep[lr] = score(lr)
+        while (lr := beyond(sweep)) is not None:  # the grid grows by 3x steps while the pick is at its edge
+            sweep[lr] = score(lr)
         lr = pick(sweep)
         accs, secs, per_example = [], [], []
         for seed in cfg["seeds"]:
@@ -260,21 +262,21 @@ def versus_lora(methods: dict) -> list[str]:
             return None
         return paired_bootstrap(*([[100.0 * (c == "1") for c in h] for h in x] for x in (ha, hb)))
 
-    rows = [(name, diff(name, "lora")) for name in methods if name != "lora"]
-    if not any(got for _, got in rows):
-        return []
-    margin = MARGIN * 100 * methods["lora"]["mean"]
-    lines = ["", (f"Difference to LoRA in accuracy points, 95 % paired bootstrap interval (2,000 resamples of the "
-                  f"test images, paired by image and seed); \"comparable\": at least LoRA's mean minus {MARGIN:.0%} "
-                  "of it. Supported / refuted only where the interval lies wholly above / below the bound."), "",
-             "| method | − LoRA [95 % CI] | method >= LoRA | comparable to LoRA |", "|---|---:|---|---|"]
-    lines += [f"| {name} | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] | {verdict(lo, hi)} | {verdict(lo, hi, margin)} |"
-              for name, (d, lo, hi) in ((n, got) for n, got in rows if got)]
-    pairs = [(a, b, diff(a, b)) for a, b in PAIRS]
-    if any(got for *_, got in pairs):
+    rows = [(name, got) for name in methods if name != "lora" and (got := diff(name, "lora"))]
+    pairs = [(a, b, got) for a, b in PAIRS if (got := diff(a, b))]
+    lines = []
+    if rows:
+        margin = MARGIN * 100 * methods["lora"]["mean"]
+        lines += ["", (f"Difference to LoRA in accuracy points, 95 % paired bootstrap interval (2,000 resamples of the "
+                       f"test images, paired by image and seed); \"comparable\": at least LoRA's mean minus "
+                       f"{MARGIN:.0%} of it. Supported / refuted only where the interval lies wholly above / below the "
+                       "bound."), "",
+                  "| method | − LoRA [95 % CI] | method >= LoRA | comparable to LoRA |", "|---|---:|---|---|"]
+        lines += [f"| {name} | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] | {verdict(lo, hi)} | {verdict(lo, hi, margin)} |"
+                  for name, (d, lo, hi) in rows]
+    if pairs:
         lines += ["", "| first | second | difference [95 % CI] | first >= second |", "|---|---|---:|---|"]
-        lines += [f"| {a} | {b} | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] | {verdict(lo, hi)} |"
-                  for a, b, (d, lo, hi) in ((a, b, got) for a, b, got in pairs if got)]
+        lines += [f"| {a} | {b} | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] | {verdict(lo, hi)} |" for a, b, (d, lo, hi) in pairs]
     return lines
 
 

@@ -46,6 +46,15 @@ def test_methods_resume_and_split(tmp_path, monkeypatch):
     assert len(second["methods"]["tl6"]["hits"]) == 2 and len(second["methods"]["tl6"]["hits"][0]) == 30  # digits 5-9 of 60
     assert "hits" not in json.loads((tmp_path / "vision-tiny.json").read_text())["methods"]["tl6"]  # kept in the parts
     assert sorted(f.name for f in tmp_path.glob("*.*")) == ["vision-tiny.json", "vision-tiny.md", "vision-tiny.png"]
+    # a finished part whose pick sits at its grid's top edge: a rerun sweeps only the rates beyond it, then retrains
+    f = tmp_path / "vision-tiny" / "tl6.json"
+    part = json.loads(f.read_text())
+    f.write_text(json.dumps({**part, "sweep_val_accuracy": {"0.01": 0.1, "0.03": 0.2, "0.1": 0.9}}))
+    calls.clear()
+    vision.run("tiny", methods=["tl6"])
+    swept = [c for c in calls if "sweep" in c]
+    assert swept and swept[0] == "tl6 sweep lr=0.3" and not any(c.endswith(("=0.01", "=0.03", "=0.1")) for c in swept)
+    assert "0.3" in json.loads(f.read_text())["sweep_val_accuracy"]
 
 
 def test_versus_lora_by_hand():
@@ -59,7 +68,9 @@ def test_versus_lora_by_hand():
     assert rows == ["| half | -50.00 [-100.00, +0.00] | undecided at this scale | undecided at this scale |",
                     "| none | -100.00 [-100.00, -100.00] | refuted | refuted |",
                     "| same | +0.00 [+0.00, +0.00] | undecided at this scale | supported |"]
-    assert vision.versus_lora({"probe": {"hits": ["1"]}}) == []  # no LoRA row: nothing to compare with
+    assert vision.versus_lora({"probe": {"hits": ["1"]}}) == []  # no LoRA row, no pair: nothing to compare
+    assert "| tl6 | tl5 | +100.00 [+100.00, +100.00] | supported |" in vision.versus_lora(
+        {"tl6": {"hits": ["1"]}, "tl5": {"hits": ["0"]}})  # the direct pairs need no LoRA row
     # the direct pairs: TL6 right on both images, TL5 on none, the VeRA-like setting scored on another seed count
     pairs = {"lora": {"hits": ["10"], "mean": 0.5}, "tl6": {"hits": ["11"]}, "tl5": {"hits": ["00"]},
              "vera": {"hits": ["11", "11"]}}
