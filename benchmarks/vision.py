@@ -11,7 +11,7 @@ trainable parameters. Learning rates come from a tiny sweep (one short run per g
 on held-out validation digits; the grid grows by 3x steps while the pick is at its edge); the head
 of the adapter settings uses a fixed LR.
 
-    python benchmarks/vision.py --quick     # one seed; 2 shared CPU cores: ~8 min cold, ~5 min cached
+    python benchmarks/vision.py --quick     # one seed; 2 shared CPU cores: a few minutes (~2 min cached)
     python benchmarks/vision.py             # all data, more epochs, three seeds (resumable by method)
     python benchmarks/vision.py --methods probe full lora tl6 & python benchmarks/vision.py --methods tl5 tied-ABv vera
 
