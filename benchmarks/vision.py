@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 from tying.integrations import timm as tt
-from tying.integrations.llm.stats import MARGIN, next_rate, paired_bootstrap, verdict
+from tying.integrations.llm.stats import MARGIN, mean_std, next_rate, paired_bootstrap, verdict
 
 import tying
 
@@ -234,8 +234,7 @@ def run(mode: str, threads: int = 1, methods: list[str] | None = None) -> dict:
             per_example.append(hits(model, test_data))
             accs.append(per_example[-1].count("1") / len(per_example[-1]))
         adapter = n_trainable - sum(p.numel() for p in model.head.parameters())
-        mean = sum(accs) / len(accs)
-        std = (sum((a - mean) ** 2 for a in accs) / max(1, len(accs) - 1)) ** 0.5
+        mean, std = mean_std(accs)
         rows[method] = {"preset": preset, "lr": lr, "sweep_val_accuracy": {f"{k:g}": v for k, v in sorted(sweep.items())},
                         "trainable": n_trainable, "trainable_backbone_or_adapter": adapter,
                         "test_accuracy": accs, "mean": mean, "std": std, "train_seconds": [round(s, 1) for s in secs],
