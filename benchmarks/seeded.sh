@@ -9,6 +9,8 @@
 # Every step resumes: finished sweep cells and parts are skipped, so stop it any time and start it again.
 # Lane A runs LoRA and TL6, lane B TL5 and the VeRA-like setting; each lane sweeps and trains its own configs,
 # so neither waits for the other. Results: benchmarks/results/issue20-sweep/ (rates) and issue20/ (report).
+# Each run of reproduce.py rewrites issue20/reproduce.{md,png} for its own subset, so each lane ends by
+# rewriting the whole report from every finished part (the lane that ends last leaves it complete).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -18,6 +20,8 @@ SWEEP=(--sweep --extend "${COMMON[@]}" --n-test 100 --out benchmarks/results/iss
 TEST=(--n-test 200 nli=500 --seed 0 1 2 --lr-from benchmarks/results/issue20-sweep/lr_sweep.json
       --out benchmarks/results/issue20)
 TASKS=(nli squad translation xsum gsm8k)
+
+report() { $R "${COMMON[@]}" "${TEST[@]}" --tasks "${TASKS[@]}" --configs lora tl5 tl6 vera --ranks 8 64 --report; }
 
 lane() {  # lane CONFIG... : rank 8 on every task, then rank 64 on nli and squad (lane A only)
   for task in "${TASKS[@]}"; do
@@ -31,8 +35,10 @@ case "${1:-}" in
      for task in nli squad; do
        $R "${SWEEP[@]}" --tasks "$task" --configs lora tl6 --ranks 64 --lrs 0.001 0.003 0.01
        $R "${COMMON[@]}" "${TEST[@]}" --tasks "$task" --configs lora tl6 --ranks 64
-     done ;;
-  B) lane tl5 vera ;;
-  report) $R "${COMMON[@]}" "${TEST[@]}" --tasks "${TASKS[@]}" --configs lora tl5 tl6 vera --ranks 8 64 --report ;;
+     done
+     report ;;
+  B) lane tl5 vera
+     report ;;
+  report) report ;;
   *) echo "usage: bash benchmarks/seeded.sh A|B|report" >&2; exit 2 ;;
 esac
