@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/seeded.sh A & bash benchmarks/seeded.sh B   # two one-thread lanes, one per core
 #   bash benchmarks/seeded.sh report                              # the report from every finished part
+#   bash benchmarks/seeded.sh long                                # translation at 300 steps (LoRA, TL6)
 #
 # Every step resumes: finished sweep cells and parts are skipped, so stop it any time and start it again.
 # Lane A runs LoRA and TL6, lane B TL5 and the VeRA-like setting; each lane sweeps and trains its own configs,
@@ -40,5 +41,11 @@ case "${1:-}" in
   B) lane tl5 vera
      report ;;
   report) report ;;
-  *) echo "usage: bash benchmarks/seeded.sh A|B|report" >&2; exit 2 ;;
+  long)  # the training-length check: translation, LoRA and TL6, 300 steps on 1,200 examples, the 100-step rates
+    LONG=(--steps 300 --batch 4 --n-train 1200 --dtype bfloat16 --threads 1 --n-test 200 --seed 0 1 2
+          --lr-from benchmarks/results/issue20-sweep/lr_sweep.json --out benchmarks/results/issue20-long
+          --tasks translation --ranks 8)
+    $R "${LONG[@]}" --configs lora & $R "${LONG[@]}" --configs tl6; wait
+    $R "${LONG[@]}" --configs lora tl6 --report ;;
+  *) echo "usage: bash benchmarks/seeded.sh A|B|report|long" >&2; exit 2 ;;
 esac
