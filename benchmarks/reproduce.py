@@ -106,6 +106,12 @@ def at_edge(scores: dict[float, float]) -> bool:
     return best_lr(scores) in (min(scores), max(scores))
 
 
+def no_signal(scores: dict[float, float]) -> bool:
+    """Whether every rate of a cell (two or more) scored the same (a task at its floor): no rate is best and
+    no direction to extend in; the sweep stops there and ``--lr-from`` refuses the cell."""
+    return len(scores) > 1 and len(set(scores.values())) == 1
+
+
 def lr_table(path: str, s: dict, strict: bool = True) -> dict[str, float]:
     """The rate of every (task, config, rank) of ``s`` picked by :func:`best_lr` from a sweep file; a cell
     missing or whose best rate is at its grid's edge is an error naming the sweep to run (left out where
@@ -118,7 +124,9 @@ def lr_table(path: str, s: dict, strict: bool = True) -> dict[str, float]:
                 scores = {r["lr"]: r["score"] for r in results
                           if (r["task"], r["config"], r.get("rank", 8)) == (task, config, rank)}
                 if not scores or at_edge(scores):
-                    problems.append(f"{lr_key(task, config, rank)} ({'not swept' if not scores else 'best at the edge'})")
+                    why = "not swept" if not scores else "no signal: every rate scored the same" if no_signal(
+                        scores) else "best at the edge"
+                    problems.append(f"{lr_key(task, config, rank)} ({why})")
                 else:
                     table[lr_key(task, config, rank)] = best_lr(scores)
     if problems and strict:
@@ -471,7 +479,7 @@ def sweep(s: dict, out: Path, grid=(1e-3, 3e-3, 1e-2), extend: bool = False) -> 
                 f.write_text(json.dumps({"settings": {k: s[k] for k in same}, "results": [*results, new]}, indent=1))
             scores = cell(part)
             beyond = next_rate(best_lr(scores), up=best_lr(scores) == max(scores))
-            todo = [beyond] if extend and at_edge(scores) and 1e-5 <= beyond <= 1 else []  # flat scores stop at 1e-5
+            todo = [beyond] if extend and at_edge(scores) and not no_signal(scores) and 1e-5 <= beyond <= 1 else []
     sweep_table(out, s, finished())
 
 
@@ -486,7 +494,7 @@ def sweep_table(out: Path, s: dict, results: list[dict]) -> None:
              "|---|---|---|" + "---|" * (len(grid) + 1)]
     for task, config, rank in dict.fromkeys((r["task"], r["config"], r.get("rank", 8)) for r in results):
         scores = {r["lr"]: r["score"] for r in results if (r["task"], r["config"], r.get("rank", 8)) == (task, config, rank)}
-        best = f"{best_lr(scores):g}" + (" (edge: extend)" if at_edge(scores) else "")
+        best = "none (no signal)" if no_signal(scores) else f"{best_lr(scores):g}" + (" (edge: extend)" if at_edge(scores) else "")
         lines.append(f"| {task} ({metric[task]}) | {config} | {rank} | " + " | ".join(
             f"{scores[lr]:.1f}" if lr in scores else "—" for lr in grid) + f" | {best} |")
     (out / "lr_sweep.md").write_text("\n".join(lines) + "\n")

@@ -118,6 +118,20 @@ def test_the_lr_rule_and_the_grid_extension(tmp_path, monkeypatch):
     assert reproduce.lr_for(s, "nli", "tl6", 8) == reproduce.LR["tl6"]
 
 
+def test_a_cell_without_signal_stops_extending_and_is_refused(tmp_path, monkeypatch):
+    assert reproduce.no_signal({3e-3: 0.0, 1e-2: 0.0}) and not reproduce.no_signal({3e-3: 0.0})
+    assert not reproduce.no_signal({3e-3: 0.0, 1e-2: 1.0})
+    s = {**reproduce.RUN, **reproduce.QUICK, "seed": 0, "configs": ["tl6"]}
+    ran = []
+    monkeypatch.setattr(reproduce, "run_part", lambda part, out, lr=None, val=False: ran.append(lr) or
+                        {"score": 0.0, "seconds": 1.0, "eval_seconds": 0.0, "loss_last": 1.0})
+    reproduce.sweep(s, tmp_path, grid=(3e-3, 1e-2, 3e-2), extend=True)
+    assert ran == [3e-3, 1e-2, 3e-2], "a floor cell does not walk the rate ladder down to 1e-5"
+    assert "| none (no signal) |" in (tmp_path / "lr_sweep.md").read_text()
+    with pytest.raises(ValueError, match=r"nli/tl6/r8 \(no signal: every rate scored the same\)"):
+        reproduce.lr_table(str(tmp_path / "lr_sweep.json"), s)
+
+
 def test_seeds_and_per_task_test_sizes_add_up_to_one_report(tmp_path, monkeypatch):
     def fake_run_part(part, out, lr=None, val=False):
         per = [100.0] * (part["seed"] + 1) + [0.0] * (part["n_test"] - part["seed"] - 1)
