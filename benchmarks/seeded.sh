@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/seeded.sh A & bash benchmarks/seeded.sh B   # two one-thread lanes, one per core
 #   bash benchmarks/seeded.sh report                              # the report from every finished part
-#   bash benchmarks/seeded.sh long                                # translation at 300 steps (LoRA, TL6)
+#   bash benchmarks/seeded.sh long                                # longer runs: translation, XSum (LoRA, TL6)
 #
 # Every step resumes: finished sweep cells and parts are skipped, so stop it any time and start it again.
 # Lane A runs LoRA and TL6, lane B TL5 and the VeRA-like setting; each lane sweeps and trains its own configs,
@@ -41,11 +41,15 @@ case "${1:-}" in
   B) lane tl5 vera
      report ;;
   report) report ;;
-  long)  # the training-length check: translation, LoRA and TL6, 300 steps on 1,200 examples, the 100-step rates
-    LONG=(--steps 300 --batch 4 --n-train 1200 --dtype bfloat16 --threads 1 --n-test 200 --seed 0 1 2
-          --lr-from benchmarks/results/issue20-sweep/lr_sweep.json --out benchmarks/results/issue20-long
-          --tasks translation --ranks 8)
-    $R "${LONG[@]}" --configs lora & $R "${LONG[@]}" --configs tl6; wait
-    $R "${LONG[@]}" --configs lora tl6 --report ;;
+  long)  # the training-length check, LoRA and TL6 at the 100-step rates: translation 300 steps on 1,200 examples,
+          # XSum 200 steps on 800 (all its training documents); each one pass over its data
+    for run in translation:300:1200:issue20-long xsum:200:800:issue20-long-xsum; do
+      IFS=: read -r name steps n dir <<< "$run"
+      LONG=(--steps "$steps" --batch 4 --n-train "$n" --dtype bfloat16 --threads 1 --n-test 200 --seed 0 1 2
+            --lr-from benchmarks/results/issue20-sweep/lr_sweep.json --tasks "$name" --ranks 8
+            --out "benchmarks/results/$dir")
+      $R "${LONG[@]}" --configs lora & lora=$!; $R "${LONG[@]}" --configs tl6; wait "$lora"
+      $R "${LONG[@]}" --configs lora tl6 --report
+    done ;;
   *) echo "usage: bash benchmarks/seeded.sh A|B|report|long" >&2; exit 2 ;;
 esac
