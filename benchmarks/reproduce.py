@@ -114,8 +114,8 @@ def no_signal(scores: dict[float, float]) -> bool:
 
 def lr_table(path: str, s: dict, strict: bool = True) -> dict[str, float]:
     """The rate of every (task, config, rank) of ``s`` picked by :func:`best_lr` from a sweep file; a cell
-    missing or whose best rate is at its grid's edge is an error naming the sweep to run (left out where
-    not ``strict``: a report then leaves out that cell's parts)."""
+    missing, without signal (:func:`no_signal`) or whose best rate is at its grid's edge is an error naming the
+    sweep to run (left out where not ``strict``: a report then leaves out that cell's parts)."""
     results = json.loads(Path(path).read_text())["results"]
     table, problems = {}, []
     for task in s["tasks"]:
@@ -124,8 +124,8 @@ def lr_table(path: str, s: dict, strict: bool = True) -> dict[str, float]:
                 scores = {r["lr"]: r["score"] for r in results
                           if (r["task"], r["config"], r.get("rank", 8)) == (task, config, rank)}
                 if not scores or at_edge(scores):
-                    why = "not swept" if not scores else "no signal: every rate scored the same" if no_signal(
-                        scores) else "best at the edge"
+                    why = ("not swept" if not scores else
+                           "no signal: every rate scored the same" if no_signal(scores) else "best at the edge")
                     problems.append(f"{lr_key(task, config, rank)} ({why})")
                 else:
                     table[lr_key(task, config, rank)] = best_lr(scores)
