@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import tying
-from tying.models import meta_model
+from tying.integrations.meta_models import meta_model
 
 MODELS = ["llama2-7b", "gpt-2b-001"]
 RANKS = [2, 8, 16, 32, 64, 128]

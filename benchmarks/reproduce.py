@@ -531,7 +531,7 @@ def check(s: dict) -> None:
 
 def _meta(src):
     """The model on the meta device (no weights) for checks, or None where its config is not at hand (GGUF)."""
-    from tying.models import meta_model
+    from tying.integrations.meta_models import meta_model
     if src.kind == "builtin":
         return meta_model(src.name)
     if src.kind == "folder":

@@ -42,7 +42,7 @@ from tying.integrations.peft import export_peft
 
 import tying
 from tying.bank import FactorBank
-from tying.models import REGISTRY
+from tying.integrations.meta_models import REGISTRY
 from tying.serving import resident_bytes
 from tying.state import SPEC_FILE, WEIGHTS_FILE
 

@@ -40,7 +40,7 @@ from torch import nn
 
 import tying
 from tying.engine import wrappers
-from tying.models import REGISTRY, meta_model
+from tying.integrations.meta_models import REGISTRY, meta_model
 
 QKV = {"smollm2-135m": ["q_proj", "k_proj", "v_proj"], "gpt2": ["c_attn"]}
 TINY = {"smollm2-135m": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -5,7 +5,8 @@ and import a PEFT LoRA adapter into tying.
 Export absorbs u, v, G and the scale into per-module factors: ``lora_A = G diag(u) A`` and
 ``lora_B = scale * diag(v) B`` with ``lora_alpha = r`` (PEFT scale 1), so the PEFT model computes
 exactly ``v * B(u * A x) * scale``. A tied factor is written once per module that uses it: that is
-the price of serving with stacks that know only per-module LoRA (PEFT, vLLM).
+the price of serving with stacks that know only per-module LoRA (PEFT, vLLM). What a kind writes (and whether it
+exports at all) is its registered ``export``; how a module type lays the tensors out is its ``peft``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import kinds, modtypes
 from ..engine import apply_, bank_of
 from ..errors import AdapterFileError
-from ..layers import fold_factors
 from ..planner import plan
 from ..spec import load_spec
 from ..state import _atomic_write, _read_header, read_factors, read_spec
@@ -35,9 +36,10 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
     """Write a PEFT LoRA adapter for ``model``'s tying adapter (or for the adapter folder ``adapter``,
     planned on ``model``, which may then be a meta-device model)."""
     spec = bank_of(model).spec if adapter is None else read_spec(Path(adapter))
-    if spec.adapter.kind != "lora" or spec.train_modules:
-        raise AdapterFileError(f"only lora adapters without train_modules export to PEFT LoRA (kind "
-                               f"{spec.adapter.kind!r}, train_modules {spec.train_modules})")
+    kind = kinds.get(spec.adapter.kind)
+    if kind.export is None or spec.train_modules:
+        raise AdapterFileError(f"only adapters of a kind with a PEFT export (lora, dora) and without train_modules "
+                               f"export to PEFT (kind {spec.adapter.kind!r}, train_modules {spec.train_modules})")
     if adapter is None:
         bank = bank_of(model)
         p, tensors = bank.plan, {k: v.detach().cpu() for k, v in bank.state_dict().items()}
@@ -47,24 +49,22 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
         tensors = read_factors(Path(adapter), {f"{g.factor}.{g.key}": g.shape for g in p.groups})
         modules = dict(model.named_modules())
     out, scale, r = Path(out_dir), spec.adapter.scale, spec.adapter.rank
-    state = {}
+    state, extra_config = {}, {}
     for site in p.sites:
-        A, B, u, v, G = (tensors[f"{f}.{site.keys[f]}"].float() if f in site.keys else None for f in "ABuvG")
-        A, B = (t.clone() for t in fold_factors(A, B, u, v, G, scale))  # tied factors: one copy per module
-        if site.kind == "Embedding":
-            state[f"{PREFIX}{site.name}.lora_embedding_A"] = A
-            state[f"{PREFIX}{site.name}.lora_embedding_B"] = B
-            continue
-        if site.kind in ("Conv1d", "Conv2d"):
-            base = modules[site.name]
-            A = A.reshape(r, base.in_channels, *base.kernel_size)
-            B = B.reshape(*B.shape, *([1] * len(base.kernel_size)))
-        state[f"{PREFIX}{site.name}.lora_A.weight"] = A.contiguous()
-        state[f"{PREFIX}{site.name}.lora_B.weight"] = B.contiguous()
+        mt, module = modtypes.module_type(site.kind), modules[site.name]
+        if mt.peft is None:
+            raise AdapterFileError(f"module {site.name!r} is a {mt.name}, which has no PEFT layout; it cannot be "
+                                   "exported to PEFT")
+        factors = {f: tensors[f"{f}.{key}"].float() for f, key in site.keys.items()}
+        weight = mt.weight(module).detach().float() if mt.weight is not None else None
+        down, up, extra = kind.export(factors, scale, weight)
+        for suffix, t in {**mt.peft(module, down, up), **extra}.items():
+            state[f"{PREFIX}{site.name}.{suffix}"] = t.detach().clone().contiguous()  # tied: one copy per module
+        extra_config.update(mt.peft_config)
     config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "lora_dropout": spec.adapter.dropout, "bias": "none",
               "target_modules": sorted(s.name for s in p.sites), "task_type": None, "inference_mode": True,
-              "fan_in_fan_out": any(s.kind == "Conv1D" for s in p.sites), "init_lora_weights": True,
-              "base_model_name_or_path": base_model_name_or_path, "use_rslora": False, "use_dora": False}
+              "fan_in_fan_out": False, "init_lora_weights": True, "base_model_name_or_path": base_model_name_or_path,
+              "use_rslora": False, "use_dora": False, **extra_config, **kind.peft_config}
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "adapter_model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     _atomic_write(out / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))

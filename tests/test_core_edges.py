@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import tying
-from tying.layers import NotMergeableError
+from tying.errors import NotMergeableError
 
 
 class Tower(nn.Module):

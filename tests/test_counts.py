@@ -6,7 +6,7 @@ import pytest
 
 import tying
 from tying.cli import main
-from tying.models import meta_model
+from tying.integrations.meta_models import meta_model
 
 PAPER = {"llama2-7b": (32, 4096), "gpt-2b-001": (24, 2048)}
 

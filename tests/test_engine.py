@@ -8,7 +8,7 @@ import torch
 from conftest import randomize_bank, same_state, snapshot, tiny_llama
 
 import tying
-from tying.layers import NotMergeableError
+from tying.errors import NotMergeableError
 
 PRESETS = tying.preset_names()
 KIND = {p: tying.load_spec(p).adapter.kind for p in PRESETS}

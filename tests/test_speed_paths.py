@@ -1,4 +1,4 @@
-"""Correctness of the fast paths: the shared down projection (tying/fastpath.py), mixed precision, and
+"""Correctness of the fast paths: the shared down projection (tying/adapter.py), mixed precision, and
 the speed benchmark's code path (cpu stands in for cuda)."""
 
 import copy
@@ -14,7 +14,7 @@ from tying.engine import wrappers
 def _unshare(model):
     """The same model on the plain per-site path (every site computes its own A x)."""
     for _, w in wrappers(model):
-        w.share_down = None
+        w.share = None
     return model
 
 
@@ -28,14 +28,14 @@ def _grads(model, tokens):
 def test_qkv_of_a_layer_share_one_down_projection():
     model = tiny_llama()
     tying.apply_(model, tying.load_spec("tl6", rank=4))
-    shared = {n: w.share_down for n, w in wrappers(model)}
+    shared = {n: w.share for n, w in wrappers(model)}
     for layer in range(3):
         q, k, v = (shared[f"model.layers.{layer}.self_attn.{p}_proj"] for p in "qkv")
-        assert q[0] is k[0] is v[0] and (q[1], k[1], v[1]) == (0, 1, 2)
-    assert shared["model.layers.0.self_attn.q_proj"][0] is not shared["model.layers.1.self_attn.q_proj"][0]
+        assert q is not None and q is k is v
+    assert shared["model.layers.0.self_attn.q_proj"] is not shared["model.layers.1.self_attn.q_proj"]
     gpt2 = tiny_gpt2()  # fused c_attn: one site per layer, nothing to share
     tying.apply_(gpt2, tying.load_spec("tl6", rank=4))
-    assert all(w.share_down is None for _, w in wrappers(gpt2))
+    assert all(w.share is None for _, w in wrappers(gpt2))
 
 
 def test_no_sharing_with_dropout_or_untied_A():
@@ -43,12 +43,12 @@ def test_no_sharing_with_dropout_or_untied_A():
     spec["adapter"]["dropout"] = 0.1  # each site draws its own mask
     model = tiny_llama()
     tying.apply_(model, spec)
-    assert all(w.share_down is None for _, w in wrappers(model))
+    assert all(w.share is None for _, w in wrappers(model))
     spec = tying.load_spec("lora", rank=4).model_dump()
     spec["adapter"]["factors"]["A"]["tie"] = []
     model = tiny_llama()
     tying.apply_(model, spec)
-    assert all(w.share_down is None for _, w in wrappers(model))
+    assert all(w.share is None for _, w in wrappers(model))
 
 
 @pytest.mark.parametrize("preset", ["lora", "tl6", "tl5", "lotr", "vera"])
@@ -57,7 +57,7 @@ def test_shared_path_equals_per_site_path(preset, tokens):
     tying.apply_(fast, tying.load_spec(preset, rank=4))
     randomize_bank(fast)
     plain = _unshare(copy.deepcopy(fast))
-    assert any(w.share_down is not None for _, w in wrappers(fast))
+    assert any(w.share is not None for _, w in wrappers(fast))
     out_f, g_f = _grads(fast, tokens)
     out_p, g_p = _grads(plain, tokens)
     assert torch.allclose(out_f, out_p, atol=1e-6)
@@ -106,31 +106,67 @@ def test_reuse_only_for_the_same_unchanged_input_and_factors():
     tying.apply_(model, tying.load_spec("tl6", rank=4))
     randomize_bank(model)
     attn = model.model.layers[0].self_attn
+    shared = attn.q_proj.share
     x = torch.randn(2, 5, 32)
 
     def ref(site):  # the per-site computation, without the cache
         return site.base(x) + site.up(torch.zeros(2, 5, site.base.out_features), site.project(x))
     with torch.no_grad():
+        shared.open()  # as the parent's forward pre-hook does
         attn.q_proj(x)
+        assert shared.entry is not None and shared.entry[0]() is x
         model.tying_bank["A"]["model:layers:*:self_attn:*"].add_(0.5)  # factors change between siblings
         assert torch.allclose(attn.k_proj(x), ref(attn.k_proj), atol=1e-6)
         attn.q_proj(x)
         x.add_(1.0)  # the input changes in place
         assert torch.allclose(attn.k_proj(x), ref(attn.k_proj), atol=1e-6)
         assert torch.allclose(attn.v_proj(x.clone()), ref(attn.v_proj), atol=1e-6)  # another tensor object
-        assert attn.q_proj.share_down[0].entry is None  # the last member leaves nothing behind
+        shared.close()
+        h = torch.randn(2, 5, 32)
+        model(inputs_embeds=h)  # the parent's hooks open and clear it: nothing outlives the forward
+    assert shared.entry is None and not shared.live
+
+
+def test_reuse_happens_inside_the_parents_forward(tokens):
+    model = tiny_llama()
+    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    calls = []
+    for _, w in wrappers(model):
+        project = w.project
+        w.project = lambda x, project=project: calls.append(1) or project(x)
+    model(input_ids=tokens)
+    assert len(calls) == 3  # one A x per layer, not one per q, k and v
 
 
 def test_a_copy_or_pickle_of_a_model_mid_forward_starts_empty():
     model = tiny_llama()
     tying.apply_(model, tying.load_spec("tl6", rank=4))
     attn = model.model.layers[0].self_attn
+    attn.q_proj.share.open()
     attn.q_proj(torch.randn(2, 5, 32, requires_grad=True))  # leaves an entry holding a non-leaf h
-    assert attn.q_proj.share_down[0].entry is not None
+    assert attn.q_proj.share.entry is not None
     twin = copy.deepcopy(model)  # a non-leaf tensor would make deepcopy raise
     t = twin.model.layers[0].self_attn
-    assert t.q_proj.share_down[0] is t.k_proj.share_down[0] and t.q_proj.share_down[0].entry is None
-    assert t.q_proj.share_down[0] is not attn.q_proj.share_down[0]
+    assert t.q_proj.share is t.k_proj.share and t.q_proj.share.entry is None and not t.q_proj.share.live
+    assert t.q_proj.share is not attn.q_proj.share
+    out = twin(input_ids=torch.tensor([[1, 2, 3]]))  # the copy's hooks drive the copy's cache
+    assert out.logits.shape == (1, 3, 100) and t.q_proj.share.entry is None
+
+
+def test_activation_checkpointing_recomputes_the_same_products(tokens):
+    """The cache lives one forward of the parent, so a checkpointed layer's recomputation shares as the first
+    pass did (non-reentrant checkpointing compares the saved tensors)."""
+    model = tiny_llama()
+    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    randomize_bank(model)
+    plain = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    plain.train()
+    out_c, g_c = _grads(model, tokens)
+    out_p, g_p = _grads(plain, tokens)
+    assert torch.allclose(out_c, out_p, atol=1e-6)
+    assert all(torch.allclose(g_c[k], g_p[k], atol=1e-6) for k in g_p)
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
@@ -196,7 +232,7 @@ def test_inference_adds_in_place_only_where_nothing_else_sees_the_output(tokens)
 
 def test_low_rank_functions_pass_gradcheck():
     """The hand-written backward of the fast path's products, with u, v and a scale folded in."""
-    from tying.fastpath import LowRankDown, LowRankUp
+    from tying.update import LowRankDown, LowRankUp
 
     g = torch.Generator().manual_seed(0)
 

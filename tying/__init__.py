@@ -6,11 +6,17 @@
     tying.merge_(model); tying.unmerge_(model); tying.unapply_(model, merge=False)
     tying.save_adapter(model, "out/"); tying.load_adapter(model, "out/")
     tying.load_adapters_(model, {"a": "out/"}); with tying.adapters(model, ["a", None]): ...  # mixed batches
+    tying.register_kind(...); tying.register_module_type(...)   # extend: docs/extending.md
+
+Layers, from the bottom: vocab (names and facts, no torch) -> spec -> module types and the update's math -> plan
+-> kinds (wrappers) -> engine -> state -> serving.
 """
 
 from . import errors
 from .count import count
 from .engine import apply_, bank_of, merge_, unapply_, unmerge_
+from .kinds import Kind, register_kind, unregister_kind
+from .modtypes import ModuleType, register_module_type, unregister_module_type
 from .planner import Counts, Plan, plan
 from .serving import adapters, load_adapters_, unload_adapter_
 from .spec import TyingSpec, load_spec, preset_names
@@ -18,6 +24,7 @@ from .state import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
-__all__ = ["Counts", "Plan", "TyingSpec", "__version__", "adapters", "apply_", "bank_of", "count", "errors",
-           "load_adapter", "load_adapters_", "load_spec", "merge_", "plan", "preset_names", "save_adapter",
-           "unapply_", "unload_adapter_", "unmerge_"]
+__all__ = ["Counts", "Kind", "ModuleType", "Plan", "TyingSpec", "__version__", "adapters", "apply_", "bank_of",
+           "count", "errors", "load_adapter", "load_adapters_", "load_spec", "merge_", "plan", "preset_names",
+           "register_kind", "register_module_type", "save_adapter", "unapply_", "unload_adapter_", "unmerge_",
+           "unregister_kind", "unregister_module_type"]

@@ -7,7 +7,7 @@ import json
 import sys
 
 from .errors import TyingError
-from .models import REGISTRY, meta_model
+from .integrations.meta_models import REGISTRY, meta_model
 from .planner import plan
 from .spec import load_spec
 

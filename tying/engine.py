@@ -9,11 +9,10 @@ from typing import Union
 import torch
 from torch import nn
 
+from . import kinds, modtypes
+from .adapter import SiteAdapter, link_shared_down
 from .bank import FactorBank
-from .errors import NotAppliedError, TyingError
-from .fastpath import link_shared_down
-from .kinds import wrapper_class
-from .layers import NotMergeableError, TiedAdapter
+from .errors import NotAppliedError, NotMergeableError, TyingError
 from .planner import BANK_ATTR, Counts, Plan, plan
 from .spec import TyingSpec, load_spec
 
@@ -39,16 +38,18 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
     """
     p = _as_plan(model, spec)
     modules = dict(model.named_modules())
+    types = {s.name: modtypes.module_type(s.kind) for s in p.sites}
     first = {}
     for site in p.sites:
-        w = next(modules[site.name].parameters())
+        module = modules[site.name]
+        place = (torch.device(device) if device else next(module.parameters()).device,
+                 dtype or types[site.name].factor_dtype(module))
         for factor, key in site.keys.items():
-            first.setdefault((factor, key), (torch.device(device) if device else w.device, dtype or w.dtype))
+            first.setdefault((factor, key), place)
     bank = FactorBank(p, first)  # allocation may fail; the model is still untouched
     a = p.spec.adapter
-    wrappers = {s.name: wrapper_class(a.kind, s.kind, s.name)(modules[s.name], bank, s.keys, a.scale, a.dropout)
-                for s in p.sites}
-    link_shared_down(wrappers)  # q, k, v with one A and one input compute A x once per forward
+    wrapper = kinds.get(a.kind).wrapper
+    wrappers = {s.name: wrapper(modules[s.name], bank, s.keys, a.scale, a.dropout, types[s.name]) for s in p.sites}
     # From here on nothing can fail: mutate.
     bank.requires_grad_before = {n: q.requires_grad for n, q in model.named_parameters()}
     if p.spec.freeze_base:
@@ -57,9 +58,11 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
     for name in p.train_modules:
         model.get_submodule(name).requires_grad_(True)
     setattr(model, BANK_ATTR, bank)
-    for name, wrapper in wrappers.items():
-        model.set_submodule(name, wrapper)
-    bank.hook = model.register_load_state_dict_post_hook(_accept_plain_checkpoint)
+    for name, w in wrappers.items():
+        model.set_submodule(name, w)
+        w.attach()
+    bank.hooks = [model.register_load_state_dict_post_hook(_accept_plain_checkpoint),
+                  *link_shared_down(model, wrappers)]  # q, k, v with one A and one input: A x once per forward
     return p.counts
 
 
@@ -83,19 +86,19 @@ def bank_of(model: nn.Module) -> FactorBank:
     return bank
 
 
-def wrappers(model: nn.Module) -> Iterator[tuple[str, TiedAdapter]]:
+def wrappers(model: nn.Module) -> Iterator[tuple[str, SiteAdapter]]:
     """(name, wrapper) for every adapted site of the model."""
     for name, m in model.named_modules():
-        if isinstance(m, TiedAdapter):
+        if isinstance(m, SiteAdapter):
             yield name, m
 
 
-def _merge_all(model: nn.Module, sign: int) -> None:
+def _merge_all(model: nn.Module, sign: int, dequantize: bool = False) -> None:
     """merge_ / unmerge_: every site is checked first, so a refusal changes no weight."""
     bank_of(model)
     todo = [w for _, w in wrappers(model) if w.merged != (sign > 0)]
     for w in todo:
-        w.check_merge(sign)
+        w.check_merge(sign, dequantize)
     owners: dict[int, list[str]] = {}
     for name, w in wrappers(model):
         if getattr(w.base, "weight", None) is not None:
@@ -108,26 +111,29 @@ def _merge_all(model: nn.Module, sign: int) -> None:
         w.merge(sign)
 
 
-def merge_(model: nn.Module) -> None:
+def merge_(model: nn.Module, *, dequantize: bool = False) -> None:
     """Fold every site's update into its base weight in place; forward then skips the adapter.
-    Kinds without a merged form (bottleneck) raise NotMergeableError before any weight changes."""
-    _merge_all(model, +1)
+    Kinds without a merged form (bottleneck, prefix) raise NotMergeableError before any weight changes, and so
+    does a quantized base unless ``dequantize=True`` (decode the weight, add, re-encode: lossy)."""
+    _merge_all(model, +1, dequantize)
 
 
-def unmerge_(model: nn.Module) -> None:
+def unmerge_(model: nn.Module, *, dequantize: bool = False) -> None:
     """Subtract what ``merge_`` added (with the factors as they are now)."""
-    _merge_all(model, -1)
+    _merge_all(model, -1, dequantize)
 
 
-def unapply_(model: nn.Module, merge: bool = False) -> None:
+def unapply_(model: nn.Module, merge: bool = False, *, dequantize: bool = False) -> None:
     """Put the original modules back and remove the bank. With ``merge=True`` the update is kept,
     folded into the base weights; otherwise the base weights are as before ``apply_``."""
     bank = bank_of(model)
-    (merge_ if merge else unmerge_)(model)
+    (merge_ if merge else unmerge_)(model, dequantize=dequantize)
     for name, w in list(wrappers(model)):
+        w.detach()
         model.set_submodule(name, w.base)
     delattr(model, BANK_ATTR)
-    bank.hook.remove()
+    for hook in bank.hooks:
+        hook.remove()
     for n, q in model.named_parameters():
         if n in bank.requires_grad_before:
             q.requires_grad_(bank.requires_grad_before[n])

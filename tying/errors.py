@@ -37,6 +37,13 @@ class AdapterFileError(TyingError, ValueError):
     """An adapter folder or file is missing, corrupted, or does not fit the model."""
 
 
+class NotMergeableError(TyingError, RuntimeError):
+    """The update cannot be folded into (or out of) the base weight."""
+
+
+class RegistryError(TyingError, ValueError):
+    """Registering an adapter kind or a module type: a name that exists, or a missing or malformed fact."""
+
 
 class ServingError(TyingError, ValueError):
     """Serving several adapters at once: a bad adapter name, batch map or adapter mix."""

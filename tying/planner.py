@@ -9,21 +9,20 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from . import modtypes, vocab
 from .errors import AlreadyAppliedError, ConflictError, SelectorError, SpecError, TieError, UnsupportedModuleError
-from .kinds import wrapper_class
-from .layers import TiedAdapter, dims, module_kind
 from .selectors import closest_names, compile_selector
-from .spec import FACTOR_NAMES, Factor, TyingSpec
+from .spec import Adapter, Factor, TyingSpec
 
 BANK_ATTR = "tying_bank"
 
 
 @dataclass(frozen=True)
 class Site:
-    """One adapted module: its name, kind, dims, captures and the bank key of each factor."""
+    """One adapted module: its name, module type (``kind``), dims, captures and the bank key of each factor."""
 
     name: str
-    kind: str
+    kind: str  # the module type's name (tying.modtypes)
     d_in: int
     d_out: int
     captures: Mapping[str, str]
@@ -108,13 +107,26 @@ class Plan:
         return "\n".join(lines)
 
 
-def _shape(factor: str, rank: int, d_in: int, d_out: int, kind: str = "lora") -> tuple[int, ...]:
-    if kind == "bottleneck" and factor == "A":  # the bottleneck reads the module's output
-        return (rank, d_out)
-    if kind == "ia3" and factor == "u":  # IA3 on the input: one scale per input feature
-        return (d_in,)
-    return {"A": (rank, d_in), "B": (d_out, rank), "u": (rank,), "v": (d_out,), "G": (rank, rank),
-            "pk": (rank, d_out), "pv": (rank, d_out)}[factor]  # prefix: rank virtual tokens x kv width
+def _shape(symbols: tuple[str, ...], rank: int, d_in: int, d_out: int) -> tuple[int, ...]:
+    return tuple({"rank": rank, "d_in": d_in, "d_out": d_out}[s] for s in symbols)
+
+
+def _check_fit(name: str, mt: modtypes.ModuleType, adapter: Adapter, d_in: int, d_out: int) -> None:
+    """The module type offers what the kind needs, and the rank fits the module."""
+    facts = adapter.facts
+    for cap, factor in [(c, None) for c in sorted(facts.needs)] + [
+            (c, f) for f in adapter.factors for c in sorted(facts.factor_needs.get(f, ()))]:
+        if not mt.has(cap):
+            having = [t.name for t in modtypes.registered() if t.has(cap)]
+            raise UnsupportedModuleError(
+                f"module {name!r} is a {mt.name}: {adapter.kind} adapters{f' with factor {factor}' if factor else ''}"
+                f" need modules with {vocab.CAPABILITIES[cap]}; registered types with it: {', '.join(having)}. "
+                "Narrow the selector, add `types:` to the target, or choose another kind")
+    dims = {"d_in": d_in, "d_out": d_out}
+    limit = min((dims[s] for s in facts.rank_limit), default=None)
+    if limit is not None and adapter.rank > limit:
+        raise SpecError(f"adapter.rank {adapter.rank} is larger than module {name!r} allows "
+                        f"(d_in={d_in}, d_out={d_out}); use rank <= {limit}")
 
 
 def _bucket(axis, value: str, site: str) -> str:
@@ -157,7 +169,7 @@ def group_key(name: str, match: re.Match, factor: Factor, shape: tuple[int, ...]
 
 def plan(model: nn.Module, spec: TyingSpec) -> Plan:
     """Select sites, resolve tie groups and check shapes; never modifies ``model``."""
-    if hasattr(model, BANK_ATTR) or any(isinstance(m, TiedAdapter) for m in model.modules()):
+    if hasattr(model, BANK_ATTR) or any(getattr(type(m), "tying_site", False) for m in model.modules()):
         raise AlreadyAppliedError("the model already carries a tying adapter; call tying.unapply_(model) first")
     if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         raise UnsupportedModuleError(f"the root is an nn.{type(model).__name__}: the bank would become one of its "
@@ -177,8 +189,10 @@ def plan(model: nn.Module, spec: TyingSpec) -> Plan:
             match = pattern.fullmatch(name)
             if match is None or any(e.fullmatch(name) for e in excludes):
                 continue
-            if target.types is not None and module_kind(module) not in target.types:
-                continue
+            if target.types is not None:
+                mt = modtypes.lookup(module)
+                if mt is None or not any(vocab.is_a(mt.name, t) for t in target.types):
+                    continue
             hits.append((name, module, match))
         if not hits:
             close = closest_names(target.select, names)
@@ -193,26 +207,20 @@ def plan(model: nn.Module, spec: TyingSpec) -> Plan:
             if name in mha_children:
                 raise UnsupportedModuleError(f"module {name!r} belongs to an nn.MultiheadAttention, which reads its "
                                              "weights directly instead of calling it; exclude it from the selector")
-            kind, d_in, d_out = dims(name, module)
-            wrapper_class(spec.adapter.kind, kind, name)  # raises for a kind/module pair that cannot work
-            if spec.adapter.kind == "ia3" and "u" in spec.adapter.factors and kind not in ("Linear", "Conv1D"):
-                raise UnsupportedModuleError(f"module {name!r} is a {kind}: IA3 input scaling (factor u) supports "
-                                             "Linear and Conv1D modules; scale its output with v instead")
-            limit = {"ia3": rank, "prefix": rank, "bottleneck": d_out}.get(spec.adapter.kind, min(d_in, d_out))
-            if rank > limit:
-                raise SpecError(f"adapter.rank {rank} is larger than module {name!r} allows "
-                                f"(d_in={d_in}, d_out={d_out}); use rank <= {limit}")
+            mt = modtypes.site_type(name, module)
+            d_in, d_out = mt.dims(module)
+            _check_fit(name, mt, spec.adapter, d_in, d_out)
             keys = {}
-            for fname in FACTOR_NAMES:
+            for fname, symbols in spec.adapter.facts.factors.items():
                 factor = spec.adapter.factors.get(fname)
                 if factor is None:
                     continue
-                shape = _shape(fname, rank, d_in, d_out, spec.adapter.kind)
+                shape = _shape(symbols, rank, d_in, d_out)
                 key = keys[fname] = group_key(name, match, factor, shape)
                 members.setdefault((fname, key), []).append(name)
                 shapes.setdefault((fname, key), {}).setdefault(shape, []).append(name)
             captures = {k: v for k, v in match.groupdict().items() if v is not None}
-            sites.append(Site(name, kind, d_in, d_out, captures, keys))
+            sites.append(Site(name, mt.name, d_in, d_out, captures, keys))
     groups, per_factor = [], {}
     for (fname, key), mems in members.items():
         by_shape = shapes[(fname, key)]

@@ -5,8 +5,9 @@
         logits = model(input_ids).logits                            # and model.generate(...)
     tying.unload_adapter_(model, "bob")
 
-Adapters of the LoRA family (lora, tied-*, sharelora, lora-group*, lotr; any ranks) and IA3 mix in one
-batch; bottleneck, prefix and adapters with ``train_modules`` are refused. The factors live stacked in
+Adapters of the kinds whose facts map their factors to served roles (the LoRA family: lora, tied-*, sharelora,
+lora-group*, lotr, any ranks; and ia3) mix in one batch, on module types with features on the last axis; other
+kinds (bottleneck, prefix, dora) and adapters with ``train_modules`` are refused. The factors live stacked in
 ``model.tying_serving`` (:mod:`tying.serving_bank`), once per tie group and adapter. Each served module
 keeps its place in the model (so ``state_dict`` keys and ``tying.plan`` see the plain base) and gains two
 hooks. Entering ``adapters(model, names)`` gathers, once per batch, each site's per-row factors:
@@ -28,14 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import modtypes
 from .errors import AlreadyAppliedError, NotAppliedError, ServingError, TyingError
 from .planner import BANK_ATTR, Plan, plan
 from .serving_bank import COL, NEUTRAL, ROLES, ServingBank, stack_key
 from .state import read_factors, read_spec
 
 SERVING_ATTR = "tying_serving"
-MIXABLE = ("lora", "ia3")
-SITE_KINDS = ("Linear", "Conv1D")
 
 
 @dataclass
@@ -117,18 +117,22 @@ def load_adapters_(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) 
                                f"missing: {lacks[:3]}. Adapters served together must select the same modules")
         read[name] = (p, tensors)
     if bank is None:
-        first = model.get_submodule(next(iter(ref[0]))).weight
-        bank = ServingBank(ref[0], first.device, first.dtype)
+        bank = ServingBank(ref[0], *_placement(model, next(iter(ref[0]))))
         for site in bank.sites:
             hooks = bank.hooked[site] = _Site(site)
             module = model.get_submodule(site)
             hooks.handles = [module.register_forward_pre_hook(hooks.pre), module.register_forward_hook(hooks.post)]
         setattr(model, SERVING_ATTR, bank)
-    w = model.get_submodule(next(iter(bank.sites))).weight
-    bank.device, bank.dtype = w.device, w.dtype  # the model may have been moved or cast since the first load
+    bank.device, bank.dtype = _placement(model, next(iter(bank.sites)))  # the model may have moved since
     for name, (p, tensors) in read.items():
         bank.add(name, p, tensors)
     _activate(bank, bank.active)
+
+
+def _placement(model: nn.Module, site: str) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype the served factors take: those a site's module type gives its factors."""
+    module = model.get_submodule(site)
+    return next(module.parameters()).device, modtypes.lookup(module).factor_dtype(module)
 
 
 def _read(model: nn.Module, name: str, folder) -> tuple[Plan, dict[str, torch.Tensor]]:
@@ -136,16 +140,18 @@ def _read(model: nn.Module, name: str, folder) -> tuple[Plan, dict[str, torch.Te
     src = Path(folder)
     try:
         spec = read_spec(src)
-        if spec.adapter.kind not in MIXABLE:
-            raise ServingError(f"it is a {spec.adapter.kind} adapter, which cannot be mixed row by row (only the LoRA "
-                               "family and ia3 can); serve it alone with tying.load_adapter")
+        if spec.adapter.facts.serving is None:
+            raise ServingError(f"it is a {spec.adapter.kind} adapter, which cannot be mixed row by row (only kinds "
+                               "whose facts give serving roles can: the LoRA family and ia3); serve it alone with "
+                               "tying.load_adapter")
         if spec.train_modules:
             raise ServingError(f"it trains whole base modules ({spec.train_modules}), which all rows share; only "
                                "adapters without train_modules can be mixed")
         p = plan(model, spec)
-        odd = [f"{s.name} ({s.kind})" for s in p.sites if s.kind not in SITE_KINDS]
+        odd = [f"{s.name} ({s.kind})" for s in p.sites if not modtypes.module_type(s.kind).has("linear")]
         if odd:
-            raise ServingError(f"it adapts {odd[:3]}; mixed batches support {' and '.join(SITE_KINDS)} modules")
+            raise ServingError(f"it adapts {odd[:3]}; mixed batches support modules with features on the last axis "
+                               "(Linear-like: Linear, Conv1D, quantized Linear)")
         return p, read_factors(src, {f"{g.factor}.{g.key}": g.shape for g in p.groups})
     except TyingError as e:
         raise type(e)(f"adapter {name!r} ({src}): {e}") from None

@@ -33,11 +33,6 @@ def stack_key(role: str, d_in: int, d_out: int) -> str:
             "in": f"in{d_in}", "out": f"out{d_out}"}[role]
 
 
-def role_of(kind: str, factor: str) -> str:
-    """The stored role of a spec factor: IA3's u and v scale the module's input and output."""
-    return {"u": "in", "v": "out"}[factor] if kind == "ia3" else factor
-
-
 @dataclass
 class Served:
     """One loaded adapter: its spec, rank, scale (0 for IA3: no low-rank part) and its table."""
@@ -99,12 +94,13 @@ class ServingBank(nn.Module):
     def add(self, name: str, plan, tensors: dict[str, torch.Tensor]) -> None:
         """Store the adapter ``name`` (planned as ``plan``, factors ``tensors`` by bank key). Checks are done."""
         a = plan.spec.adapter
+        roles = a.facts.serving  # factor -> role (IA3's u and v scale the module's input and output)
         self.grow_rank(a.rank)
         dims = {s.name: (s.d_in, s.d_out) for s in plan.sites}
         pending: dict[str, list[torch.Tensor]] = {}
         index = {}
         for g in plan.groups:
-            role = role_of(a.kind, g.factor)
+            role = roles[g.factor]
             d_in, d_out = dims[g.members[0]]
             key = stack_key(role, d_in, d_out)
             if key not in self.refs and role in NEUTRAL:
@@ -122,8 +118,9 @@ class ServingBank(nn.Module):
         table[:, [COL[r] for r in NEUTRAL]] = 0
         for s in plan.sites:
             for factor, key in s.keys.items():
-                table[self.row[s.name], COL[role_of(a.kind, factor)]] = index[(factor, key)][1]
-        self.adapters[name] = Served(plan.spec, a.rank, a.scale if a.kind == "lora" else 0.0, table)
+                table[self.row[s.name], COL[roles[factor]]] = index[(factor, key)][1]
+        lowrank = "A" in roles.values()  # a kind without a low-rank part scales it by 0
+        self.adapters[name] = Served(plan.spec, a.rank, a.scale if lowrank else 0.0, table)
 
     def _entry(self, key: str, t: torch.Tensor, pending: dict, shared: bool) -> int:
         """Index of ``t`` in stack ``key``: an equal frozen entry when there is one, else a new one."""

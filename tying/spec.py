@@ -14,17 +14,16 @@ from pydantic import (
     Field,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from . import vocab
 from .errors import SelectorError, SpecError
-from .kinds import KIND_FACTORS
-from .layers import MODULE_KINDS
 from .selectors import compile_selector
 
 SPEC_VERSION = 1
-FACTOR_NAMES = ("A", "B", "u", "v", "G", "pk", "pv")
 _PRESET_FILE = Path(__file__).parent / "presets" / "presets.yaml"
 
 
@@ -111,33 +110,43 @@ class Factor(_Frozen):
 
 
 class Adapter(_Frozen):
-    """The adapter placed on every selected module. ``alpha`` defaults to ``rank`` (scale 1, as the paper)."""
+    """The adapter placed on every selected module. ``kind`` names a registered adapter kind (lora, ia3,
+    bottleneck, prefix, dora, or one added with :func:`tying.register_kind`), whose facts say which factors it
+    has. ``alpha`` defaults to ``rank`` (scale 1, as the paper)."""
 
-    kind: Literal["lora", "ia3", "bottleneck", "prefix"] = "lora"
+    kind: str = "lora"
     rank: PositiveInt
     alpha: float | None = Field(None, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    factors: dict[Literal["A", "B", "u", "v", "G", "pk", "pv"], Factor]
+    factors: dict[str, Factor]
 
-    @model_validator(mode="after")
-    def _factors_fit_kind(self) -> Adapter:
-        need, allowed = KIND_FACTORS[self.kind]
-        missing, extra = sorted(need - set(self.factors)), sorted(set(self.factors) - allowed)
-        if self.kind == "ia3" and not self.factors:
-            missing = ["u or v"]
-        if missing or extra:
-            raise ValueError(f"a {self.kind} adapter needs factors {sorted(need)} and allows {sorted(allowed)}; "
-                             f"missing {missing}, not allowed {extra}")
-        return self
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, name: str) -> str:
+        vocab.kind(name)  # a ValueError listing the known kinds
+        return name
 
     @field_validator("factors")
     @classmethod
-    def _vectors_init(cls, f: dict) -> dict:
-        for name in ("u", "v"):
-            if name in f and f[name].init.kind in ("kaiming_uniform", "orthogonal"):
-                raise ValueError(f"factor {name} is a vector: init {f[name].init.kind!r} needs a matrix; "
+    def _factors_fit_kind(cls, factors: dict[str, Factor], info: ValidationInfo) -> dict[str, Factor]:
+        if "kind" not in info.data:  # the kind itself failed; its error says why
+            return factors
+        facts = vocab.kind(info.data["kind"])
+        missing, extra = facts.missing(set(factors)), [f for f in factors if f not in facts.factors]
+        if missing or extra:
+            need = [e if isinstance(e, str) else " or ".join(e) for e in facts.required]
+            raise ValueError(f"a {facts.name} adapter needs factors {need} and allows {list(facts.factors)}; "
+                             f"missing {missing}, not allowed {extra}")
+        for name, f in factors.items():
+            if len(facts.factors[name]) == 1 and f.init.kind in ("kaiming_uniform", "orthogonal"):
+                raise ValueError(f"factor {name} is a vector: init {f.init.kind!r} needs a matrix; "
                                  "use ones, zeros, constant, normal or uniform")
-        return f
+        return factors
+
+    @property
+    def facts(self) -> vocab.KindFacts:
+        """The declarative facts of this adapter's kind."""
+        return vocab.kind(self.kind)
 
     @property
     def scale(self) -> float:
@@ -146,8 +155,10 @@ class Adapter(_Frozen):
 
 
 class Target(_Frozen):
-    """A selector over module names, an optional filter on module kinds (``Linear``, ``Conv1D``, ``Conv1d``,
-    ``Conv2d``, ``Embedding``; subclasses count; ``Attention`` for prefix adapters), and exclusions."""
+    """A selector over module names, an optional filter on module types (``Linear``, ``Conv1D``, ``Conv1d``,
+    ``Conv2d``, ``Embedding``, the quantized linear layers, ``Attention`` for prefix adapters, or a type added with
+    :func:`tying.register_module_type`; a type's descendants count, so ``Linear`` selects ``Linear4bit``), and
+    exclusions."""
 
     select: Selector
     types: list[str] | None = None
@@ -156,9 +167,10 @@ class Target(_Frozen):
     @field_validator("types")
     @classmethod
     def _known_types(cls, types: list[str] | None) -> list[str] | None:
-        unknown = [t for t in types or [] if t not in MODULE_KINDS]
+        known = vocab.module_type_names()
+        unknown = [t for t in types or [] if t not in known]
         if unknown:
-            raise ValueError(f"unsupported module type(s) {unknown}; supported: {', '.join(MODULE_KINDS)}")
+            raise ValueError(f"unsupported module type(s) {unknown}; supported: {', '.join(known)}")
         return types
 
     @property

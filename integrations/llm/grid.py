@@ -3,7 +3,7 @@
     grid = load_grid("benchmarks/configs/paper.yaml")
     rows = plan_parts(grid)    # one dict per part: model, task, config, rank, seed, trainable, tokens, gpu_hours
 
-Each model names a ``shape`` (a :data:`tying.models.REGISTRY` name or a transformers ``config.json``)
+Each model names a ``shape`` (a :data:`tying.integrations.meta_models.REGISTRY` name or a transformers ``config.json``)
 that gives exact trainable counts on the meta device, and a ``checkpoint`` (a folder, hub id or
 .gguf file for :func:`.models.load_model`) that running the grid needs. Every config and rank is
 planned on every model here, so an unknown config or a rank larger than a module allows is an error
@@ -61,7 +61,7 @@ def plan_parts(grid: dict) -> list[dict]:
     module cannot take.
     """
     import tying
-    from tying.models import meta_model
+    from tying.integrations.meta_models import meta_model
 
     from .. import transformers as tx
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import TyingError
+from ..errors import TyingError
 
 REGISTRY: dict[str, tuple[str, dict]] = {
     "llama2-7b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,

@@ -1,0 +1,199 @@
+"""The base of every kind's wrapper, and the shared down projection.
+
+A wrapper keeps the original module as ``base`` and adds its kind's update by composition; it never materialises
+``W + BA`` on the training path. It does not own its factors: it holds a plain (unregistered) handle to the
+root-owned :class:`~tying.bank.FactorBank` and looks its factors up by key at call time, so every tied factor has
+exactly one owner (one state_dict entry, one optimizer slot, one FSDP owner). What depends on the module's type
+(sizes, products, weight layout) it asks its :class:`~tying.modtypes.ModuleType`.
+
+**Shared down projection.** Sites of one parent module whose down side is one tie group (same A, u and G keys),
+such as q, k and v of a layer under ``lora`` or TL6, receive the same input and so compute the same
+``h = G diag(u) A x``: the paper's fused-QKV LoRA. Within one forward of their parent module, the first of them computes
+``h`` and the others reuse it; autograd then sums their gradients of ``h`` before the one backward of ``A x``. The
+cache (:class:`SharedDown`) has an explicit lifetime: the parent's forward pre-hook opens it and its forward hook
+clears it (also when the forward raises), so nothing outlives that forward, and activation checkpointing, which
+runs the parent's forward again, recomputes exactly the same products. Reuse is exact or nothing: the very same
+input tensor object, unchanged (version counter), unchanged factors, the same grad mode; anything else
+recomputes. Calls outside the parent's forward, and traces under ``torch.compile``, take the plain per-site path.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .errors import NotMergeableError
+from .modtypes import ModuleType
+
+
+def _identity(x):
+    return x
+
+
+class SharedDown:
+    """The ``h`` of one group of sites during one forward of their parent module; see the module docstring."""
+
+    def __init__(self):
+        self.live = False  # inside a forward of the parent (and not traced by torch.compile)
+        self.entry = None  # (weakref to x, stamp, h)
+
+    def open(self, *_) -> None:
+        self.live, self.entry = not torch.compiler.is_compiling(), None
+
+    def close(self, *_) -> None:
+        self.live, self.entry = False, None
+
+    def __deepcopy__(self, memo):  # a copy (or a pickle) starts closed: h belongs to one forward
+        return SharedDown()
+
+    def __reduce__(self):
+        return SharedDown, ()
+
+    def get(self, site: SiteAdapter, x: torch.Tensor) -> torch.Tensor:
+        if not self.live:
+            return site.project(x)
+        stamp = (torch.is_grad_enabled(), None if x.is_inference() else x._version,
+                 *(f._version for f in site.down_factors() if f is not None))
+        e = self.entry
+        if e is not None and e[0]() is x and e[1] == stamp:
+            return e[2]
+        h = site.project(x)
+        self.entry = (weakref.ref(x), stamp, h)
+        return h
+
+
+class SiteAdapter(nn.Module):
+    """Base wrapper of one adapted module. A kind subclasses it and defines ``forward`` (and ``merge`` where its
+    facts say it merges); the low-rank helpers ``project`` and ``down``/``up`` serve the LoRA family."""
+
+    def __init__(self, base: nn.Module, bank: nn.Module, keys: Mapping[str, str], scale: float, dropout: float,
+                 mtype: ModuleType):
+        super().__init__()
+        self.base = base
+        object.__setattr__(self, "bank", bank)  # a handle, not a child: the root owns the bank
+        self.mtype = mtype
+        self.keys = dict(keys)  # factor name -> parameter key in the bank
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        object.__setattr__(self, "drop", self.dropout or _identity)  # a plain alias: no branch per call
+        self.share: SharedDown | None = None  # set by link_shared_down
+        self.merged = False
+        # checkpoints see the unchanged base: ``q_proj.weight``, never ``q_proj.base.weight``
+        self.register_state_dict_post_hook(_base_keys_out)
+        self.register_load_state_dict_pre_hook(_base_keys_in)
+
+    tying_site = True  # marks wrappers for the planner, which imports no runtime class
+    shares_down = True  # a kind whose sites read ``h`` of project() may share it between siblings
+    no_merge = "this adapter kind has no merged form; keep it unmerged"  # the reason, for kinds without merge()
+
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks (``weight``, ``in_features``, ...) are the base module's, so code
+        that reads ``model.q_proj.weight`` (transformers, torch.distributed.checkpoint) keeps working."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None or name == "base":
+                raise
+            return getattr(base, name)
+
+    def factor(self, name: str) -> torch.Tensor | None:
+        """The factor ``name`` of this site, or None when the spec leaves it out."""
+        key = self.keys.get(name)
+        return None if key is None else self.bank[name][key]
+
+    # ---- the low-rank path (LoRA family) ----------------------------------------------------------------------
+    def down_factors(self) -> tuple:
+        return self.factor("A"), self.factor("u"), self.factor("G")
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """h = G diag(u) A dropout(x) in the module type's layout (features of a Linear: (r, tokens))."""
+        return self.mtype.down(self.base, self.drop(x), *self.down_factors())
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`project`, shared with the sibling sites of one forward where they compute the same."""
+        return self.project(x) if self.share is None else self.share.get(self, x)
+
+    def up(self, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """out + the update of the features ``h`` (scale diag(v) B h)."""
+        return self.mtype.up(self.base, out, h, self.factor("B"), self.factor("v"), self.scale)
+
+    # ---- merging ----------------------------------------------------------------------------------------------
+    def check_merge(self, sign: int, dequantize: bool = False) -> None:
+        """Raise NotMergeableError if ``merge(sign)`` cannot be done; called on every site before any merges."""
+        if type(self).merge is SiteAdapter.merge:
+            raise NotMergeableError(self.no_merge)
+        if self.mtype.weight is None:
+            raise NotMergeableError(f"a {self.mtype.name} module has no weight tying can fold an update into; "
+                                    "keep the adapter unmerged")
+        if self.mtype.quantized and not dequantize:
+            raise NotMergeableError(
+                f"the base is a quantized {self.mtype.name}: merging decodes its weight, adds the update and "
+                "re-encodes it, which loses precision (docs/quantized.md measures how much). Keep the adapter "
+                "unmerged, or ask for it explicitly: tying.merge_(model, dequantize=True)")
+
+    def merge(self, sign: int = 1) -> None:
+        """Fold (sign=1) or unfold (sign=-1) the update into the base weight; a kind that merges defines it."""
+        raise NotMergeableError(self.no_merge)
+
+    def edit_weight(self, edit) -> None:
+        """Apply ``edit`` in place to the base weight seen as a (d_out, d_in) matrix, and re-encode it where the
+        module type decodes a copy (quantized types)."""
+        with torch.no_grad():
+            w = self.mtype.weight(self.base)
+            edit(w)
+            if self.mtype.store is not None:
+                self.mtype.store(self.base, w)
+
+    # ---- life cycle -------------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Called once the wrapper is in the model (a kind that installs something global does it here)."""
+
+    def detach(self) -> None:
+        """Called before the wrapper leaves the model; undoes :meth:`attach`."""
+
+    def extra_repr(self) -> str:
+        return f"type={self.mtype.name}, keys={self.keys}, scale={self.scale:g}, merged={self.merged}"
+
+
+_BASE = "base."
+
+
+def _base_keys_out(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook of a wrapper: move ``<site>.base.<k>`` to ``<site>.<k>``."""
+    inner = prefix + _BASE
+    for k in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + k[len(inner):]] = state_dict.pop(k)
+
+
+def _base_keys_in(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook of a wrapper: accept ``<site>.<k>`` (plain and adapted checkpoints) as well
+    as the older ``<site>.base.<k>``."""
+    inner = prefix + _BASE
+    for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + k[len(prefix):]] = state_dict.pop(k)
+
+
+def link_shared_down(model: nn.Module, wrappers: Mapping[str, SiteAdapter]) -> list:
+    """Give every wrapper that can share its down projection a :class:`SharedDown` in ``share``, opened and closed
+    by hooks on the parent module; return the hook handles. Members: wrappers whose class allows it, without
+    dropout (each site draws its own mask), of one class, module type and parent, with the same A, u and G keys;
+    groups of one are left alone."""
+    groups: dict[tuple, list[SiteAdapter]] = {}
+    for name, w in wrappers.items():
+        if w.shares_down and w.dropout is None and "A" in w.keys:
+            key = (type(w), w.mtype.name, name.rpartition(".")[0], tuple(w.keys.get(f) for f in "AuG"))
+            groups.setdefault(key, []).append(w)
+    handles = []
+    for (_, _, parent, _), members in groups.items():
+        if len(members) > 1:
+            shared = SharedDown()
+            for w in members:
+                w.share = shared
+            module = model.get_submodule(parent)
+            handles += [module.register_forward_pre_hook(shared.open),
+                        module.register_forward_hook(shared.close, always_call=True)]
+    return handles

@@ -1,0 +1,55 @@
+"""``ia3``: learned vectors scale the module's output (``v``, d_out) and/or its input (``u``, d_in; modules with
+features on the last axis), as IA3 does for attention outputs and feed-forward inputs; both start at ones.
+Mergeable: the base weight's output rows (and bias) are scaled by v, its input columns by u."""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapter import SiteAdapter
+from ..errors import NotMergeableError
+from . import register_kind
+
+
+def along(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    """``t`` shaped to broadcast along ``axis`` (counted from the end) of an ``ndim``-dim tensor."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.view(shape)
+
+
+class IA3(SiteAdapter):
+    """Scales the base input by u (input features) and/or its output by v (output channels)."""
+
+    shares_down = False
+
+    def forward(self, x, *args, **kwargs):
+        if self.merged:
+            return self.base(x, *args, **kwargs)
+        u, v = self.factor("u"), self.factor("v")
+        out = self.base(x if u is None else x * u.to(x.dtype), *args, **kwargs)
+        return out if v is None else out * along(v.to(out.dtype), out.ndim, self.mtype.out_axis)
+
+    def check_merge(self, sign: int, dequantize: bool = False) -> None:
+        super().check_merge(sign, dequantize)
+        if sign < 0 and any((f == 0).any() for f in (self.factor("u"), self.factor("v")) if f is not None):
+            raise NotMergeableError("cannot unmerge an IA3 vector with zeros (the scaling is not invertible)")
+
+    def merge(self, sign: int = 1) -> None:
+        u, v = (None if f is None else (f if sign > 0 else 1.0 / f) for f in (self.factor("u"), self.factor("v")))
+
+        def scale(w):  # w is (d_out, d_in)
+            if u is not None:
+                w.mul_(u[None, :].to(w.dtype))
+            if v is not None:
+                w.mul_(v[:, None].to(w.dtype))
+        self.edit_weight(scale)
+        bias = getattr(self.base, "bias", None)
+        if v is not None and bias is not None:
+            with torch.no_grad():
+                bias.mul_(v.to(bias.dtype))
+        self.merged = sign > 0
+
+
+register_kind("ia3", wrapper=IA3, factors={"u": ("d_in",), "v": ("d_out",)}, required=(("u", "v"),),
+              rank_limit=(), needs={"weight"}, factor_needs={"u": {"linear"}}, serving={"u": "in", "v": "out"})
