@@ -36,6 +36,8 @@ FORMULAS = {
     "bottleneck-tied": lambda L, d, r: (3 * 2 * d * r, 0),
     "prefix": lambda L, d, r: (2 * L * r * d, 0),
     "prefix-tied": lambda L, d, r: (2 * r * d, 0),
+    "dora": lambda L, d, r: (4 * L * d * r + 3 * L * d, 0),  # lora + a magnitude per output row of q, k, v
+    "tied-dora": lambda L, d, r: (4 * d * r + L * (r + 3 * d) + 3 * L * d, 0),  # tl6 + the magnitudes
 }
 
 

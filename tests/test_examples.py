@@ -3,6 +3,7 @@ applies as a zero update that trains exactly its factors (and heads), and every 
 
 Tests that need an extra (timm, transformers, stable-baselines3) skip one by one."""
 
+import functools
 import importlib.util
 import subprocess
 import sys
@@ -20,8 +21,10 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 pytestmark = pytest.mark.usefixtures("keep_threads")  # the scripts set one thread for their tiny models
 
 
+@functools.cache
 def script(name: str):
-    """Import examples/<name>.py as a module (examples/ is not a package)."""
+    """Import examples/<name>.py as a module (examples/ is not a package), once per session: a script that
+    registers a kind or module type holds the classes it registered."""
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -145,12 +148,27 @@ def test_ppo_policy_spec_is_strict_without_shape_aware():
         tying.plan(ex.build_model(gym.make("CartPole-v1")).policy, tying.load_spec(data))
 
 
+def test_custom_kind_spec():
+    """A kind (bitfit) and a module type (KernelLinear) registered from outside: the YAML plans to the hand count."""
+    ex = script("custom_kind")
+    ex.register()
+    depth, d, h = 4, 16, 32
+    x = torch.randn(3, d)
+    check_applied(ex.Net(depth, d, h), tying.load_spec(ex.SPEC), lambda m: m(x), h + d, {"b": 2})
+
+
 # ---- the scripts themselves, at small budgets (the default budgets run in the slow test below)
 
 
 def test_custom_sharing_script_trains_and_reloads():
     out = script("custom_sharing").main(["--steps", "30"])
     assert out["reload_same"] and out["loss_last"] < out["loss_first"]
+
+
+def test_custom_kind_script_trains_saves_loads_and_merges():
+    out = script("custom_kind").main(["--steps", "40"])
+    assert out["bitfit_reload_same"] and out["bitfit_merged_same"] and out["tl6_merged_same"]
+    assert out["bitfit_last"] < out["bitfit_first"] and out["tl6_last"] < out["tl6_first"]
 
 
 def test_cnn_script_trains_merges_and_reloads():
@@ -177,7 +195,8 @@ def test_ppo_script_adapts_saves_and_reloads():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["custom_sharing", "cnn_conv_buckets", "vit_tl6", "llm_tl6", "ppo_policy"])
+@pytest.mark.parametrize("name", ["custom_sharing", "custom_kind", "cnn_conv_buckets", "vit_tl6", "llm_tl6",
+                                  "ppo_policy"])
 def test_script_runs_under_a_minute(name):
     extra = {"vit_tl6": "timm", "llm_tl6": "transformers", "ppo_policy": "stable_baselines3"}.get(name)
     if extra:

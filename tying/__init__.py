@@ -12,7 +12,7 @@ Layers, from the bottom: vocab (names and facts, no torch) -> spec -> module typ
 -> kinds (wrappers) -> engine -> state -> serving.
 """
 
-from . import errors
+from . import errors, vocab
 from .count import count
 from .engine import apply_, bank_of, merge_, unapply_, unmerge_
 from .kinds import Kind, register_kind, unregister_kind
@@ -27,4 +27,4 @@ __version__ = "0.1.0"
 __all__ = ["Counts", "Kind", "ModuleType", "Plan", "TyingSpec", "__version__", "adapters", "apply_", "bank_of",
            "count", "errors", "load_adapter", "load_adapters_", "load_spec", "merge_", "plan", "preset_names",
            "register_kind", "register_module_type", "save_adapter", "unapply_", "unload_adapter_", "unmerge_",
-           "unregister_kind", "unregister_module_type"]
+           "unregister_kind", "unregister_module_type", "vocab"]

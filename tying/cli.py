@@ -45,7 +45,7 @@ def _budget(args) -> None:
         names.setdefault(load_spec(preset).model_dump_json(), []).append(preset)
     for preset in (" = ".join(n) for n in names.values()):
         first = preset.split(" = ")[0]
-        targets = "attention" if load_spec(first).adapter.kind == "prefix" else args.targets
+        targets = args.targets if tx.default_target_set(load_spec(first)) == "attn_qkv" else "attention"
         counts = []
         for rank in BUDGET_RANKS:
             try:

@@ -96,9 +96,12 @@ def wrappers(model: nn.Module) -> Iterator[tuple[str, SiteAdapter]]:
 def _merge_all(model: nn.Module, sign: int, dequantize: bool = False) -> None:
     """merge_ / unmerge_: every site is checked first, so a refusal changes no weight."""
     bank_of(model)
-    todo = [w for _, w in wrappers(model) if w.merged != (sign > 0)]
-    for w in todo:
-        w.check_merge(sign, dequantize)
+    todo = [(name, w) for name, w in wrappers(model) if w.merged != (sign > 0)]
+    for name, w in todo:
+        try:
+            w.check_merge(sign, dequantize)
+        except NotMergeableError as e:
+            raise NotMergeableError(f"module {name!r}: {e}") from None
     owners: dict[int, list[str]] = {}
     for name, w in wrappers(model):
         if getattr(w.base, "weight", None) is not None:
@@ -107,7 +110,7 @@ def _merge_all(model: nn.Module, sign: int, dequantize: bool = False) -> None:
     if shared and todo:
         raise NotMergeableError(f"sites {shared[0]} share one base weight (tied weights), so their updates cannot "
                                 "be folded into it separately; keep the adapter unmerged")
-    for w in todo:
+    for _, w in todo:
         w.merge(sign)
 
 

@@ -159,6 +159,13 @@ def site_type(name: str, module: nn.Module) -> ModuleType:
             f"module {name!r} is a {type(module).__name__}, which tying cannot adapt; supported: "
             f"{', '.join(vocab.module_type_names())} (and their subclasses; add others with "
             "tying.register_module_type). Narrow the selector or add `types:` to the target")
+    weight = getattr(module, "weight", None)
+    package = type(weight).__module__.partition(".")[0]
+    if package in vocab.QUANTIZERS and not mt.quantized:  # a plain type would edit encoded data as if it were floats
+        raise UnsupportedModuleError(
+            f"module {name!r} holds a {type(weight).__name__} weight ({package}) that no registered module type "
+            f"decodes; supported quantized types: {', '.join(t.name for t in _TYPES.values() if t.quantized)}. "
+            "Register one with tying.register_module_type (weight= and store=), or exclude the module")
     if mt.check is not None:
         mt.check(name, module)
     return mt

@@ -104,6 +104,7 @@ _MODULE_TYPES: dict[str, tuple[str, str | None]] = {}
 # planner meets a module (or a weight) of that library. Data, not code: tying.modtypes imports them.
 BRIDGES = {"transformers": "tying.integrations.transformers", "bitsandbytes": "tying.integrations.quant",
            "torchao": "tying.integrations.quant"}
+QUANTIZERS = ("bitsandbytes", "torchao")  # packages whose weights only a quantized module type may read
 BRIDGE_TYPES = {"Conv1D": "transformers", "Attention": "transformers", "Linear4bit": "bitsandbytes",
                 "Linear8bitLt": "bitsandbytes", "TorchAOLinear": "torchao"}
 

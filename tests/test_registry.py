@@ -1,0 +1,201 @@
+"""The open core: kind and module-type registries, the torch-free vocabulary, and the layering they allow."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import tying
+from tying import modtypes, vocab
+from tying.adapter import SiteAdapter
+from tying.errors import RegistryError
+
+CORE = Path(tying.__file__).parent
+
+
+def _tying_imports(path: Path) -> set[str]:
+    """Modules of the tying package that ``path`` imports (relative or absolute)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = node.module or ""
+                out |= {base} if base else {a.name for a in node.names}
+            elif node.module and node.module.startswith("tying"):
+                out.add(node.module.removeprefix("tying").lstrip(".") or "tying")
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("tying")}
+    return out
+
+
+def test_contract_spec_imports_only_vocab_selectors_errors():
+    assert _tying_imports(CORE / "spec.py") <= {"vocab", "selectors", "errors"}
+
+
+def test_vocab_is_torch_free_and_stands_on_errors_only():
+    tree = ast.parse((CORE / "vocab.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "torch" not in imported
+    assert _tying_imports(CORE / "vocab.py") <= {"errors"}
+
+
+def test_layers_import_one_way_from_the_bottom():
+    """vocab -> spec -> module types and the math -> plan -> kinds -> engine -> state -> serving: no module
+    imports one above it, and the core imports no transformers."""
+    order = ["errors", "vocab", "selectors", "spec", "update", "modtypes", "planner", "bank", "adapter", "kinds",
+             "engine", "count", "state", "serving_bank", "serving"]
+    for i, name in enumerate(order):
+        path = CORE / (f"{name}.py" if name != "kinds" else "kinds/__init__.py")
+        above = set(order[i + 1:]) - {name}
+        assert not (_tying_imports(path) & above), (name, _tying_imports(path) & above)
+    for path in CORE.rglob("*.py"):
+        text = path.read_text()
+        if path.name != "cli.py":  # the command line is a front end over the integrations
+            assert not re.search(r"^\s*(import|from) (transformers|\.+integrations)", text, re.M), path
+
+
+def test_no_kind_name_comparisons_outside_the_kinds_own_files():
+    names = "|".join(map(re.escape, vocab.kind_names()))
+    q = rf"""["']({names})["']"""
+    pattern = re.compile(rf"kind\)?\s*(==|!=|not in|in)\s*\(?\s*{q}|{q}\s*(==|!=)\s*[\w.]*kind|{q}\s*:.*\bkind\b")
+    for path in [*CORE.rglob("*.py"), *(CORE.parent / "integrations").rglob("*.py")]:
+        if path.parent.name == "kinds" and path.name != "__init__.py":
+            continue
+        hits = [line for line in path.read_text().splitlines() if pattern.search(line)]
+        assert not hits, (path, hits)
+
+
+def test_registering_a_name_that_exists_names_the_holder():
+    with pytest.raises(RegistryError, match=r"adapter kind 'lora' is registered already \(by tying\.kinds\.lora\)"):
+        tying.register_kind("lora", wrapper=SiteAdapter, factors={"A": ("rank", "d_in")})
+    with pytest.raises(RegistryError, match=r"module type 'Linear' is registered already \(by tying\.modtypes\)"):
+        tying.register_module_type("Linear", nn.Linear, dims=lambda m: (1, 1))
+    assert tying.load_spec("lora").adapter.kind == "lora"  # nothing was replaced
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"factors": {"A": ("rank", "d_in")}}, "missing wrapper"),
+    ({"wrapper": SiteAdapter}, "missing factors"),
+    ({"wrapper": nn.Linear, "factors": {"A": ("rank", "d_in")}}, "not a tying.adapter.SiteAdapter subclass"),
+    ({"wrapper": SiteAdapter, "factors": {"A": ("rank", "width")}}, r"factor 'A' has shape \('rank', 'width'\)"),
+    ({"wrapper": SiteAdapter, "factors": {"A": ("rank", "d_in")}, "required": ("B",)}, "required factor 'B'"),
+    ({"wrapper": SiteAdapter, "factors": {"v": ("d_out",)}, "serving": {"v": "A"}}, "serving role 'A' needs shape"),
+    ({"wrapper": SiteAdapter, "factors": {"v": ("d_out",)}, "needs": {"wings"}}, "capability 'wings' is unknown"),
+    ({"wrapper": SiteAdapter, "factors": {"v": ("d_out",)}, "colour": "red"}, r"unknown facts \['colour'\]"),
+])
+def test_a_kind_missing_or_malforming_a_fact_is_refused(kwargs, match):
+    with pytest.raises(RegistryError, match=match):
+        tying.register_kind("broken", **kwargs)
+    assert "broken" not in vocab.kind_names()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({}, "dims .* is missing"),
+    ({"dims": lambda m: (1, 1), "down": lambda *a: None}, "give down and up together"),
+    ({"dims": lambda m: (1, 1), "store": lambda m, w: None}, "store needs weight"),
+    ({"dims": lambda m: (1, 1), "caps": {"wings": True}}, "unknown capabilities"),
+    ({"dims": lambda m: (1, 1), "parent": "Nope"}, "parent 'Nope' is not a registered module type"),
+])
+def test_a_module_type_missing_or_malforming_a_fact_is_refused(kwargs, match):
+    with pytest.raises(RegistryError, match=match):
+        tying.register_module_type("Broken", nn.Identity, **{"dims": None, **kwargs})
+    assert "Broken" not in vocab.module_type_names()
+
+
+def test_a_kind_from_outside_is_validated_planned_applied_and_removed():
+    class Shift(SiteAdapter):
+        shares_down = False
+
+        def forward(self, x):
+            return self.base(x) + self.factor("b")
+
+    tying.register_kind("shift_test", wrapper=Shift, factors={"b": ("d_out",)}, required=("b",), rank_limit=(),
+                        needs={"out_last"})
+    try:
+        facts = vocab.kind("shift_test")
+        assert not facts.mergeable and facts.serving is None and not facts.exportable
+        assert facts.owner == __name__
+        net = nn.Module()
+        net.a, net.b = nn.Linear(4, 3), nn.Linear(4, 3)
+        spec = {"targets": [{"select": "{which:a|b}"}], "adapter": {"kind": "shift_test", "rank": 1, "factors": {
+            "b": {"tie": ["which"], "init": {"kind": "constant", "value": 0.5}}}}}
+        x = torch.randn(2, 4)
+        before = net.a(x)
+        assert tying.apply_(net, spec).trainable == 3
+        assert torch.allclose(net.a(x), before + 0.5)
+        with pytest.raises(tying.errors.NotMergeableError, match="module 'a'.*no merged form"):
+            tying.merge_(net)
+        with pytest.raises(tying.errors.SpecError, match="needs factors \\['b'\\]"):
+            tying.load_spec({**spec, "adapter": {**spec["adapter"], "factors": {}}})
+    finally:
+        tying.unregister_kind("shift_test")
+    with pytest.raises(tying.errors.SpecError, match="unknown adapter kind 'shift_test'"):
+        tying.load_spec(spec)
+
+
+def test_a_module_type_from_outside_is_found_before_its_parent_class_and_selectable_by_parent():
+    class Tagged(nn.Linear):
+        pass
+
+    mt = tying.register_module_type("TaggedLinear", Tagged, parent="Linear", weight=lambda m: m.weight,
+                                    dims=lambda m: (m.in_features, m.out_features), **modtypes.LINEAR_LIKE)
+    try:
+        assert modtypes.lookup(Tagged(2, 2)) is mt and modtypes.lookup(nn.Linear(2, 2)).name == "Linear"
+        net = nn.Module()
+        net.t = Tagged(4, 4)
+        spec = {"targets": [{"select": "t", "types": ["Linear"]}], "adapter": {"rank": 2, "factors": {
+            "A": {"init": {"kind": "normal", "seed": 0}}, "B": {"init": {"kind": "normal", "seed": 1}}}}}
+        plan = tying.plan(net, tying.load_spec(spec))
+        assert [s.kind for s in plan.sites] == ["TaggedLinear"]
+        tying.apply_(net, spec)
+        x = torch.randn(3, 4)
+        with torch.no_grad():
+            ref = net.t(x)
+            tying.merge_(net)
+            assert torch.allclose(net.t(x), ref, atol=1e-6)
+    finally:
+        tying.unregister_module_type("TaggedLinear")
+    assert modtypes.lookup(Tagged(2, 2)).name == "Linear"
+
+
+def test_module_types_pickle_and_copy_by_name():
+    import copy
+    import pickle
+
+    mt = modtypes.module_type("Linear")
+    assert copy.deepcopy(mt) is mt and pickle.loads(pickle.dumps(mt)) is mt
+
+
+def test_prefix_routes_sdpa_only_while_applied(tokens):
+    pytest.importorskip("transformers")
+    import copy
+
+    from conftest import tiny_llama
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    import gc
+
+    from tying.integrations.transformers import _SDPA
+
+    gc.collect()  # prefix models of earlier tests are gone: their wrappers leave the routing
+    others = len(_SDPA.users)  # prefix adapters still applied elsewhere in this process
+    assert (AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward) == (others == 0)
+    model = tiny_llama()
+    model.set_attn_implementation("sdpa")
+    tying.apply_(model, tying.load_spec("prefix", rank=2))
+    assert AttentionInterface._global_mapping["sdpa"] is not sdpa_attention_forward
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        ref = model(input_ids=tokens).logits
+    tying.unapply_(model)
+    assert (AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward) == (others == 0)
+    with torch.no_grad():  # the copy joins again on its first forward and computes the same
+        assert torch.allclose(twin(input_ids=tokens).logits, ref, atol=1e-6)
+    assert AttentionInterface._global_mapping["sdpa"] is not sdpa_attention_forward
+    tying.unapply_(twin)
+    assert (AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward) == (others == 0)
