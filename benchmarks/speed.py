@@ -119,7 +119,7 @@ def contender(name: str, model_name: str, args, make=None):
         tying.merge_(model)
     if name.endswith("-per-site"):  # ablation: every site computes its own A x (no shared down projection)
         for _, w in wrappers(model):
-            w.share_down = None
+            w.share = None
     return model
 
 

@@ -6,7 +6,7 @@ Each type reads its weight by decoding it through the library's own API (a float
 the factors train on the quantized base as on any other (in float32 by default, computed in the activations'
 dtype), and ``tying.merge_(model)`` refuses unless asked to ``dequantize=True``: decode, add the update, re-encode
 (lossy; docs/quantized.md measures how much). bitsandbytes repacks 4-bit weights into a CPU inference layout in
-eval mode; decoding first asks bitsandbytes to restore its storage layout (its ``state_dict`` does).
+eval mode; a packed weight is decoded through bitsandbytes' own matmul, without changing the layer.
 
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=tying.integrations.quant.config("nf4"))
     tying.apply_(model, tying.load_spec("tl6", rank=8))
@@ -31,9 +31,10 @@ def _require(package: str):
         raise ImportError(f"quantized bases need {package}: pip install 'tying[quant]'") from None
 
 
-def config(name: str):
-    """A transformers quantization config by name: ``nf4`` / ``fp4`` (bitsandbytes 4-bit), ``int8``
-    (bitsandbytes 8-bit), ``torchao-int8`` (torchao int8 weight-only)."""
+def config(name: str, compute_dtype: torch.dtype | None = None):
+    """A transformers quantization config by name: ``nf4`` / ``fp4`` (bitsandbytes 4-bit; ``compute_dtype`` its
+    matmul dtype, float32 by default), ``int8`` (bitsandbytes 8-bit), ``torchao-int8`` (torchao int8
+    weight-only)."""
     if name not in CONFIGS:
         raise ValueError(f"unknown quantization {name!r}; choose one of {', '.join(CONFIGS)}")
     transformers = _require("transformers")
@@ -45,7 +46,8 @@ def config(name: str):
     _require("bitsandbytes")
     if name == "int8":
         return transformers.BitsAndBytesConfig(load_in_8bit=True)
-    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=name)
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=name,
+                                           bnb_4bit_compute_dtype=compute_dtype or torch.float32)
 
 
 def _float32(module: nn.Module) -> torch.dtype:
@@ -56,9 +58,14 @@ def _float32(module: nn.Module) -> torch.dtype:
 
 def _bnb4_weight(m: nn.Module) -> torch.Tensor:
     bnb = _require("bitsandbytes")
-    if getattr(m.weight.quant_state, "packing_format_for_cpu", False):
-        m.state_dict()  # bitsandbytes' own state_dict restores its storage layout from the CPU inference packing
-    return bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+    state = m.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        # In eval mode on a CPU with avx512bf16, bitsandbytes repacks the weight for inference. Its own inverse
+        # (run by its state_dict) leaves the scales transposed when they are not double-quantized (0.50), so
+        # decode through its matmul instead: I W^T = W^T, exact in the packed layout's bfloat16, nothing mutated.
+        eye = torch.eye(m.in_features, dtype=torch.bfloat16, device=m.weight.device)
+        return bnb.matmul_4bit(eye, m.weight, quant_state=state).float().T
+    return bnb.functional.dequantize_4bit(m.weight.data, state).float()
 
 
 def _bnb4_store(m: nn.Module, w: torch.Tensor) -> None:

@@ -124,18 +124,50 @@ def test_reuse_only_for_the_same_unchanged_input_and_factors():
         shared.close()
         h = torch.randn(2, 5, 32)
         model(inputs_embeds=h)  # the parent's hooks open and clear it: nothing outlives the forward
-    assert shared.entry is None and not shared.live
+    assert shared.entry is None and shared.depth == 0
+
+
+def _count_projections(model):
+    calls = []
+    for _, w in wrappers(model):
+        project = w.project
+        w.project = lambda x, project=project: calls.append(1) or project(x)
+    return calls
 
 
 def test_reuse_happens_inside_the_parents_forward(tokens):
     model = tiny_llama()
     tying.apply_(model, tying.load_spec("tl6", rank=4))
-    calls = []
-    for _, w in wrappers(model):
-        project = w.project
-        w.project = lambda x, project=project: calls.append(1) or project(x)
+    twin = copy.deepcopy(model)
+    calls = _count_projections(model)
     model(input_ids=tokens)
     assert len(calls) == 3  # one A x per layer, not one per q, k and v
+    twin_calls = _count_projections(twin)
+    twin(input_ids=tokens)  # a copy opens its own groups
+    assert len(twin_calls) == 3
+
+
+def test_reuse_where_the_parent_is_a_plain_container():
+    """q, k, v under a ModuleDict whose forward never runs: the root's forward opens the group."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.ModuleDict({p: torch.nn.Linear(8, 8) for p in ("q", "k", "v")})
+
+        def forward(self, x):
+            return sum(self.attn[p](x) for p in ("q", "k", "v"))
+
+    net = Net()
+    spec = {"targets": [{"select": "attn.{proj:q|k|v}"}], "adapter": {"rank": 2, "factors": {
+        "A": {"tie": ["proj"], "init": {"kind": "normal", "seed": 0}}, "B": {"init": {"kind": "normal", "seed": 1}}}}}
+    tying.apply_(net, spec)
+    calls = _count_projections(net)
+    x = torch.randn(3, 8)
+    out = net(x)
+    assert len(calls) == 1
+    plain = _unshare(copy.deepcopy(net))
+    assert torch.allclose(out, plain(x), atol=1e-6)
 
 
 def test_a_copy_or_pickle_of_a_model_mid_forward_starts_empty():
@@ -147,7 +179,7 @@ def test_a_copy_or_pickle_of_a_model_mid_forward_starts_empty():
     assert attn.q_proj.share.entry is not None
     twin = copy.deepcopy(model)  # a non-leaf tensor would make deepcopy raise
     t = twin.model.layers[0].self_attn
-    assert t.q_proj.share is t.k_proj.share and t.q_proj.share.entry is None and not t.q_proj.share.live
+    assert t.q_proj.share is t.k_proj.share and t.q_proj.share.entry is None and t.q_proj.share.depth == 0
     assert t.q_proj.share is not attn.q_proj.share
     out = twin(input_ids=torch.tensor([[1, 2, 3]]))  # the copy's hooks drive the copy's cache
     assert out.logits.shape == (1, 3, 100) and t.q_proj.share.entry is None
@@ -228,6 +260,14 @@ def test_inference_adds_in_place_only_where_nothing_else_sees_the_output(tokens)
     handle.remove()
     x, out = seen[0]
     assert torch.equal(out, q.base(x))  # the hook's tensor is the base's output, not the adapted one
+    seen.clear()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: seen.append((args[0], out)) if mod is q.base else None)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens).logits, eager)
+    handle.remove()
+    x, out = seen[0]
+    assert torch.equal(out, q.base(x))  # a global hook too
 
 
 def test_low_rank_functions_pass_gradcheck():

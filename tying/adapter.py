@@ -10,9 +10,11 @@ exactly one owner (one state_dict entry, one optimizer slot, one FSDP owner). Wh
 such as q, k and v of a layer under ``lora`` or TL6, receive the same input and so compute the same
 ``h = G diag(u) A x``: the paper's fused-QKV LoRA. Within one forward of their parent module, the first of them computes
 ``h`` and the others reuse it; autograd then sums their gradients of ``h`` before the one backward of ``A x``. The
-cache (:class:`SharedDown`) has an explicit lifetime: the parent's forward pre-hook opens it and its forward hook
-clears it (also when the forward raises), so nothing outlives that forward, and activation checkpointing, which
-runs the parent's forward again, recomputes exactly the same products. Reuse is exact or nothing: the very same
+cache (:class:`SharedDown`) has an explicit lifetime: forward pre-hooks of the parent module and of the root model
+open it, their forward hooks close it, and the outermost close clears it (also when the forward raises), so nothing
+outlives a forward. The parent's hooks make activation checkpointing, which runs the parent's forward again outside
+the root's, recompute exactly the products of the first pass; the root's make sharing work where the parent is a
+plain container whose forward never runs. Reuse is exact or nothing: the very same
 input tensor object, unchanged (version counter), unchanged factors, the same grad mode; anything else
 recomputes. Calls outside the parent's forward, and traces under ``torch.compile``, take the plain per-site path.
 """
@@ -34,17 +36,22 @@ def _identity(x):
 
 
 class SharedDown:
-    """The ``h`` of one group of sites during one forward of their parent module; see the module docstring."""
+    """The ``h`` of one group of sites while a forward of their parent module or of the root model runs; see the
+    module docstring. Scopes nest (the root's forward contains the parent's): the outermost opens and clears."""
 
     def __init__(self):
-        self.live = False  # inside a forward of the parent (and not traced by torch.compile)
+        self.depth = 0  # open scopes (forwards of the parent or the root), not counting torch.compile traces
         self.entry = None  # (weakref to x, stamp, h)
 
     def open(self, *_) -> None:
-        self.live, self.entry = not torch.compiler.is_compiling(), None
+        if not torch.compiler.is_compiling():
+            self.depth += 1
 
     def close(self, *_) -> None:
-        self.live, self.entry = False, None
+        if not torch.compiler.is_compiling():
+            self.depth -= 1
+            if self.depth == 0:
+                self.entry = None
 
     def __deepcopy__(self, memo):  # a copy (or a pickle) starts closed: h belongs to one forward
         return SharedDown()
@@ -53,7 +60,7 @@ class SharedDown:
         return SharedDown, ()
 
     def get(self, site: SiteAdapter, x: torch.Tensor) -> torch.Tensor:
-        if not self.live:
+        if not self.depth:
             return site.project(x)
         stamp = (torch.is_grad_enabled(), None if x.is_inference() else x._version,
                  *(f._version for f in site.down_factors() if f is not None))
@@ -179,21 +186,44 @@ def _base_keys_in(module, state_dict, prefix, *args) -> None:
 
 def link_shared_down(model: nn.Module, wrappers: Mapping[str, SiteAdapter]) -> list:
     """Give every wrapper that can share its down projection a :class:`SharedDown` in ``share``, opened and closed
-    by hooks on the parent module; return the hook handles. Members: wrappers whose class allows it, without
-    dropout (each site draws its own mask), of one class, module type and parent, with the same A, u and G keys;
-    groups of one are left alone."""
+    by hooks on its parent module and on the root; return the hook handles. Members: wrappers whose class allows
+    it, without dropout (each site draws its own mask), of one class, module type and parent, with the same A, u
+    and G keys; groups of one are left alone."""
     groups: dict[tuple, list[SiteAdapter]] = {}
     for name, w in wrappers.items():
         if w.shares_down and w.dropout is None and "A" in w.keys:
             key = (type(w), w.mtype.name, name.rpartition(".")[0], tuple(w.keys.get(f) for f in "AuG"))
             groups.setdefault(key, []).append(w)
-    handles = []
+    handles, shared = [], []
     for (_, _, parent, _), members in groups.items():
-        if len(members) > 1:
-            shared = SharedDown()
-            for w in members:
-                w.share = shared
-            module = model.get_submodule(parent)
-            handles += [module.register_forward_pre_hook(shared.open),
-                        module.register_forward_hook(shared.close, always_call=True)]
+        if len(members) < 2:
+            continue
+        group = SharedDown()
+        for w in members:
+            w.share = group
+        shared.append(group)
+        module = model.get_submodule(parent)
+        if module is not model:
+            handles += [module.register_forward_pre_hook(group.open),
+                        module.register_forward_hook(group.close, always_call=True)]
+    if shared:
+        root = _Groups(shared)
+        handles += [model.register_forward_pre_hook(root.open),
+                    model.register_forward_hook(root.close, always_call=True)]
     return handles
+
+
+class _Groups:
+    """The root's hooks: open and close every group (an object, so that copies and pickles of the model keep
+    their own groups)."""
+
+    def __init__(self, groups: list[SharedDown]):
+        self.groups = groups
+
+    def open(self, *_) -> None:
+        for g in self.groups:
+            g.open()
+
+    def close(self, *_) -> None:
+        for g in self.groups:
+            g.close()

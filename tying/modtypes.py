@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from . import update, vocab
 from .errors import RegistryError, UnsupportedModuleError
@@ -152,7 +153,8 @@ def lookup(module: nn.Module) -> ModuleType | None:
 
 
 def site_type(name: str, module: nn.Module) -> ModuleType:
-    """The module type of the module ``name``, checked for this instance; UnsupportedModuleError otherwise."""
+    """The module type of the module ``name``; UnsupportedModuleError when none fits (the type's own ``check`` of
+    the instance is the planner's, after the kind's needs)."""
     mt = lookup(module)
     if mt is None:
         raise UnsupportedModuleError(
@@ -166,8 +168,6 @@ def site_type(name: str, module: nn.Module) -> ModuleType:
             f"module {name!r} holds a {type(weight).__name__} weight ({package}) that no registered module type "
             f"decodes; supported quantized types: {', '.join(t.name for t in _TYPES.values() if t.quantized)}. "
             "Register one with tying.register_module_type (weight= and store=), or exclude the module")
-    if mt.check is not None:
-        mt.check(name, module)
     return mt
 
 
@@ -183,7 +183,17 @@ def _linear_down(module, x, A, u, G):
     return update.linear_down(x, A, u, G)
 
 
+def _unobserved(module: nn.Module, out: torch.Tensor) -> bool:
+    """Whether nobody but the wrapper can hold ``out``, the module's fresh output, so that the update may be added
+    into it in place: no autograd recording, no trace, no forward hook on the module, none registered globally
+    (torch keeps those in a module-level registry without a public reader; if it is ever renamed: never in place)."""
+    return (not torch.is_grad_enabled() and not module._forward_hooks and out.is_contiguous()
+            and not getattr(_torch_module, "_global_forward_hooks", True) and not torch.compiler.is_compiling())
+
+
 def _linear_up(module, out, h, B, v, scale):
+    if _unobserved(module, out):
+        return update.linear_add_(out, h, B, v, scale)
     return update.linear_up(out, h, B, v, scale)
 
 

@@ -210,6 +210,8 @@ def plan(model: nn.Module, spec: TyingSpec) -> Plan:
             mt = modtypes.site_type(name, module)
             d_in, d_out = mt.dims(module)
             _check_fit(name, mt, spec.adapter, d_in, d_out)
+            if mt.check is not None:
+                mt.check(name, module)
             keys = {}
             for fname, symbols in spec.adapter.facts.factors.items():
                 factor = spec.adapter.factors.get(fname)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import modtypes
+from . import modtypes, update
 from .errors import AlreadyAppliedError, NotAppliedError, ServingError, TyingError
 from .planner import BANK_ATTR, Plan, plan
 from .serving_bank import COL, NEUTRAL, ROLES, ServingBank, stack_key
@@ -191,11 +191,9 @@ def _routes(bank: ServingBank, names: list[str | None]) -> dict[str, _Route]:
         lora = t[:, COL["A"]] >= 0
         if lora.any():  # rows without a low-rank part borrow a LoRA row's entries; their scale is 0
             t[:, lowrank] = torch.where(lora[:, None], t[:, lowrank], t[lora][0, lowrank])
-            B, v, G, u = rows("B").float(), rows("v"), rows("G"), rows("u")
-            s = scale.to(B.device)[:, None]  # buffers follow model.to(); the tables stay on the CPU
-            B = B * (s if v is None else v.float() * s)[:, :, None]
-            B = B if G is None else B @ G.float()
-            B = B if u is None else B * u.float()[:, None, :]
+            B = rows("B").float()  # buffers follow model.to(); the tables and scales stay on the CPU
+            u, v, G = (None if f is None else f.float() for f in (rows("u"), rows("v"), rows("G")))
+            B = update.fold_into_up(B, u, v, G, scale.to(B.device))
             key, idx = stack_key("A", d_in, d_out), t[:, COL["A"]]
             A = bank.stack(key)
             r.Bt = B.transpose(1, 2).to(A.dtype).contiguous()

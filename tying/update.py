@@ -25,6 +25,16 @@ def fold_down(A: torch.Tensor, u: torch.Tensor | None = None, G: torch.Tensor | 
     return A if G is None else G @ A
 
 
+def fold_into_up(B, u=None, v=None, G=None, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """scale diag(v) B G diag(u): everything but A on the up side, (..., d_out, r). Leading axes batch it (serving
+    folds one per row of a mixed batch, with ``scale`` a tensor of the leading shape)."""
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(B.dtype)[..., None, None]
+    B = B * scale if v is None else B * (v[..., :, None] * scale)
+    B = B if G is None else B @ G
+    return B if u is None else B * u[..., None, :]
+
+
 def fold(A, B, u=None, v=None, G=None, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(G diag(u) A, scale * diag(v) B) in A's dtype: the per-site pair that merging, serving and export need."""
     A = fold_down(A, u, G)
@@ -101,3 +111,10 @@ def linear_down(x: torch.Tensor, A, u=None, G=None) -> torch.Tensor:
 def linear_up(out: torch.Tensor, hT: torch.Tensor, B, v=None, scale: float = 1.0) -> torch.Tensor:
     """out + h (scale diag(v) B)^T for the features ``hT`` of :func:`linear_down`; ``out`` keeps its shape."""
     return LowRankUp.apply(out.reshape(-1, out.shape[-1]), hT, B, v, scale).view(out.shape)
+
+
+def linear_add_(out: torch.Tensor, hT: torch.Tensor, B, v=None, scale: float = 1.0) -> torch.Tensor:
+    """:func:`linear_up` added into ``out`` in place (no autograd; ``out`` contiguous and nobody else's): at
+    inference it saves an output-sized copy per site (GPT-2's 2304-wide c_attn, 256 tokens: 264 -> 96 us)."""
+    out.view(-1, out.shape[-1]).addmm_(hT.t().to(out.dtype), fold_up(B, v, scale).t().to(out.dtype))
+    return out
