@@ -37,13 +37,15 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
     planned on ``model``, which may then be a meta-device model)."""
     spec = bank_of(model).spec if adapter is None else read_spec(Path(adapter))
     kind = kinds.get(spec.adapter.kind)
-    if kind.export is None or spec.train_modules:
+    if not kind.facts.exportable or spec.train_modules:
         raise AdapterFileError(f"only adapters of a kind with a PEFT export (lora, dora) and without train_modules "
                                f"export to PEFT (kind {spec.adapter.kind!r}, train_modules {spec.train_modules})")
+    merged = set()
     if adapter is None:
         bank = bank_of(model)
         p, tensors = bank.plan, {k: v.detach().cpu() for k, v in bank.state_dict().items()}
         modules = {n: getattr(m, "base", m) for n, m in model.named_modules()}
+        merged = {n for n, m in model.named_modules() if getattr(m, "merged", False)}
     else:
         p = plan(model, spec)
         tensors = read_factors(Path(adapter), {f"{g.factor}.{g.key}": g.shape for g in p.groups})
@@ -56,8 +58,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
             raise AdapterFileError(f"module {site.name!r} is a {mt.name}, which has no PEFT layout; it cannot be "
                                    "exported to PEFT")
         factors = {f: tensors[f"{f}.{key}"].float() for f, key in site.keys.items()}
-        weight = mt.weight(module).detach().float() if mt.weight is not None else None
-        down, up, extra = kind.export(factors, scale, weight)
+        down, up, extra = kind.export(factors, scale, lambda: _base_weight(mt, module, site.name, site.name in merged))
         for suffix, t in {**mt.peft(module, down, up), **extra}.items():
             state[f"{PREFIX}{site.name}.{suffix}"] = t.detach().clone().contiguous()  # tied: one copy per module
         extra_config.update(mt.peft_config)
@@ -69,6 +70,18 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
     _atomic_write(out / "adapter_model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     _atomic_write(out / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return out
+
+
+def _base_weight(mt, module: nn.Module, name: str, merged: bool) -> torch.Tensor:
+    """The site's dense base weight, for kinds whose export needs it (dora): real and unmerged."""
+    if merged:
+        raise AdapterFileError(f"module {name!r} is merged: its weight holds the update; call tying.unmerge_(model) "
+                               "before exporting")
+    weight = mt.weight(module).detach()
+    if weight.device.type == "meta":
+        raise AdapterFileError(f"a {mt.name} module on the meta device has no weight; this adapter kind exports "
+                               "values computed from the base weight: export from a model with real weights")
+    return weight.float()
 
 
 def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> None:

@@ -19,7 +19,8 @@ import importlib
 import torch
 from torch import nn
 
-from ..modtypes import LINEAR_LIKE, register_module_type
+from ..errors import TyingError
+from ..modtypes import LINEAR_LIKE, linear_dims, register_module_type
 
 CONFIGS = ("nf4", "fp4", "int8", "torchao-int8")
 
@@ -36,7 +37,7 @@ def config(name: str, compute_dtype: torch.dtype | None = None):
     matmul dtype, float32 by default), ``int8`` (bitsandbytes 8-bit), ``torchao-int8`` (torchao int8
     weight-only)."""
     if name not in CONFIGS:
-        raise ValueError(f"unknown quantization {name!r}; choose one of {', '.join(CONFIGS)}")
+        raise TyingError(f"unknown quantization {name!r}; choose one of {', '.join(CONFIGS)}")
     transformers = _require("transformers")
     if name == "torchao-int8":
         _require("torchao")
@@ -119,21 +120,18 @@ def _register() -> None:
         bnb = None
     if bnb is not None:
         register_module_type("Linear4bit", bnb.nn.Linear4bit, parent="Linear", owner=__name__,
-                             dims=lambda m: (m.in_features, m.out_features),
-                             match=lambda m: getattr(m.weight, "quant_state", None) is not None,
-                             weight=_bnb4_weight, store=_bnb4_store, dtype=_float32, **LINEAR_LIKE)
+                             dims=linear_dims, match=lambda m: getattr(m.weight, "quant_state", None) is not None,
+                             weight=_bnb4_weight, store=_bnb4_store, quantized=True, dtype=_float32, **LINEAR_LIKE)
         register_module_type("Linear8bitLt", bnb.nn.Linear8bitLt, parent="Linear", owner=__name__,
-                             dims=lambda m: (m.in_features, m.out_features),
-                             match=lambda m: m.weight.dtype == torch.int8,
-                             weight=_bnb8_weight, store=_bnb8_store, dtype=_float32, **LINEAR_LIKE)
+                             dims=linear_dims, match=lambda m: m.weight.dtype == torch.int8,
+                             weight=_bnb8_weight, store=_bnb8_store, quantized=True, dtype=_float32, **LINEAR_LIKE)
     try:
         Int8Tensor = _int8_tensor()
     except ImportError:
         return
     register_module_type("TorchAOLinear", nn.Linear, parent="Linear", owner=__name__,
-                         dims=lambda m: (m.in_features, m.out_features),
-                         match=lambda m: isinstance(m.weight, Int8Tensor),
-                         weight=_torchao_weight, store=_torchao_store, dtype=_float32, **LINEAR_LIKE)
+                         dims=linear_dims, match=lambda m: isinstance(m.weight, Int8Tensor),
+                         weight=_torchao_weight, store=_torchao_store, quantized=True, dtype=_float32, **LINEAR_LIKE)
 
 
 _register()

@@ -236,7 +236,8 @@ class _SdpaPrefix:
         self._release_if_unused()
 
     def _release_if_unused(self) -> None:
-        if self.original is not None and not len(self.users):
+        # iterate rather than len(): a wrapper being collected may still be counted by the set's length
+        if self.original is not None and next(iter(self.users), None) is None:
             from transformers import AttentionInterface
 
             AttentionInterface.register("sdpa", self.original)

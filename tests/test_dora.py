@@ -101,9 +101,31 @@ def test_export_from_a_meta_model_is_refused(tmp_path):
     tying.save_adapter(model, tmp_path / "a")
     with torch.device("meta"):
         meta = tiny_llama()
-    with pytest.raises(tying.errors.AdapterFileError, match="relative to the base weight"):
+    with pytest.raises(tying.errors.AdapterFileError, match="meta device has no weight"):
         export_peft(meta, tmp_path / "out", adapter=tmp_path / "a")
     assert not (tmp_path / "out").exists()
+    tying.merge_(model)  # a merged weight holds the update: its norms are not the base's
+    with pytest.raises(tying.errors.AdapterFileError, match="is merged.*unmerge_"):
+        export_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_rows_stay_finite_and_a_zero_magnitude_does_not_unmerge(tokens):
+    net = torch.nn.Module()
+    net.lin = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        net.lin.weight[1] = 0.0  # a dead output row: ||W|| = ||W + dW|| = 0 at the start
+    spec = {"targets": [{"select": "lin"}], "adapter": {"kind": "dora", "rank": 2, "factors": {
+        "A": {"init": {"kind": "normal", "seed": 0}}, "B": {"init": "zeros"}, "m": {"init": "ones"}}}}
+    x = torch.randn(5, 4)
+    ref = net.lin(x)
+    tying.apply_(net, spec)
+    with torch.no_grad():
+        assert torch.equal(net.lin(x), ref)  # finite, the base exactly
+        net.lin.factor("m")[0] = 0.0
+        tying.merge_(net)
+    with pytest.raises(tying.errors.NotMergeableError, match="magnitude has zeros"):
+        tying.unmerge_(net)
 
 
 def test_not_mixable_and_not_on_convolutions(tmp_path):

@@ -197,7 +197,7 @@ def test_missing_library_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", fake)
     with pytest.raises(ImportError, match=r"pip install 'tying\[quant\]'"):
         quant.config("nf4")
-    with pytest.raises(ValueError, match="unknown quantization"):
+    with pytest.raises(tying.errors.TyingError, match="unknown quantization"):
         quant.config("int3")
 
 

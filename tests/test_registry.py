@@ -96,7 +96,9 @@ def test_a_kind_missing_or_malforming_a_fact_is_refused(kwargs, match):
 @pytest.mark.parametrize("kwargs, match", [
     ({}, "dims .* is missing"),
     ({"dims": lambda m: (1, 1), "down": lambda *a: None}, "give down and up together"),
-    ({"dims": lambda m: (1, 1), "store": lambda m, w: None}, "store needs weight"),
+    ({"dims": lambda m: (1, 1), "store": lambda m, w: None}, "store and quantized need weight"),
+    ({"dims": lambda m: (1, 1), "weight": lambda m: None, "quantized": True}, "a quantized type needs store"),
+    ({"dims": lambda m: (1, 1), "weight": "m.weight"}, "weight is not callable"),
     ({"dims": lambda m: (1, 1), "caps": {"wings": True}}, "unknown capabilities"),
     ({"dims": lambda m: (1, 1), "parent": "Nope"}, "parent 'Nope' is not a registered module type"),
 ])
@@ -183,7 +185,7 @@ def test_prefix_routes_sdpa_only_while_applied(tokens):
     from tying.integrations.transformers import _SDPA
 
     gc.collect()  # prefix models of earlier tests are gone: their wrappers leave the routing
-    others = len(_SDPA.users)  # prefix adapters still applied elsewhere in this process
+    others = len(list(_SDPA.users))  # prefix adapters still applied elsewhere in this process
     assert (AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward) == (others == 0)
     model = tiny_llama()
     model.set_attn_implementation("sdpa")
@@ -199,3 +201,69 @@ def test_prefix_routes_sdpa_only_while_applied(tokens):
     assert AttentionInterface._global_mapping["sdpa"] is not sdpa_attention_forward
     tying.unapply_(twin)
     assert (AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward) == (others == 0)
+
+
+def test_sibling_convolutions_do_not_share_a_down_product():
+    """Two convolutions of one parent read the same input with one tied A but different strides: each computes
+    its own A x (sharing is for Linear-like modules, whose down product depends on the input and factors alone)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(2, 3, 3, stride=1), nn.Conv2d(2, 3, 3, stride=2)
+
+        def forward(self, x):
+            return self.a(x).sum() + self.b(x).sum()
+
+    net = Net()
+    spec = {"targets": [{"select": "{which:a|b}"}], "adapter": {"rank": 2, "factors": {
+        "A": {"tie": ["which"], "init": {"kind": "normal", "seed": 0}}, "B": {"init": {"kind": "normal", "seed": 1}}}}}
+    x = torch.randn(1, 2, 9, 9)
+    tying.apply_(net, spec)
+    assert net.a.share is None and net.b.share is None
+    with torch.no_grad():
+        assert torch.allclose(net(x), net.a(x).sum() + net.b(x).sum())
+
+
+def test_embedding_sites_take_no_input_dropout_and_channels_last_convolutions_merge():
+    net = nn.Module()
+    net.emb, net.conv = nn.Embedding(10, 4), nn.Conv2d(2, 3, 3).to(memory_format=torch.channels_last)
+    spec = {"targets": [{"select": "re:emb|conv"}], "adapter": {"rank": 2, "dropout": 0.1, "factors": {
+        "A": {"init": {"kind": "normal", "seed": 0}}, "B": {"init": {"kind": "normal", "seed": 1}}}}}
+    tying.apply_(net, spec)
+    assert net.emb.dropout is None and net.conv.dropout is not None
+    net.train()
+    assert net.emb(torch.tensor([[1, 2]])).shape == (1, 2, 4)  # token ids are not dropped out
+    net.eval()
+    x = torch.randn(1, 2, 5, 5).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = net.conv(x)
+        tying.merge_(net)
+        assert torch.allclose(net.conv(x), ref, atol=1e-5)  # the kernel's copy was written back
+
+
+def test_bridge_names_are_reserved_and_a_class_takes_one_plain_type(monkeypatch):
+    monkeypatch.setitem(vocab.BRIDGE_TYPES, "Bridged", "transformers")  # a type transformers' bridge would register
+    with pytest.raises(RegistryError, match="'Bridged' is reserved for tying.integrations.transformers"):
+        tying.register_module_type("Bridged", nn.Identity, dims=lambda m: (1, 1))
+    with pytest.raises(RegistryError, match="Linear has a plain module type already \\('Linear', by tying.modtypes\\)"):
+        tying.register_module_type("MyLinear", nn.Linear, dims=lambda m: (1, 1))
+    assert "MyLinear" not in vocab.module_type_names()
+
+
+def test_a_subclass_of_a_bridged_class_loads_the_bridge(tmp_path):
+    """A user's subclass of transformers' Conv1D, defined outside transformers, is adapted as Conv1D in a fresh
+    process (the bridge is found along the class's MRO)."""
+    pytest.importorskip("transformers")
+    import subprocess
+    import sys
+
+    code = ("import tying, torch\nfrom transformers.pytorch_utils import Conv1D\n"
+            "class Mine(Conv1D):\n    pass\n"
+            "net = torch.nn.Module(); net.c = Mine(6, 4)\n"
+            "spec = {'targets': [{'select': 'c', 'types': ['Conv1D']}], 'adapter': {'rank': 2, 'factors': "
+            "{'A': {'init': 'kaiming_uniform'}, 'B': {'init': 'zeros'}}}}\n"
+            "print([s.kind for s in tying.plan(net, tying.load_spec(spec)).sites])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("['Conv1D']")

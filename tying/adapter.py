@@ -16,7 +16,7 @@ outlives a forward. The parent's hooks make activation checkpointing, which runs
 the root's, recompute exactly the products of the first pass; the root's make sharing work where the parent is a
 plain container whose forward never runs. Reuse is exact or nothing: the very same
 input tensor object, unchanged (version counter), unchanged factors, the same grad mode; anything else
-recomputes. Calls outside the parent's forward, and traces under ``torch.compile``, take the plain per-site path.
+recomputes. Calls outside both forwards, and traces under ``torch.compile``, take the plain per-site path.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class SharedDown:
 
     def close(self, *_) -> None:
         if not torch.compiler.is_compiling():
-            self.depth -= 1
+            self.depth = max(self.depth - 1, 0)  # torch calls an always_call hook even when an earlier pre-hook raised
             if self.depth == 0:
                 self.entry = None
 
@@ -84,7 +84,7 @@ class SiteAdapter(nn.Module):
         self.mtype = mtype
         self.keys = dict(keys)  # factor name -> parameter key in the bank
         self.scale = scale
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and mtype.input_dropout else None
         object.__setattr__(self, "drop", self.dropout or _identity)  # a plain alias: no branch per call
         self.share: SharedDown | None = None  # set by link_shared_down
         self.merged = False
@@ -130,9 +130,8 @@ class SiteAdapter(nn.Module):
 
     # ---- merging ----------------------------------------------------------------------------------------------
     def check_merge(self, sign: int, dequantize: bool = False) -> None:
-        """Raise NotMergeableError if ``merge(sign)`` cannot be done; called on every site before any merges."""
-        if type(self).merge is SiteAdapter.merge:
-            raise NotMergeableError(self.no_merge)
+        """Raise NotMergeableError if ``merge(sign)`` cannot be done; called on every site before any merges (the
+        engine refuses kinds without a merged form before asking)."""
         if self.mtype.weight is None:
             raise NotMergeableError(f"a {self.mtype.name} module has no weight tying can fold an update into; "
                                     "keep the adapter unmerged")
@@ -188,10 +187,11 @@ def link_shared_down(model: nn.Module, wrappers: Mapping[str, SiteAdapter]) -> l
     """Give every wrapper that can share its down projection a :class:`SharedDown` in ``share``, opened and closed
     by hooks on its parent module and on the root; return the hook handles. Members: wrappers whose class allows
     it, without dropout (each site draws its own mask), of one class, module type and parent, with the same A, u
-    and G keys; groups of one are left alone."""
+    and G keys, on Linear-like modules (whose down product depends on the input and the factors alone; a
+    convolution's also on its stride and padding); groups of one are left alone."""
     groups: dict[tuple, list[SiteAdapter]] = {}
     for name, w in wrappers.items():
-        if w.shares_down and w.dropout is None and "A" in w.keys:
+        if w.shares_down and w.dropout is None and "A" in w.keys and w.mtype.has("linear"):
             key = (type(w), w.mtype.name, name.rpartition(".")[0], tuple(w.keys.get(f) for f in "AuG"))
             groups.setdefault(key, []).append(w)
     handles, shared = [], []

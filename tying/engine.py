@@ -32,8 +32,8 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
            dtype: torch.dtype | None = None) -> Counts:
     """Adapt ``model`` in place from a spec (or a plan made for this model); return the counts.
 
-    Factors live on the device and dtype of their first member's weight unless ``device``/``dtype``
-    are given. With ``spec.freeze_base`` (the default) every base parameter is frozen, except those of
+    Factors live on the device of their first member and in the dtype its module type gives factors (the
+    weight's; float32 on quantized bases) unless ``device``/``dtype`` are given. With ``spec.freeze_base`` (the default) every base parameter is frozen, except those of
     ``spec.train_modules``; ``unapply_`` restores the original ``requires_grad`` flags.
     """
     p = _as_plan(model, spec)
@@ -95,9 +95,11 @@ def wrappers(model: nn.Module) -> Iterator[tuple[str, SiteAdapter]]:
 
 def _merge_all(model: nn.Module, sign: int, dequantize: bool = False) -> None:
     """merge_ / unmerge_: every site is checked first, so a refusal changes no weight."""
-    bank_of(model)
+    facts = bank_of(model).spec.adapter.facts
     todo = [(name, w) for name, w in wrappers(model) if w.merged != (sign > 0)]
     for name, w in todo:
+        if not facts.mergeable:
+            raise NotMergeableError(f"module {name!r}: {w.no_merge}")
         try:
             w.check_merge(sign, dequantize)
         except NotMergeableError as e:

@@ -39,21 +39,17 @@ class ModuleType:
     down: Callable[..., torch.Tensor] | None = None  # (module, x, A, u, G) -> h
     up: Callable[..., torch.Tensor] | None = None  # (module, out, h, B, v, scale) -> out + update
     weight: Callable[[nn.Module], torch.Tensor] | None = None  # -> (d_out, d_in): a live view, or a copy
-    store: Callable[[nn.Module, torch.Tensor], None] | None = None  # write a (d_out, d_in) copy back (quantized)
+    store: Callable[[nn.Module, torch.Tensor], None] | None = None  # write back what ``weight`` gave (if a copy)
+    quantized: bool = False  # ``weight`` decodes and ``store`` re-encodes: a merge loses precision, so it is explicit
     match: Callable[[nn.Module], bool] | None = None  # more than the class (e.g. a quantized weight's type)
     check: Callable[[str, nn.Module], None] | None = None  # raise UnsupportedModuleError for an unfit instance
     dtype: Callable[[nn.Module], torch.dtype] | None = None  # the factors' default dtype
-    parent: str | None = None  # ``types: [parent]`` selects this type too
     out_axis: int = -1  # the output-channel axis of the activations, counted from the end
+    input_dropout: bool = True  # whether the spec's dropout applies to the input (not to token ids)
     caps: Mapping[str, Any] = field(default_factory=dict)  # capability -> True or an object the kind uses
     peft: Callable[..., dict[str, torch.Tensor]] | None = None  # (module, down, up) -> PEFT tensors by suffix
     peft_config: Mapping[str, Any] = field(default_factory=dict)  # PEFT config entries this type needs
     owner: str = "?"
-
-    @property
-    def quantized(self) -> bool:
-        """Whether the weight is a decoded copy (a merge must re-encode it, with loss)."""
-        return self.store is not None
 
     def has(self, capability: str) -> bool:
         """Whether this type offers ``capability`` (vocab.CAPABILITIES)."""
@@ -81,13 +77,18 @@ _BY_CLASS: dict[type, list[ModuleType]] = {}
 _BRIDGED: set[str] = set()
 
 
-def register_module_type(name: str, cls: type, *, dims: Callable, owner: str | None = None, **facts) -> ModuleType:
+def register_module_type(name: str, cls: type, *, dims: Callable, parent: str | None = None,
+                         owner: str | None = None, **facts) -> ModuleType:
     """Register a module type (see :class:`ModuleType` for every fact); return it.
 
     ``name``, ``cls`` (an ``nn.Module`` subclass) and ``dims`` are required; ``down`` and ``up`` come together
-    (without them only kinds that need no low-rank product, such as ia3, apply); ``store`` only with ``weight``.
-    A name that exists is refused, naming the module that registered it.
+    (without them only kinds that need no low-rank product, such as ia3, apply); ``store`` and ``quantized`` only
+    with ``weight``; ``parent``, a registered type this one specialises (``types: [parent]`` selects it too). A
+    name that exists, or a second type for a class without a ``match`` predicate, is refused, naming the holder.
     """
+    if name in _TYPES:
+        raise RegistryError(f"module type {name!r} is registered already (by {_TYPES[name].owner}); "
+                            "choose another name")
     problems = []
     if not isinstance(name, str) or not name.isidentifier():
         problems.append(f"name {name!r} is not an identifier")
@@ -97,9 +98,18 @@ def register_module_type(name: str, cls: type, *, dims: Callable, owner: str | N
         problems.append("dims (module -> (d_in, d_out)) is missing")
     if (facts.get("down") is None) != (facts.get("up") is None):
         problems.append("give down and up together")
-    if facts.get("store") is not None and facts.get("weight") is None:
-        problems.append("store needs weight (the decoded copy it writes back)")
-    unknown = set(facts) - {f for f in ModuleType.__dataclass_fields__} - {"name", "cls", "dims", "owner"}
+    if (facts.get("store") is not None or facts.get("quantized")) and facts.get("weight") is None:
+        problems.append("store and quantized need weight (what store writes back)")
+    if facts.get("quantized") and facts.get("store") is None:
+        problems.append("a quantized type needs store (to re-encode a merged weight)")
+    for fact in ("down", "up", "weight", "store", "match", "check", "dtype", "peft"):
+        if facts.get(fact) is not None and not callable(facts[fact]):
+            problems.append(f"{fact} is not callable")
+    if facts.get("match") is None and any(t.match is None for t in _BY_CLASS.get(cls, ())):
+        holder = next(t for t in _BY_CLASS[cls] if t.match is None)
+        problems.append(f"{getattr(cls, '__name__', cls)} has a plain module type already ({holder.name!r}, by "
+                        f"{holder.owner}); give a match predicate to tell the instances apart")
+    unknown = set(facts) - set(ModuleType.__dataclass_fields__) - {"name", "cls", "dims", "owner"}
     if unknown:
         problems.append(f"unknown facts {sorted(unknown)}")
     unknown_caps = set(facts.get("caps", {})) - set(vocab.CAPABILITIES)
@@ -109,7 +119,7 @@ def register_module_type(name: str, cls: type, *, dims: Callable, owner: str | N
         raise RegistryError(f"module type {name!r} is not well declared: " + "; ".join(problems))
     owner = owner or sys._getframe(1).f_globals.get("__name__", "?")
     mt = ModuleType(name, cls, dims, owner=owner, **facts)
-    vocab.add_module_type(name, mt.owner, facts.get("parent"))
+    vocab.add_module_type(name, mt.owner, parent)
     _TYPES[name] = mt
     plain = _BY_CLASS.setdefault(cls, [])
     plain.insert(0 if mt.match is not None else len(plain), mt)
@@ -141,8 +151,8 @@ def registered() -> list[ModuleType]:
 
 def lookup(module: nn.Module) -> ModuleType | None:
     """The module type of ``module`` (most derived registered class first), or None."""
-    for obj in (module, getattr(module, "weight", None)):
-        package = type(obj).__module__.partition(".")[0]
+    for klass in (*type(module).__mro__, type(getattr(module, "weight", None))):  # subclasses of a bridged class too
+        package = klass.__module__.partition(".")[0]
         if package in vocab.BRIDGES and package not in _BRIDGED:
             _bridge(package)
     for klass in type(module).__mro__:
@@ -172,8 +182,8 @@ def site_type(name: str, module: nn.Module) -> ModuleType:
 
 
 def _bridge(package: str) -> None:
+    importlib.import_module(vocab.BRIDGES[package])  # registers its types on import
     _BRIDGED.add(package)
-    importlib.import_module(vocab.BRIDGES[package])
 
 
 
@@ -223,6 +233,15 @@ def _conv_check(name, module):
             f"{module.padding_mode!r}; tying adapts convolutions with groups=1 and zero padding only")
 
 
+def _conv_weight(module):
+    return module.weight.reshape(module.weight.shape[0], -1)  # a view, or a copy for a channels_last kernel
+
+
+def _conv_store(module, w):
+    if w.data_ptr() != module.weight.data_ptr():  # reshape copied: write the edited copy back
+        module.weight.copy_(w.view(module.weight.shape))
+
+
 def _conv_peft(module, down, up):
     k = module.kernel_size
     return {"lora_A.weight": down.reshape(down.shape[0], module.in_channels, *k),
@@ -241,12 +260,17 @@ def _embedding_up(module, out, h, B, v, scale):
 # The facts every Linear-like type shares (features on the last axis, y = x W^T + b): bridges reuse them.
 LINEAR_LIKE = dict(down=_linear_down, up=_linear_up, caps={"linear": True, "out_last": True}, peft=_lora_keys)
 
-register_module_type("Linear", nn.Linear, dims=lambda m: (m.in_features, m.out_features), weight=lambda m: m.weight,
-                     owner=__name__, **LINEAR_LIKE)
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features): the sizes of nn.Linear and its subclasses (the quantized linear layers)."""
+    return module.in_features, module.out_features
+
+
+register_module_type("Linear", nn.Linear, dims=linear_dims, weight=lambda m: m.weight, owner=__name__, **LINEAR_LIKE)
 for _name, _cls, _axis in (("Conv1d", nn.Conv1d, -2), ("Conv2d", nn.Conv2d, -3)):
     register_module_type(_name, _cls, dims=lambda m: (m.in_channels * math.prod(m.kernel_size), m.out_channels),
-                         down=_conv_down, up=_conv_up, weight=lambda m: m.weight.view(m.weight.shape[0], -1),
-                         check=_conv_check, out_axis=_axis, peft=_conv_peft, owner=__name__)
+                         down=_conv_down, up=_conv_up, weight=_conv_weight, store=_conv_store, check=_conv_check,
+                         out_axis=_axis, peft=_conv_peft, owner=__name__)
 register_module_type("Embedding", nn.Embedding, dims=lambda m: (m.num_embeddings, m.embedding_dim),
                      down=_embedding_down, up=_embedding_up, weight=lambda m: m.weight.T, caps={"out_last": True},
+                     input_dropout=False,
                      peft=lambda m, down, up: {"lora_embedding_A": down, "lora_embedding_B": up}, owner=__name__)

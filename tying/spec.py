@@ -134,8 +134,7 @@ class Adapter(_Frozen):
         facts = vocab.kind(info.data["kind"])
         missing, extra = facts.missing(set(factors)), [f for f in factors if f not in facts.factors]
         if missing or extra:
-            need = [e if isinstance(e, str) else " or ".join(e) for e in facts.required]
-            raise ValueError(f"a {facts.name} adapter needs factors {need} and allows {list(facts.factors)}; "
+            raise ValueError(f"a {facts.name} adapter needs factors {facts.needed} and allows {list(facts.factors)}; "
                              f"missing {missing}, not allowed {extra}")
         for name, f in factors.items():
             if len(facts.factors[name]) == 1 and f.init.kind in ("kaiming_uniform", "orthogonal"):

@@ -52,6 +52,9 @@ class KindFacts:
     owner: str = "?"  # the module that registered it, for 'already registered' messages
 
     def __post_init__(self):
+        # ``required`` entries become tuples of alternatives, ``needs`` sets: one form for every reader
+        required = tuple((e,) if isinstance(e, str) else tuple(e) for e in self.required)
+        object.__setattr__(self, "required", required)
         problems = []
         if not isinstance(self.name, str) or not self.name.isidentifier():
             problems.append(f"name {self.name!r} is not an identifier")
@@ -64,10 +67,9 @@ class KindFacts:
                 if not isinstance(shape, tuple) or not shape or any(s not in SYMBOLS for s in shape):
                     problems.append(f"factor {f!r} has shape {shape!r}; give a tuple of {SYMBOLS}")
         names = set(self.factors) if isinstance(self.factors, Mapping) else set()
-        for entry in self.required:
-            alts = (entry,) if isinstance(entry, str) else tuple(entry)
+        for alts in self.required:
             if not alts or any(a not in names for a in alts):
-                problems.append(f"required factor {entry!r} is not among the factors {sorted(names)}")
+                problems.append(f"required factor {' or '.join(alts)!r} is not among the factors {sorted(names)}")
         for s in self.rank_limit:
             if s not in ("d_in", "d_out"):
                 problems.append(f"rank_limit symbol {s!r} is not d_in or d_out")
@@ -86,14 +88,14 @@ class KindFacts:
         if problems:
             raise RegistryError(f"adapter kind {self.name!r} is not well declared: " + "; ".join(problems))
 
+    @property
+    def needed(self) -> list[str]:
+        """The required factors as words: 'A', or 'u or v' for alternatives."""
+        return [" or ".join(alts) for alts in self.required]
+
     def missing(self, given: set[str]) -> list[str]:
-        """The required factors (or alternatives, written 'u or v') that ``given`` lacks."""
-        out = []
-        for entry in self.required:
-            alts = (entry,) if isinstance(entry, str) else tuple(entry)
-            if not given & set(alts):
-                out.append(" or ".join(alts))
-        return out
+        """The required factors (or alternatives) that ``given`` lacks, as words."""
+        return [" or ".join(alts) for alts in self.required if not given & set(alts)]
 
 
 _KINDS: dict[str, KindFacts] = {}
@@ -126,9 +128,9 @@ def kind(name: str) -> KindFacts:
     """The facts of kind ``name``; a ValueError that lists the known kinds otherwise."""
     try:
         return _KINDS[name]
-    except KeyError:
-        raise ValueError(f"unknown adapter kind {name!r}; known: {', '.join(_KINDS)} (register others with "
-                         "tying.register_kind)") from None
+    except KeyError:  # a RegistryError is a ValueError: pydantic reports it with the field's path
+        raise RegistryError(f"unknown adapter kind {name!r}; known: {', '.join(_KINDS)} (register others with "
+                            "tying.register_kind)") from None
 
 
 def kind_names() -> list[str]:
@@ -137,11 +139,14 @@ def kind_names() -> list[str]:
 
 
 def add_module_type(name: str, owner: str, parent: str | None = None) -> None:
-    """Record a module-type name. A name that exists is refused (naming its holder), except a declared bridge
-    type registered by its own bridge."""
+    """Record a module-type name. A name that exists is refused, naming its holder; so is a bridge type's name
+    (BRIDGE_TYPES) registered by anyone but its bridge."""
     if name in _MODULE_TYPES:
         raise RegistryError(f"module type {name!r} is registered already (by {_MODULE_TYPES[name][0]}); "
                             "choose another name")
+    if name in BRIDGE_TYPES and owner != BRIDGES[BRIDGE_TYPES[name]]:
+        raise RegistryError(f"module type {name!r} is reserved for {BRIDGES[BRIDGE_TYPES[name]]}, which registers "
+                            "it when the planner meets such a module; choose another name")
     if parent is not None and parent not in _MODULE_TYPES:
         raise RegistryError(f"module type {name!r}: parent {parent!r} is not a registered module type")
     _MODULE_TYPES[name] = (owner, parent)

@@ -27,8 +27,9 @@ class LoRA(SiteAdapter):
         self.merged = sign > 0
 
 
-def export(factors: dict, scale: float, weight=None):
-    """PEFT LoRA of one site: lora_A = G diag(u) A, lora_B = scale diag(v) B (exact, no SVD)."""
+def export(factors: dict, scale: float, weight):
+    """PEFT LoRA of one site: lora_A = G diag(u) A, lora_B = scale diag(v) B (exact, no SVD); ``weight`` (a
+    callable giving the base weight) is not needed."""
     down, up = update.fold(*(factors.get(n) for n in "ABuvG"), scale)
     return down, up, {}
 
