@@ -164,11 +164,11 @@ def kv_dim(m: nn.Module) -> int:
     return (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) * m.head_dim
 
 
-def _check_sdpa(name: str, attn: nn.Module) -> None:
+def _check_sdpa(where: str, attn: nn.Module) -> None:
     impl = attn.config._attn_implementation
     if impl != "sdpa":
         raise UnsupportedModuleError(
-            f"module {name!r}: prefix adapters need the 'sdpa' attention implementation; this model uses {impl!r}. "
+            f"{where}: prefix adapters need the 'sdpa' attention implementation; this model uses {impl!r}. "
             "Load it with attn_implementation='sdpa' or call model.set_attn_implementation('sdpa')")
 
 
@@ -216,7 +216,7 @@ class _SdpaPrefix:
         self.original = None
 
     def forward(self, wrapper, pk, pv, *args, **kwargs):
-        _check_sdpa(type(wrapper.base).__name__, wrapper.base)  # another implementation would ignore the prefix
+        _check_sdpa(f"a {type(wrapper.base).__name__} module", wrapper.base)  # another implementation ignores it
         if wrapper not in self.users:
             self.acquire(wrapper)
         heads = kv_dim(wrapper.base) // wrapper.base.head_dim
@@ -257,7 +257,8 @@ def _register_types() -> None:
                          match=lambda m: getattr(m, "weight", None) is not None and m.weight.ndim == 2,
                          peft_config={"fan_in_fan_out": True}, owner=__name__, **LINEAR_LIKE)
     register_module_type("Attention", nn.Module, dims=lambda m: (kv_dim(m), kv_dim(m)), match=is_attention,
-                         check=_check_sdpa, caps={"attention": _SDPA}, owner=__name__)
+                         check=lambda name, m: _check_sdpa(f"module {name!r}", m), caps={"attention": _SDPA},
+                         owner=__name__)
 
 
 _register_types()

@@ -7,13 +7,24 @@ import json
 import sys
 
 from .errors import TyingError
-from .integrations.meta_models import REGISTRY, meta_model
 from .planner import plan
 from .spec import load_spec
 
 
+def meta_model(name_or_path: str):
+    from .integrations.meta_models import meta_model  # the command line is a front end over the transformers bridge
+
+    return meta_model(name_or_path)
+
+
+def _models() -> str:
+    from .integrations.meta_models import REGISTRY
+
+    return f"one of {', '.join(REGISTRY)}, or a transformers config.json"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help=f"one of {', '.join(REGISTRY)}, or a transformers config.json")
+    p.add_argument("--model", required=True, help=_models())
     p.add_argument("--spec", required=True, help="preset name (e.g. lora, tl6, vera) or YAML path")
     p.add_argument("--rank", type=int, default=None, help="override the spec's rank")
 
@@ -84,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object: trainable, frozen, by_factor, by_group")
     p.set_defaults(run=_count)
     p = sub.add_parser("budget", help="presets and ranks whose trainable count fits a budget, sorted by count")
-    p.add_argument("--model", required=True, help=f"one of {', '.join(REGISTRY)}, or a transformers config.json")
+    p.add_argument("--model", required=True, help=_models())
     p.add_argument("--max-params", type=int, required=True, help="the budget of trainable parameters")
     p.add_argument("--targets", default="attn_qkv", help="target set: attn_qkv (default), attn, mlp, all_linear")
     p.add_argument("--json", action="store_true", help="a JSON list of {preset, rank, trainable, frozen}")
     p.set_defaults(run=_budget)
     p = sub.add_parser("export-peft", help="materialise a tied adapter as a per-module PEFT LoRA adapter")
-    p.add_argument("--model", required=True, help=f"one of {', '.join(REGISTRY)}, or a transformers config.json")
+    p.add_argument("--model", required=True, help=_models())
     p.add_argument("--adapter", required=True, help="folder written by tying.save_adapter")
     p.add_argument("--out", required=True, help="folder for adapter_config.json + adapter_model.safetensors")
     p.add_argument("--base-model", default=None, help="base_model_name_or_path to record in adapter_config.json")

@@ -117,10 +117,10 @@ def _check_fit(name: str, mt: modtypes.ModuleType, adapter: Adapter, d_in: int, 
     for cap, factor in [(c, None) for c in sorted(facts.needs)] + [
             (c, f) for f in adapter.factors for c in sorted(facts.factor_needs.get(f, ()))]:
         if not mt.has(cap):
-            having = [t.name for t in modtypes.registered() if t.has(cap)]
+            having = ", ".join(t.name for t in modtypes.registered() if t.has(cap)) or "none yet"
             raise UnsupportedModuleError(
                 f"module {name!r} is a {mt.name}: {adapter.kind} adapters{f' with factor {factor}' if factor else ''}"
-                f" need modules with {vocab.CAPABILITIES[cap]}; registered types with it: {', '.join(having)}. "
+                f" need modules with {vocab.CAPABILITIES[cap]}; registered types with it: {having}. "
                 "Narrow the selector, add `types:` to the target, or choose another kind")
     dims = {"d_in": d_in, "d_out": d_out}
     limit = min((dims[s] for s in facts.rank_limit), default=None)

@@ -57,6 +57,15 @@ def register_kind(name: str, *, wrapper: type[SiteAdapter] | None = None, factor
         raise RegistryError(f"adapter kind {name!r}: wrapper {wrapper!r} is not a tying.adapter.SiteAdapter subclass")
     if export is not None and not callable(export):
         raise RegistryError(f"adapter kind {name!r}: export must be callable or None")
+    if not isinstance(factors, Mapping):
+        raise RegistryError(f"adapter kind {name!r}: factors must map factor names to shapes, got {factors!r}")
+    for fact in ("needs", "required", "rank_limit"):
+        if isinstance(facts.get(fact), str):
+            raise RegistryError(f"adapter kind {name!r}: {fact} is a collection of names, not the string "
+                                f"{facts[fact]!r} (write ({facts[fact]!r},))")
+    for fact in ("factor_needs", "serving"):
+        if facts.get(fact) is not None and not isinstance(facts[fact], Mapping):
+            raise RegistryError(f"adapter kind {name!r}: {fact} must be a mapping, got {facts[fact]!r}")
     unknown = set(facts) - set(vocab.KindFacts.__dataclass_fields__) | ({"mergeable", "exportable"} & set(facts))
     if unknown:
         raise RegistryError(f"adapter kind {name!r}: unknown facts {sorted(unknown)}")
