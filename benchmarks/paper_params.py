@@ -13,8 +13,9 @@ import json
 import time
 from pathlib import Path
 
-import tying
 from tying.integrations.meta_models import meta_model
+
+import tying
 
 MODELS = ["llama2-7b", "gpt-2b-001"]
 RANKS = [2, 8, 16, 32, 64, 128]

@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speed import alternate, saved_bytes, spread  # noqa: E402  one timing and memory method for all benchmarks
+from speed import alternate, saved_bytes, spread
 
-import tying  # noqa: E402
-from tying.engine import wrappers  # noqa: E402
+import tying
+from tying.engine import wrappers
 
 BASES = ["bf16", "nf4", "int8", "torchao-int8"]
 UPDATE_SIZES = [0.001, 0.01, 0.1]  # ||dW|| / ||W||
@@ -61,7 +61,6 @@ def tiny_folder(root: Path) -> Path:
 
 def load(folder: Path, base: str):
     import transformers
-
     from tying.integrations.quant import config
 
     kwargs = {} if base == "bf16" else {"quantization_config": config(base, compute_dtype=torch.bfloat16)}
@@ -168,7 +167,7 @@ def bench(folder: Path, args) -> dict:
         for name in MEMORY:
             try:
                 model = adapted(folder, base, name, args.rank)
-            except Exception as e:  # a contender that does not support this base: say so in the table
+            except Exception as e:  # noqa: BLE001  a contender that does not support this base: say so in the table
                 mem[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
                 continue
             _, saved = saved_bytes(lambda m=model: m(input_ids=ids, labels=ids).loss)
@@ -188,24 +187,24 @@ def fmt(s: dict, digits: int = 2) -> str:
 
 def tables(res: dict, args) -> list[str]:
     mb = 1 / 2 ** 20
-    lines = [f"Machine: {platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}. "
-             f"Model: {res['model']}; tl6 rank {args.rank} on q/k/v, float32 factors; batch {args.batch} x "
-             f"{args.seq} tokens; {args.reps} alternated repetitions; median (min to max).", "",
+    lines = [(f"Machine: {platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}. "
+              f"Model: {res['model']}; tl6 rank {args.rank} on q/k/v, float32 factors; batch {args.batch} x "
+              f"{args.seq} tokens; {args.reps} alternated repetitions; median (min to max)."), "",
              "| base | base MiB | / bf16 | train step (s) | step / bf16 base | adapter KiB |",
              "|---|---:|---:|---:|---:|---:|"]
     for base, r in res["bases"].items():
         lines.append(f"| {base} | {r['base_bytes'] * mb:.1f} | {r['bytes_vs_bf16']:.2f} | "
                      f"{r['step_seconds']['median']:.3f} | {fmt(r['step_vs_bf16'])} | {r['adapter_bytes'] / 1024:.1f} |")
-    lines += ["", "**Merging into the base** (`merge_(dequantize=True)` where quantized; a random tl6 update of the "
-              "given size ||dW|| / ||W||, median over the q/k/v sites)", "",
-              "| base | update / W | merged weight: error / update | logits: merge's change / update's effect | "
-              "after unmerge: W error / W |", "|---|---:|---:|---:|---:|"]
+    lines += ["", ("**Merging into the base** (`merge_(dequantize=True)` where quantized; a random tl6 update of the "
+                   "given size ||dW|| / ||W||, median over the q/k/v sites)"), "",
+              ("| base | update / W | merged weight: error / update | logits: merge's change / update's effect | "
+               "after unmerge: W error / W |"), "|---|---:|---:|---:|---:|"]
     for base, r in res["bases"].items():
         for m in r["merge"].values():
             lines.append(f"| {base} | {m['update_rel_norm']:.3f} | {m['merge_weight_error_vs_update']:.3f} | "
                          f"{m['merge_logit_change_vs_update_effect']:.3f} | {m['unmerge_weight_error']:.4f} |")
-    lines += ["", "**Memory of a training step** (bytes saved for backward + float32 parameter, gradient and two "
-              "AdamW moments of the trainable parameters)", "",
+    lines += ["", ("**Memory of a training step** (bytes saved for backward + float32 parameter, gradient and two "
+                   "AdamW moments of the trainable parameters)"), "",
               "| base | contender | trainable | saved for backward (MiB) | total (MiB) | total / PEFT LoRA's |",
               "|---|---|---:|---:|---:|---:|"]
     for base, mem in res["memory"].items():
@@ -253,8 +252,8 @@ def main(argv=None) -> dict:
         if args.tiny:
             folder, model_name = tiny_folder(Path(tmp)), "tiny random Llama (2 layers, width 64)"
         else:
-            from tying.integrations.llm.smollm import DESCRIPTION, MODEL_DIR, load_smollm2
             from tying.integrations.llm.fetch import cache_dir
+            from tying.integrations.llm.smollm import DESCRIPTION, MODEL_DIR, load_smollm2
 
             load_smollm2()  # fetches and caches the folder on first use
             folder, model_name = cache_dir() / "models" / MODEL_DIR, DESCRIPTION

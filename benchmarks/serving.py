@@ -38,11 +38,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tying.integrations.meta_models import REGISTRY
 from tying.integrations.peft import export_peft
 
 import tying
 from tying.bank import FactorBank
-from tying.integrations.meta_models import REGISTRY
 from tying.serving import resident_bytes
 from tying.state import SPEC_FILE, WEIGHTS_FILE
 

@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tying.integrations.meta_models import REGISTRY, meta_model
 
 import tying
 from tying.engine import wrappers
-from tying.integrations.meta_models import REGISTRY, meta_model
 
 QKV = {"smollm2-135m": ["q_proj", "k_proj", "v_proj"], "gpt2": ["c_attn"]}
 TINY = {"smollm2-135m": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

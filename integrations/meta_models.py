@@ -17,15 +17,15 @@ from torch import nn
 from ..errors import TyingError
 
 REGISTRY: dict[str, tuple[str, dict]] = {
-    "llama2-7b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                                num_key_value_heads=32, intermediate_size=11008, vocab_size=32000)),
-    "gpt-2b-001": ("llama", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
-                                 num_key_value_heads=16, intermediate_size=5440, vocab_size=256000,
-                                 tie_word_embeddings=False, attention_bias=False, mlp_bias=False)),
-    "smollm2-135m": ("llama", dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-                                   num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
-                                   tie_word_embeddings=True)),
-    "gpt2": ("gpt2", dict()),
+    "llama2-7b": ("llama", {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                            "num_key_value_heads": 32, "intermediate_size": 11008, "vocab_size": 32000}),
+    "gpt-2b-001": ("llama", {"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16,
+                             "num_key_value_heads": 16, "intermediate_size": 5440, "vocab_size": 256000,
+                             "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False}),
+    "smollm2-135m": ("llama", {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+                               "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
+                               "tie_word_embeddings": True}),
+    "gpt2": ("gpt2", {}),
 }
 
 

@@ -11,6 +11,7 @@ exports at all) is its registered ``export``; how a module type lays the tensors
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -58,7 +59,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
             raise AdapterFileError(f"module {site.name!r} is a {mt.name}, which has no PEFT layout; it cannot be "
                                    "exported to PEFT")
         factors = {f: tensors[f"{f}.{key}"].float() for f, key in site.keys.items()}
-        down, up, extra = kind.export(factors, scale, lambda: _base_weight(mt, module, site.name, site.name in merged))
+        weight = functools.partial(_base_weight, mt, module, site.name, site.name in merged)  # only dora calls it
+        down, up, extra = kind.export(factors, scale, weight)
         for suffix, t in {**mt.peft(module, down, up), **extra}.items():
             state[f"{PREFIX}{site.name}.{suffix}"] = t.detach().clone().contiguous()  # tied: one copy per module
         extra_config.update(mt.peft_config)
@@ -110,8 +112,8 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> None:
     shapes = {f"{g.factor}.{g.key}": g.shape for g in p.groups}
     values = {}
     for site in p.sites:
-        for f, kinds in (("A", ("lora_A.weight", "lora_embedding_A")), ("B", ("lora_B.weight", "lora_embedding_B"))):
-            t = next(tensors[k] for k in (f"{PREFIX}{site.name}.{s}" for s in kinds) if k in tensors)
+        for f, suffixes in (("A", ("lora_A.weight", "lora_embedding_A")), ("B", ("lora_B.weight", "lora_embedding_B"))):
+            t = next(tensors[k] for k in (f"{PREFIX}{site.name}.{s}" for s in suffixes) if k in tensors)
             key = f"{f}.{site.keys[f]}"
             if t.numel() != torch.Size(shapes[key]).numel():
                 raise AdapterFileError(f"{w_path}: {site.name} {f} has shape {tuple(t.shape)}, the model needs "

@@ -103,14 +103,15 @@ class AdapterCheckpoints:
     def __init__(self, model=None, *args, **kwargs):
         bank = getattr(model, "tying_bank", None)
         trainable = bank is not None and any(p.requires_grad for p in bank.parameters())
-        flag = "_hf_peft_config_loaded"
-        if not (trainable and getattr(model, "is_quantized", False) and not getattr(model, flag, False)):
-            return super().__init__(model, *args, **kwargs)
-        setattr(model, flag, True)  # what transformers' check reads for "trainable adapters are attached"
+        flag = "_hf_peft_config_loaded"  # what transformers' check reads for "trainable adapters are attached"
+        vouch = trainable and getattr(model, "is_quantized", False) and not getattr(model, flag, False)
+        if vouch:
+            setattr(model, flag, True)
         try:
             super().__init__(model, *args, **kwargs)
         finally:
-            setattr(model, flag, False)
+            if vouch:
+                setattr(model, flag, False)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir

@@ -62,6 +62,19 @@ def same_state(model, snap) -> bool:
     return list(sd) == list(snap) and all(torch.equal(sd[k], snap[k]) for k in sd)
 
 
+def lm_steps(model, ids, steps: int, lr: float) -> list[float]:
+    """AdamW steps of a causal LM on ``ids`` (labels = inputs) over the trainable parameters; the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def randomize_bank(model, seed: int = 1):
     """Give every factor non-zero values so that merge tests compare a real update."""
     g = torch.Generator().manual_seed(seed)

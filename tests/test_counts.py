@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from tying.integrations.meta_models import meta_model
 
 import tying
 from tying.cli import main
-from tying.integrations.meta_models import meta_model
 
 PAPER = {"llama2-7b": (32, 4096), "gpt-2b-001": (24, 2048)}
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import randomize_bank, tiny_gpt2, tiny_llama
+from conftest import lm_steps, randomize_bank, tiny_gpt2, tiny_llama
 
 import tying
 
@@ -15,7 +15,7 @@ def _randomized(model, preset, rank=4, **overrides):
     tying.apply_(model, tying.load_spec(preset, rank=rank, **overrides))
     randomize_bank(model)
     with torch.no_grad():  # magnitudes near one, as after training, so that the direction term matters too
-        for key, m in model.tying_bank["m"].items():
+        for m in model.tying_bank["m"].values():
             m.add_(1.0)
     return model
 
@@ -145,14 +145,7 @@ def test_not_mixable_and_not_on_convolutions(tmp_path):
 def test_trains_and_round_trips_through_an_adapter_folder(tmp_path, tokens):
     model = tiny_llama()
     tying.apply_(model, tying.load_spec("tied-dora", rank=4))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_steps(model, tokens, 5, 1e-2)
     assert losses[-1] < losses[0]
     tying.save_adapter(model, tmp_path)
     fresh = tiny_llama()

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import same_state, snapshot
+from conftest import lm_steps, same_state, snapshot
 
 import tying
 from tying import modtypes
@@ -35,7 +35,6 @@ def saved(tmp_path_factory):
 
 def load(path, quant):
     import transformers
-
     from tying.integrations.quant import config
 
     return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=config(quant), device_map="cpu")
@@ -46,18 +45,6 @@ def ids():
     return torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
-def train(model, ids, steps=2, lr=1e-2):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def test_contract_nf4_tl6(saved, ids, tmp_path):
     """The issue's contract: a 4-bit (nf4) reload takes tl6; two AdamW steps change the loss; the adapter saved
     alone loads into a fresh 4-bit copy with equal logits; merge_ refuses, naming the module and the option."""
@@ -66,7 +53,7 @@ def test_contract_nf4_tl6(saved, ids, tmp_path):
     assert counts.trainable > 0
     assert {w.mtype.name for _, w in tying.engine.wrappers(model)} == {"Linear4bit"}
     assert all(p.dtype == torch.float32 for p in model.tying_bank.parameters())
-    losses = train(model, ids)
+    losses = lm_steps(model, ids, 2, 1e-2)
     with torch.no_grad():
         final = model(input_ids=ids, labels=ids).loss.item()
     assert final != losses[0]
@@ -88,7 +75,7 @@ def test_presets_train_save_and_load_on_each_quantized_type(saved, ids, tmp_path
     model = load(saved, quant)
     tying.apply_(model, tying.load_spec(preset, rank=4))
     assert {w.mtype.name for _, w in tying.engine.wrappers(model)} == {TYPES[quant]}
-    losses = train(model, ids, steps=6, lr=3e-2)
+    losses = lm_steps(model, ids, 6, 3e-2)
     assert losses[-1] < losses[0]
     tying.save_adapter(model, tmp_path / "a")
     fresh = load(saved, quant)
@@ -145,7 +132,6 @@ def test_tying_trainer_accepts_a_quantized_model_with_tying_factors(saved, tmp_p
     pytest.importorskip("accelerate")
     import transformers
     from datasets import Dataset
-
     from tying.integrations.transformers import TyingTrainer
 
     model = load(saved, "nf4")

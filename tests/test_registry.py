@@ -54,7 +54,7 @@ def test_layers_import_one_way_from_the_bottom():
         assert not (_tying_imports(path) & above), (name, _tying_imports(path) & above)
     for path in CORE.rglob("*.py"):  # the command line, a front end, imports the integrations inside its functions
         indent = "" if path.name == "cli.py" else r"\s*"
-        assert not re.search(rf"^{indent}(import|from) (transformers|\.+integrations)", path.read_text(), re.M), path
+        assert not re.search(rf"^{indent}(import|from) (transformers|\.+integrations)", path.read_text(), re.MULTILINE), path
 
 
 def test_no_kind_name_comparisons_outside_the_kinds_own_files():
@@ -174,13 +174,11 @@ def test_module_types_pickle_and_copy_by_name():
 def test_prefix_routes_sdpa_only_while_applied(tokens):
     pytest.importorskip("transformers")
     import copy
+    import gc
 
     from conftest import tiny_llama
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    import gc
-
     from tying.integrations.transformers import _SDPA
 
     gc.collect()  # prefix models of earlier tests are gone: their wrappers leave the routing
@@ -263,6 +261,6 @@ def test_a_subclass_of_a_bridged_class_loads_the_bridge(tmp_path):
             "spec = {'targets': [{'select': 'c', 'types': ['Conv1D']}], 'adapter': {'rank': 2, 'factors': "
             "{'A': {'init': 'kaiming_uniform'}, 'B': {'init': 'zeros'}}}}\n"
             "print([s.kind for s in tying.plan(net, tying.load_spec(spec)).sites])\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("['Conv1D']")

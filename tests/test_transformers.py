@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import lm_steps, tiny_gpt2, tiny_llama
 from tying.integrations import transformers as tx
 
 import tying
@@ -80,15 +80,7 @@ def test_family_detection_and_errors():
 def _train(model, steps=25, lr=1e-2):
     torch.manual_seed(0)
     data = torch.randint(1, 20, (4, 12))  # a small vocabulary: learnable in a few steps
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=data, labels=data).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return lm_steps(model, data, steps, lr)
 
 
 @pytest.mark.parametrize("preset", ["lora", "tl6", "vera"])

@@ -13,9 +13,9 @@ predicate is tried before a plain one of the same class), so subclasses are adap
 
 from __future__ import annotations
 
-import sys
 import importlib
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -258,7 +258,7 @@ def _embedding_up(module, out, h, B, v, scale):
 
 
 # The facts every Linear-like type shares (features on the last axis, y = x W^T + b): bridges reuse them.
-LINEAR_LIKE = dict(down=_linear_down, up=_linear_up, caps={"linear": True, "out_last": True}, peft=_lora_keys)
+LINEAR_LIKE = {"down": _linear_down, "up": _linear_up, "caps": {"linear": True, "out_last": True}, "peft": _lora_keys}
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features): the sizes of nn.Linear and its subclasses (the quantized linear layers)."""

@@ -60,8 +60,9 @@ def plan_parts(grid: dict) -> list[dict]:
     Raises :class:`GridError` naming the file, config and model for an unknown config or a rank that a
     module cannot take.
     """
-    import tying
     from tying.integrations.meta_models import meta_model
+
+    import tying
 
     from .. import transformers as tx
 

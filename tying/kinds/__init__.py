@@ -94,4 +94,4 @@ def get(name: str) -> Kind:
 
 
 
-from . import bottleneck, dora, ia3, lora, prefix  # noqa: E402,F401  the built-in kinds register themselves
+from . import bottleneck, dora, ia3, lora, prefix  # noqa: F401  the built-in kinds register themselves

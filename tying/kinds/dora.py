@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import update
 from ..errors import NotMergeableError
 from . import register_kind
 from .lora import FACTORS, LoRA
