@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         tying.save_adapter(model, out)
         torch.manual_seed(0)
         fresh = SmallCNN().eval()  # the same base (same seed)
-        tying.load_adapter(fresh, out)
+        tying.load_adapter(fresh, out, replace_modules=True)  # our own folder: its classifier may load
         with torch.no_grad():
             same = torch.allclose(fresh(x_test), model(x_test), atol=1e-5)
         tying.merge_(fresh)  # a conv adapter merges into the base kernel too

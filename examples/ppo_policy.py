@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         save_sb3_adapter(model, f"{out}/adapter")
         fresh = PPO.load(f"{out}/base.zip", device="cpu")
-        load_sb3_adapter(fresh, f"{out}/adapter")
+        load_sb3_adapter(fresh, f"{out}/adapter", replace_modules=True)  # our own folder: its heads may load
         obs = torch.as_tensor(long_pole.observation_space.sample()[None])
         with torch.no_grad():
             same = torch.allclose(fresh.policy.predict_values(obs), model.policy.predict_values(obs), atol=1e-5)

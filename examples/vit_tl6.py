@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as out:  # spec.yaml + adapter.safetensors (factors + head)
         tying.save_adapter(model, out)
         fresh = build_model()  # the same random backbone stands in for reloading the pretrained one
-        tying.load_adapter(fresh, out)
+        tying.load_adapter(fresh, out, replace_modules=True)  # our own folder: its head may replace the model's
         same = torch.allclose(fresh.eval()(x_test), model.eval()(x_test), atol=1e-5)
     print(f"reloaded adapter gives the same outputs: {same}")
     return {"trainable": counts.trainable, "acc_before": before, "acc_after": after, "reload_same": same}

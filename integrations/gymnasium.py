@@ -162,8 +162,9 @@ def save_sb3_adapter(model, directory) -> None:
     save_adapter(model.policy, directory)
 
 
-def load_sb3_adapter(model, directory) -> None:
+def load_sb3_adapter(model, directory, *, replace_modules: bool = False) -> None:
     """Apply and load a saved adapter onto ``model.policy`` (an unadapted SB3 model, e.g. from
-    ``PPO.load`` of the base), then rebuild its optimizer."""
-    load_adapter(model.policy, directory)
+    ``PPO.load`` of the base), then rebuild its optimizer. An adapter with trained heads replaces the policy's
+    heads: pass ``replace_modules=True`` for a folder you trust (as :func:`tying.load_adapter`)."""
+    load_adapter(model.policy, directory, replace_modules=replace_modules)
     rebuild_optimizer_(model)

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -26,7 +27,7 @@ from ..engine import apply_, bank_of
 from ..errors import AdapterFileError
 from ..planner import plan
 from ..spec import load_spec
-from ..state import _atomic_write, _read_header, read_factors, read_spec
+from ..state import _atomic_write, _want, check_tensors, read_adapter
 
 PREFIX = "base_model.model."
 _SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
@@ -36,7 +37,10 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
                 base_model_name_or_path: str | None = None) -> Path:
     """Write a PEFT LoRA adapter for ``model``'s tying adapter (or for the adapter folder ``adapter``,
     planned on ``model``, which may then be a meta-device model)."""
-    spec = bank_of(model).spec if adapter is None else read_spec(Path(adapter))
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise AdapterFileError(f"{out_dir} is a file: export_peft writes a folder (adapter_config.json + "
+                               "adapter_model.safetensors); give the path of a folder")
+    spec, tensors = (bank_of(model).spec, None) if adapter is None else read_adapter(adapter)
     kind = kinds.get(spec.adapter.kind)
     if not kind.facts.exportable or spec.train_modules:
         raise AdapterFileError(f"only adapters of a kind with a PEFT export (lora, dora) and without train_modules "
@@ -49,7 +53,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
         merged = {n for n, m in model.named_modules() if getattr(m, "merged", False)}
     else:
         p = plan(model, spec)
-        tensors = read_factors(Path(adapter), {f"{g.factor}.{g.key}": g.shape for g in p.groups})
+        check_tensors(adapter, tensors, _want(p, model))
         modules = dict(model.named_modules())
     out, scale, r = Path(out_dir), spec.adapter.scale, spec.adapter.rank
     state, extra_config = {}, {}
@@ -97,8 +101,13 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> None:
     if cfg.get("peft_type") != "LORA" or unsupported:
         raise AdapterFileError(f"{cfg_path}: only plain PEFT LoRA adapters import (peft_type LORA without "
                                f"{', '.join(unsupported) or 'other options'}); got peft_type {cfg.get('peft_type')!r}")
-    _read_header(w_path)
-    tensors = load_file(str(w_path))
+    try:
+        tensors = load_file(str(w_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterFileError(f"{w_path} is not a readable safetensors file ({e})") from None
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise AdapterFileError(f"{w_path} holds NaN or infinite values in {bad[:3]}; nothing was imported")
     other = [k for k in tensors if not _SUFFIX.search(k)]
     if other:
         raise AdapterFileError(f"{w_path}: tensors other than lora_A / lora_B ({other[:3]}) cannot be imported")

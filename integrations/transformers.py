@@ -125,13 +125,15 @@ class AdapterCheckpoints:
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if not (Path(resume_from_checkpoint) / SPEC_FILE).is_file():  # a full checkpoint of a plain Trainer
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_adapter(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
+        # the Trainer's own checkpoint: its train_modules are this run's, so they may replace the model's
+        load_adapter(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint,
+                     replace_modules=True)
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
         if not (Path(best) / SPEC_FILE).is_file():
             return super()._load_best_model()
-        load_adapter(self.accelerator.unwrap_model(self.model), best)
+        load_adapter(self.accelerator.unwrap_model(self.model), best, replace_modules=True)
 
 
 def adapter_trainer(trainer_class: type) -> type:

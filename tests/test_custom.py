@@ -88,7 +88,7 @@ def test_every_kind_merges_and_round_trips(tmp_path, net_and_input):
         adapted = net(x)  # merge + unmerge moved the base weights by float rounding
     tying.save_adapter(net, tmp_path)
     tying.unapply_(net)
-    tying.load_adapter(net, tmp_path)
+    tying.load_adapter(net, tmp_path, replace_modules=True)
     with torch.no_grad():
         assert torch.equal(net(x), adapted)
 
@@ -136,7 +136,7 @@ def test_train_modules_are_trained_counted_and_saved(tmp_path, net_and_input):
     tying.save_adapter(net, tmp_path)
     torch.manual_seed(0)  # the same base weights as the fixture's
     fresh = Net().eval()
-    tying.load_adapter(fresh, tmp_path)
+    tying.load_adapter(fresh, tmp_path, replace_modules=True)
     with torch.no_grad():
         assert torch.equal(fresh(x), ref)
     with pytest.raises(tying.errors.ConflictError, match="both adapted"):

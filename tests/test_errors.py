@@ -175,7 +175,8 @@ def test_pickle_offered_as_adapter_is_refused_unread(llama, saved):
 
 
 def test_missing_adapter_files(llama, tmp_path):
-    check(llama, errors.AdapterFileError, r"spec\.yaml not found", lambda m: tying.load_adapter(m, tmp_path))
+    check(llama, errors.AdapterFileError, r"adapter\.safetensors not found: an adapter folder holds spec\.yaml",
+          lambda m: tying.load_adapter(m, tmp_path))
 
 
 # ---- more malformed specs: each names the field -------------------------------------------------
@@ -222,18 +223,37 @@ def test_layer_in_no_explicit_group(llama):
     check(llama, errors.TieError, r"layer=2 is in no group of tie\.layer\.groups \[\[0, 1\]\]", lambda m: tying.apply_(m, spec))
 
 
+def _edit_spec(folder, edit):
+    """Rewrite the spec an adapter folder holds (spec.yaml and the copy its weights file carries)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(folder / "adapter.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta["tying_spec"] = edit(meta["tying_spec"])
+    save_file(tensors, str(folder / "adapter.safetensors"), metadata=meta)
+    (folder / "spec.yaml").write_text(meta["tying_spec"])
+
+
 def test_adapter_with_edited_rank(llama, saved):
-    spec_file = saved / "spec.yaml"
-    spec_file.write_text(spec_file.read_text().replace("rank: 4", "rank: 2"))
+    _edit_spec(saved, lambda text: text.replace("rank: 4", "rank: 2"))
     check(llama, errors.AdapterFileError, r"shape mismatch: A\.model:layers:\*:self_attn:\*: file \(4, 32\) vs model \(2, 32\)",
           lambda m: tying.load_adapter(m, saved))
+
+
+def test_an_edited_spec_yaml_alone_is_reported_and_the_carried_spec_used(llama, saved):
+    spec_file = saved / "spec.yaml"
+    spec_file.write_text(spec_file.read_text().replace("rank: 4", "rank: 2"))
+    model, _ = llama
+    with pytest.warns(UserWarning, match="spec.yaml differs from the spec .* carries, which is used"):
+        tying.load_adapter(model, saved)
+    assert tying.bank_of(model).spec.adapter.rank == 4
 
 
 def test_adapter_with_integer_tensors(llama, saved):
     from safetensors.torch import load_file, save_file
     t = load_file(str(saved / "adapter.safetensors"))
     save_file({k: v.to(torch.int64) for k, v in t.items()}, str(saved / "adapter.safetensors"))
-    check(llama, errors.AdapterFileError, r"dtype mismatch, factors are floating point but .* is I64",
+    check(llama, errors.AdapterFileError, r"dtype mismatch: .* is torch.int64, the model's torch.float32",
           lambda m: tying.load_adapter(m, saved))
 
 
@@ -243,8 +263,9 @@ def test_empty_adapter_file(llama, saved):
 
 
 def test_adapter_spec_with_unknown_key(llama, saved):
-    (saved / "spec.yaml").write_text((saved / "spec.yaml").read_text() + "extra_field: 1\n")
-    check(llama, errors.SpecError, r"spec\.yaml\):\n  extra_field: unknown key", lambda m: tying.load_adapter(m, saved))
+    _edit_spec(saved, lambda text: text + "extra_field: 1\n")
+    check(llama, errors.SpecError, r"adapter\.safetensors \(the spec it carries\)\):\n  extra_field: unknown key",
+          lambda m: tying.load_adapter(m, saved))
 
 
 def test_fp16_adapter_loads_into_fp32_model(llama, saved):
@@ -321,7 +342,7 @@ def test_merge_refused_when_sites_share_a_weight():
     tying.apply_(m, {"targets": [{"select": "emb"}, {"select": "head"}], "adapter": {"rank": 2, "factors": {
         "A": {"init": {"kind": "normal", "seed": 0}}, "B": {"init": {"kind": "normal", "seed": 1}}}}})
     snap = snapshot(m)
-    with pytest.raises(tying.errors.NotMergeableError, match=r"share one base weight"):
+    with pytest.raises(tying.errors.NotMergeableError, match=r"shares its weight with"):
         tying.merge_(m)
     assert same_state(m, snap)
 

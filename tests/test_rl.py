@@ -151,7 +151,7 @@ def test_sb3_ppo_trains_and_saves_adapter(tmp_path, preset):
 
     tg.save_sb3_adapter(model, tmp_path / "adapter")
     fresh = type(model).load(base_path, device="cpu")
-    tg.load_sb3_adapter(fresh, tmp_path / "adapter")
+    tg.load_sb3_adapter(fresh, tmp_path / "adapter", replace_modules=True)
     obs = torch.randn(8, 4)
     with torch.no_grad():
         for a, b in [(model.policy.get_distribution(obs).distribution.logits,

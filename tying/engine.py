@@ -12,8 +12,8 @@ from torch import nn
 from . import kinds, modtypes
 from .adapter import SiteAdapter, link_shared_down
 from .bank import FactorBank
-from .errors import NotAppliedError, NotMergeableError, TyingError
-from .planner import BANK_ATTR, Counts, Plan, plan
+from .errors import AlreadyAppliedError, NotAppliedError, NotMergeableError, TyingError
+from .planner import BANK_ATTR, SERVING_ATTR, Counts, Plan, plan
 from .spec import TyingSpec, load_spec
 
 SpecLike = Union[TyingSpec, dict, str]
@@ -33,9 +33,14 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
     """Adapt ``model`` in place from a spec (or a plan made for this model); return the counts.
 
     Factors live on the device of their first member and in the dtype its module type gives factors (the
-    weight's; float32 on quantized bases) unless ``device``/``dtype`` are given. With ``spec.freeze_base`` (the default) every base parameter is frozen, except those of
-    ``spec.train_modules``; ``unapply_`` restores the original ``requires_grad`` flags.
+    weight's; float32 on quantized bases) unless ``device``/``dtype`` are given. With ``spec.freeze_base`` (the
+    default) every base parameter is frozen, except those of ``spec.train_modules``; ``unapply_`` restores the
+    original ``requires_grad`` flags and the train_modules' values.
     """
+    if getattr(model, SERVING_ATTR, None) is not None:
+        raise AlreadyAppliedError("the model serves adapters (tying.load_adapters_): their rows would get this "
+                                  "adapter's update too. Unload them first (tying.unload_adapter_), or apply to "
+                                  "another copy of the base")
     p = _as_plan(model, spec)
     modules = dict(model.named_modules())
     types = {s.name: modtypes.module_type(s.kind) for s in p.sites}
@@ -47,6 +52,8 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
         for factor, key in site.keys.items():
             first.setdefault((factor, key), place)
     bank = FactorBank(p, first)  # allocation may fail; the model is still untouched
+    bank.modules_before = {n: {k: v.detach().clone() for k, v in model.get_submodule(n).state_dict().items()}
+                           for n in p.train_modules}  # unapply_ puts their values back
     a = p.spec.adapter
     wrapper = kinds.get(a.kind).wrapper
     wrappers = {s.name: wrapper(modules[s.name], bank, s.keys, a.scale, a.dropout, types[s.name]) for s in p.sites}
@@ -61,9 +68,34 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
     for name, w in wrappers.items():
         model.set_submodule(name, w)
         w.attach()
-    bank.hooks = [model.register_load_state_dict_post_hook(_accept_plain_checkpoint),
+    bank.hooks = [model.register_state_dict_post_hook(_record_merge),
+                  model.register_load_state_dict_pre_hook(_read_merge_record),
+                  model.register_load_state_dict_post_hook(_accept_plain_checkpoint),
                   *link_shared_down(model, wrappers)]  # q, k, v with one A and one input: A x once per forward
     return p.counts
+
+
+MERGED_KEY = f"{BANK_ATTR}.merged"  # in the state_dict of a model with merged sites: which ones (plan order)
+
+
+def _record_merge(model, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook of an adapted root: while sites are merged, their base weights hold the update; record
+    which, so that loading the checkpoint into an adapted model marks them merged instead of adding it twice."""
+    sites = [w for _, w in wrappers(model)]
+    if any(w.merged for w in sites):
+        state_dict[prefix + MERGED_KEY] = torch.tensor([w.merged for w in sites], dtype=torch.uint8)
+
+
+def _read_merge_record(model, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook of an adapted root: each site whose base weight the checkpoint holds will be
+    merged exactly when the checkpoint says so (a plain checkpoint holds unmerged weights)."""
+    record = state_dict.pop(prefix + MERGED_KEY, None)
+    names = [n for n, _ in wrappers(model)]
+    flags = [False] * len(names) if record is None else [bool(f) for f in record.tolist()]
+    if len(flags) != len(names):
+        flags = [False] * len(names)  # a record of another adapter: its weights cannot be told apart; unmerged
+    bank_of(model).pending_merged = {n: f for n, f in zip(names, flags)
+                                     if any(prefix + n + k in state_dict for k in (".weight", ".base.weight"))}
 
 
 def _accept_plain_checkpoint(model, incompatible) -> None:
@@ -73,6 +105,9 @@ def _accept_plain_checkpoint(model, incompatible) -> None:
     bank = getattr(model, BANK_ATTR, None)
     if not isinstance(bank, FactorBank):
         return
+    for name, merged in getattr(bank, "pending_merged", {}).items():  # the load succeeded: the record holds
+        model.get_submodule(name).merged = merged
+    bank.pending_merged = {}
     ours = {k for k in incompatible.missing_keys if f"{BANK_ATTR}." in k}
     if len(ours) == len(bank.state_dict()):
         incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in ours]
@@ -104,14 +139,16 @@ def _merge_all(model: nn.Module, sign: int, dequantize: bool = False) -> None:
             w.check_merge(sign, dequantize)
         except NotMergeableError as e:
             raise NotMergeableError(f"module {name!r}: {e}") from None
-    owners: dict[int, list[str]] = {}
-    for name, w in wrappers(model):
-        if getattr(w.base, "weight", None) is not None:
-            owners.setdefault(id(w.base.weight), []).append(name)
-    shared = [names for names in owners.values() if len(names) > 1]
-    if shared and todo:
-        raise NotMergeableError(f"sites {shared[0]} share one base weight (tied weights), so their updates cannot "
-                                "be folded into it separately; keep the adapter unmerged")
+    owners: dict[int, list[str]] = {}  # parameter -> every name it has in the model (tied weights: several)
+    for pname, q in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(q), []).append(pname)
+    for name, w in todo:
+        weight = getattr(w.base, "weight", None)
+        others = [o for o in owners.get(id(weight), []) if not o.startswith(f"{name}.")]
+        if others:
+            raise NotMergeableError(
+                f"module {name!r} shares its weight with {others[:3]} (tied weights, e.g. input embeddings and "
+                "lm_head): merging would change them too. Keep the adapter unmerged, or untie the weights first")
     for _, w in todo:
         w.merge(sign)
 
@@ -136,6 +173,9 @@ def unapply_(model: nn.Module, merge: bool = False, *, dequantize: bool = False)
     for name, w in list(wrappers(model)):
         w.detach()
         model.set_submodule(name, w.base)
+    if not merge:  # the train_modules' values as before apply_ (a loaded adapter may have replaced them)
+        for name, state in bank.modules_before.items():
+            model.get_submodule(name).load_state_dict(state)
     delattr(model, BANK_ATTR)
     for hook in bank.hooks:
         hook.remove()

@@ -3,7 +3,6 @@ computes the counts. Every error is raised here, before the model is touched."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -11,10 +10,11 @@ from torch import nn
 
 from . import modtypes, vocab
 from .errors import AlreadyAppliedError, ConflictError, SelectorError, SpecError, TieError, UnsupportedModuleError
-from .selectors import closest_names, compile_selector
+from .selectors import closest_names, compile_selector, fullmatch
 from .spec import Adapter, Factor, TyingSpec
 
 BANK_ATTR = "tying_bank"
+SERVING_ATTR = "tying_serving"  # the store of adapters served in mixed batches (tying.serving)
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def _bucket(axis, value: str, site: str) -> str:
     return "*"
 
 
-def group_key(name: str, match: re.Match, factor: Factor, shape: tuple[int, ...]) -> str:
+def group_key(name: str, match, factor: Factor, shape: tuple[int, ...]) -> str:
     """The module name with each tied capture replaced by ``*`` (or its bucket); ``*`` for ``tie: all``.
     Dots become ``:`` so the key is a valid parameter name."""
     if factor.tie == "all":
@@ -178,6 +178,10 @@ def plan(model: nn.Module, spec: TyingSpec) -> Plan:
                     for c, _ in m.named_children()}
     named = [(n, m) for n, m in model.named_modules() if n]
     names = [n for n, _ in named]
+    aliases: dict[int, list[str]] = {}  # module -> every name it has (named_modules gives only the first)
+    for n, m in model.named_modules(remove_duplicate=False):
+        if n:
+            aliases.setdefault(id(m), []).append(n)
     claimed: dict[str, int] = {}
     sites, members, shapes = [], {}, {}
     rank = spec.adapter.rank
@@ -186,8 +190,8 @@ def plan(model: nn.Module, spec: TyingSpec) -> Plan:
         excludes = [compile_selector(e) for e in target.exclude]
         hits = []
         for name, module in named:
-            match = pattern.fullmatch(name)
-            if match is None or any(e.fullmatch(name) for e in excludes):
+            match = fullmatch(pattern, name)
+            if match is None or any(fullmatch(e, name) for e in excludes):
                 continue
             if target.types is not None:
                 mt = modtypes.lookup(module)
@@ -204,6 +208,10 @@ def plan(model: nn.Module, spec: TyingSpec) -> Plan:
                 raise ConflictError(f"module {name!r} is claimed by targets[{claimed[name]}] and targets[{ti}]; "
                                     "narrow one selector or add an `exclude`")
             claimed[name] = ti
+            if len(aliases[id(module)]) > 1:
+                raise ConflictError(f"module {name!r} is reachable under several names {aliases[id(module)]}: calls "
+                                    "through another name would bypass the adapter and a merge would act on both; "
+                                    "adapt a model whose modules have one name each")
             if name in mha_children:
                 raise UnsupportedModuleError(f"module {name!r} belongs to an nn.MultiheadAttention, which reads its "
                                              "weights directly instead of calling it; exclude it from the selector")
@@ -244,7 +252,7 @@ def _train_modules(spec: TyingSpec, named: list, claimed: dict) -> dict[str, int
     hits: dict[str, nn.Module] = {}
     for sel in spec.train_modules:
         pattern = compile_selector(sel)
-        found = {n: m for n, m in named if pattern.fullmatch(n)}
+        found = {n: m for n, m in named if fullmatch(pattern, n)}
         if not found:
             raise SelectorError(f"train_modules selector {sel!r} matches no module; closest module names: "
                                 f"{', '.join(closest_names(sel, [n for n, _ in named]))}")

@@ -10,6 +10,10 @@ A selector is either a regex, written ``re:<pattern>``, or a glob. Both are matc
 So ``model.layers.{layer:#}.self_attn.{proj:q_proj|k_proj|v_proj}`` is the same selector as
 ``re:model\\.layers\\.(?P<layer>\\d+)\\.self_attn\\.(?P<proj>q_proj|k_proj|v_proj)``.
 Named captures describe a site; factors are tied along them (see ``spec.Factor.tie``).
+
+A spec may come from someone else's adapter folder, so a selector is untrusted input: patterns run on the
+``regex`` engine with a time limit per module name (:data:`MATCH_SECONDS`), and one that backtracks
+catastrophically stops with a SelectorError instead of hanging.
 """
 
 from __future__ import annotations
@@ -18,21 +22,26 @@ import difflib
 import functools
 import re
 
+import regex
+
 from .errors import SelectorError
+
+MATCH_SECONDS = 1.0  # per module name; real selectors take microseconds
 
 _GLOB_TOKEN = re.compile(r"\*\*|\*|\{(?P<name>[A-Za-z_]\w*)(?::(?P<alts>[^{}]+))?\}|[{}]")
 
 
 @functools.lru_cache(maxsize=256)
-def compile_selector(selector: str) -> re.Pattern:
+def compile_selector(selector: str) -> regex.Pattern:
     """Compile a selector into a regex to ``fullmatch`` module names; raise SelectorError if invalid."""
     if not isinstance(selector, str) or not selector.strip() or selector.strip() == "re:":
         raise SelectorError(f"empty selector {selector!r}: write a glob such as 'layers.{{layer}}.q_proj' "
                             "or a regex prefixed with 're:'")
     if selector.startswith("re:"):
         try:
-            return re.compile(selector[3:])
-        except re.error as e:
+            re.compile(selector[3:])  # Python's grammar decides what is valid (regex would take a name twice)
+            return regex.compile(selector[3:])
+        except (re.error, regex.error, ValueError) as e:
             raise SelectorError(f"invalid regex in selector {selector!r}: {e}") from None
     out, pos = [], 0
     for m in _GLOB_TOKEN.finditer(selector):
@@ -51,9 +60,19 @@ def compile_selector(selector: str) -> re.Pattern:
         pos = m.end()
     out.append(re.escape(selector[pos:]))
     try:
-        return re.compile("".join(out))
-    except re.error as e:  # e.g. the same capture name twice
+        re.compile("".join(out))
+        return regex.compile("".join(out))
+    except (re.error, regex.error, ValueError) as e:  # e.g. the same capture name twice
         raise SelectorError(f"invalid glob selector {selector!r}: {e}") from None
+
+
+def fullmatch(pattern: regex.Pattern, name: str):
+    """``pattern.fullmatch(name)`` within :data:`MATCH_SECONDS`; a SelectorError if the pattern runs longer."""
+    try:
+        return pattern.fullmatch(name, timeout=MATCH_SECONDS)
+    except TimeoutError:
+        raise SelectorError(f"selector {pattern.pattern!r} ran over {MATCH_SECONDS:g} s on module name {name!r} "
+                            "(catastrophic backtracking); rewrite it without nested repetition, or use a glob")
 
 
 def closest_names(selector: str, names: list[str], n: int = 5) -> list[str]:

@@ -31,11 +31,10 @@ from torch import nn
 
 from . import modtypes, update
 from .errors import AlreadyAppliedError, NotAppliedError, ServingError, TyingError
-from .planner import BANK_ATTR, Plan, plan
+from .planner import BANK_ATTR, SERVING_ATTR, Plan, plan
 from .serving_bank import COL, NEUTRAL, ROLES, ServingBank, stack_key
-from .state import read_factors, read_spec
+from .state import _want, check_tensors, read_adapter
 
-SERVING_ATTR = "tying_serving"
 
 
 @dataclass
@@ -139,7 +138,7 @@ def _read(model: nn.Module, name: str, folder) -> tuple[Plan, dict[str, torch.Te
     """Plan and read one adapter folder; every error names the adapter. Changes nothing."""
     src = Path(folder)
     try:
-        spec = read_spec(src)
+        spec, tensors = read_adapter(src)
         if spec.adapter.facts.serving is None:
             raise ServingError(f"it is a {spec.adapter.kind} adapter, which cannot be mixed row by row (only kinds "
                                "whose facts give serving roles can: the LoRA family and ia3); serve it alone with "
@@ -152,7 +151,8 @@ def _read(model: nn.Module, name: str, folder) -> tuple[Plan, dict[str, torch.Te
         if odd:
             raise ServingError(f"it adapts {odd[:3]}; mixed batches support modules with features on the last axis "
                                "(Linear-like: Linear, Conv1D, quantized Linear)")
-        return p, read_factors(src, {f"{g.factor}.{g.key}": g.shape for g in p.groups})
+        check_tensors(src, tensors, _want(p, model))
+        return p, tensors
     except TyingError as e:
         raise type(e)(f"adapter {name!r} ({src}): {e}") from None
 

@@ -9,10 +9,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
     Field,
-    PositiveInt,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -33,6 +33,17 @@ def _compiles(s: str) -> str:
 
 
 Selector = Annotated[str, AfterValidator(_compiles)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]  # .inf or .nan in a spec is a typo or an attack
+
+
+def _no_bool(v: Any) -> Any:
+    if isinstance(v, bool):  # YAML's true/false would otherwise count as 1/0
+        raise ValueError(f"expected a whole number, got the boolean {v}")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_no_bool)]
+PositiveWhole = Annotated[Int, Field(gt=0)]
 
 
 class _Frozen(BaseModel):
@@ -44,12 +55,12 @@ class Init(_Frozen):
     (group i of a factor uses ``seed + i``)."""
 
     kind: Literal["zeros", "ones", "constant", "kaiming_uniform", "normal", "uniform", "orthogonal"]
-    value: float = 0.0  # constant
-    mean: float = 0.0  # normal
-    std: float = Field(1.0, gt=0)  # normal
-    bound: float = Field(1.0, gt=0)  # uniform(-bound, bound)
-    gain: float = Field(1.0, gt=0)  # orthogonal
-    seed: int | None = None
+    value: Finite = 0.0  # constant
+    mean: Finite = 0.0  # normal
+    std: Finite = Field(1.0, gt=0)  # normal
+    bound: Finite = Field(1.0, gt=0)  # uniform(-bound, bound)
+    gain: Finite = Field(1.0, gt=0)  # orthogonal
+    seed: Int | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -62,7 +73,7 @@ class TieAxis(_Frozen):
     integer values, or explicit ``groups`` of values. A bare string ``"layer"`` means all values."""
 
     capture: str
-    every: PositiveInt | None = None
+    every: PositiveWhole | None = None
     groups: list[list[int | str]] | None = None
 
     @model_validator(mode="before")
@@ -115,9 +126,9 @@ class Adapter(_Frozen):
     has. ``alpha`` defaults to ``rank`` (scale 1, as the paper)."""
 
     kind: str = "lora"
-    rank: PositiveInt
-    alpha: float | None = Field(None, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    rank: PositiveWhole
+    alpha: Finite | None = Field(None, gt=0)
+    dropout: Finite = Field(0.0, ge=0.0, lt=1.0)
     factors: dict[str, Factor]
 
     @field_validator("kind")
@@ -230,25 +241,44 @@ def _format_validation(e: ValidationError, where: str) -> str:
     return "\n".join(lines)
 
 
-def _read_yaml(path: Path) -> Any:
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is written twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(text: str, where: str) -> Any:
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506  a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(f"YAML syntax error in {path}{at}: {getattr(e, 'problem', e)}") from None
+        raise SpecError(f"YAML syntax error in {where}{at}: {getattr(e, 'problem', e)}") from None
+
+
+def parse_spec(text: str, where: str) -> TyingSpec:
+    """A spec from YAML text (e.g. the copy an adapter file carries); ``where`` names it in errors."""
+    return load_spec(_read_yaml(text, where), _where=where)
 
 
 _ADAPTER_OVERRIDES = ("rank", "alpha", "dropout")
 
 
-def load_spec(source: TyingSpec | dict | str | Path, **overrides: Any) -> TyingSpec:
+def load_spec(source: TyingSpec | dict | str | Path, _where: str = "dict", **overrides: Any) -> TyingSpec:
     """Build a spec from a preset name, a YAML path, a dict or a spec.
 
     ``overrides`` replace fields: ``rank``, ``alpha`` and ``dropout`` of the adapter, and ``targets``,
     ``freeze_base`` or ``train_modules`` at the top. The result is validated anew; the source is never changed.
     """
-    where = "dict"
+    where = _where
     if isinstance(source, TyingSpec):
         data, where = source.model_dump(mode="json"), "spec"
     elif isinstance(source, dict):
@@ -264,7 +294,7 @@ def load_spec(source: TyingSpec | dict | str | Path, **overrides: Any) -> TyingS
                 if path.suffix in (".yaml", ".yml") or "/" in str(source):
                     raise SpecError(f"spec file not found: {path}")
                 raise SpecError(f"unknown preset {source!r} and no such file; {hint}")
-            data, where = _read_yaml(path), str(path)
+            data, where = _read_yaml(path.read_text(), str(path)), str(path)
     else:
         raise SpecError(f"cannot build a spec from a {type(source).__name__}; give a preset name, path or dict")
     if not isinstance(data, dict):

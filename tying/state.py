@@ -1,46 +1,86 @@
-"""Saving and loading adapters: ``spec.yaml`` + ``adapter.safetensors`` (each tied factor once,
-nothing of the base model but the spec's ``train_modules``). Nothing is ever unpickled; saves are atomic."""
+"""Saving and loading adapters: ``spec.yaml`` + ``adapter.safetensors`` (each tied factor once, nothing of the base
+model but the spec's ``train_modules``). Nothing is ever unpickled.
+
+The folder is the unit users save, ship and serve, and one from someone else is untrusted input:
+
+- **Atomic.** The weights file carries the spec in its metadata, so the one rename that replaces it replaces the
+  whole adapter; ``spec.yaml`` (for people and older readers) follows, and where the two differ after a crash
+  the weights file's copy wins. Files are fsynced before the rename and the folder after; temporaries a killed
+  save left behind are removed by the next save into the folder (one writer per folder).
+- **Read once.** The spec and every tensor come through one handle, so a save in between cannot mix two adapters.
+- **Checked before anything changes**: keys, shapes, dtypes, finite values; a folder that would replace base
+  modules (``train_modules``) is refused unless the caller opts in, naming what it would replace.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .engine import apply_, bank_of, wrappers
 from .errors import AdapterFileError, AlreadyAppliedError
-from .planner import BANK_ATTR, plan
-from .spec import load_spec
+from .planner import BANK_ATTR, Plan, plan
+from .spec import TyingSpec, load_spec, parse_spec
 
 SPEC_FILE = "spec.yaml"
 WEIGHTS_FILE = "adapter.safetensors"
+SPEC_KEY = "tying_spec"  # the spec's YAML in the weights file's metadata (format 2)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash leaves the old file."""
+    """Write through a temporary file in the same folder, fsync, rename: a crash leaves the old file or the new."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        _fsync(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync(path.parent)
+
+
+def _clean_stale(folder: Path) -> None:
+    """Remove the temporaries of saves that were killed before their rename."""
+    for name in (WEIGHTS_FILE, SPEC_FILE):
+        for tmp in folder.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the model's adapter (spec and factors) to ``directory``; return the folder."""
+    """Write the model's adapter (spec and factors) to ``directory``, replacing an adapter there atomically;
+    return the folder."""
     bank = bank_of(model)
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise AdapterFileError(f"{out} is a file: save_adapter writes a folder ({SPEC_FILE} + {WEIGHTS_FILE}); "
+                               "give the path of a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AdapterFileError(f"cannot create the adapter folder {out}: {e}") from None
+    _clean_stale(out)
+    spec = bank.spec.to_yaml()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in _adapter_state(model).items()}
-    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "tying", "version": "1"}))
-    _atomic_write(out / SPEC_FILE, lambda tmp: Path(tmp).write_text(bank.spec.to_yaml()))
+    meta = {"format": "tying", "version": "2", SPEC_KEY: spec}
+    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    _atomic_write(out / SPEC_FILE, lambda tmp: Path(tmp).write_text(spec))
     return out
 
 
@@ -64,53 +104,81 @@ def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**bank.state_dict(keep_vars=True), **_module_state(model, bank.plan.train_modules)}
 
 
-def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+def read_adapter(src: str | os.PathLike) -> tuple[TyingSpec, dict[str, torch.Tensor]]:
+    """The spec and the tensors of the adapter folder ``src``, read through one handle. Changes nothing."""
+    src = Path(src)
+    path = src / WEIGHTS_FILE
+    if not path.is_file():
+        raise AdapterFileError(f"{path} not found: an adapter folder holds {SPEC_FILE} and {WEIGHTS_FILE}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
+            text = (f.metadata() or {}).get(SPEC_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (a safetensors handle, not a dict)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterFileError(f"{path} is not a readable safetensors file ({e}); "
                                "tying reads only safetensors adapters and never unpickles") from None
+    if text is not None:
+        yaml_file = src / SPEC_FILE
+        if yaml_file.is_file() and yaml_file.read_text() != text:
+            warnings.warn(f"{yaml_file} differs from the spec {path} carries, which is used (a save was interrupted "
+                          f"between its two files, or {SPEC_FILE} was edited: change a spec by saving the adapter "
+                          "again)", stacklevel=3)
+        return parse_spec(text, f"{path} (the spec it carries)"), tensors
+    if not (src / SPEC_FILE).is_file():  # format 1 (tying 0.1): the spec lives in spec.yaml only
+        raise AdapterFileError(f"{src / SPEC_FILE} not found: an adapter folder holds {SPEC_FILE} and {WEIGHTS_FILE}")
+    return load_spec(src / SPEC_FILE), tensors
 
 
-def read_spec(src: Path):
-    """The spec of the adapter folder ``src``, after checking that it holds both files."""
-    for name in (SPEC_FILE, WEIGHTS_FILE):
-        if not (src / name).is_file():
-            raise AdapterFileError(f"{src / name} not found: an adapter folder holds {SPEC_FILE} and {WEIGHTS_FILE}")
-    return load_spec(src / SPEC_FILE)
-
-
-def read_factors(src: Path, groups: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """The tensors of ``src``'s adapter file, after checking its header against ``groups`` (key -> shape): the
-    same keys, floating-point factors, the same shapes. Reads nothing else and changes nothing."""
-    found = _read_header(src / WEIGHTS_FILE)
-    missing, extra = sorted(set(groups) - set(found)), sorted(set(found) - set(groups))
+def check_tensors(src, tensors: dict[str, torch.Tensor], want: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """Check an adapter's ``tensors`` against ``want`` (key -> shape and the model's dtype): the same keys,
+    floating-point factors, module tensors of the model's kind of dtype, the same shapes, finite values."""
+    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or extra:
         raise AdapterFileError(f"adapter in {src} does not fit this model: missing factors {missing[:5]}, "
                                f"unexpected factors {extra[:5]} (was it saved from a different model?)")
-    ints = [f"{k} is {found[k][1]}" for k in groups
-            if not k.startswith(MODULES) and found[k][1] not in ("F16", "BF16", "F32", "F64")]
-    if ints:
-        raise AdapterFileError(f"adapter in {src}: dtype mismatch, factors are floating point but {'; '.join(ints[:5])}")
-    wrong = [f"{k}: file {found[k][0]} vs model {groups[k]}" for k in groups if found[k][0] != groups[k]]
+    wrong_dtype = [f"{k} is {t.dtype}, the model's {want[k][1]}" for k, t in tensors.items()
+                   if t.is_floating_point() != want[k][1].is_floating_point
+                   or (not t.is_floating_point() and t.dtype != want[k][1])
+                   or (not k.startswith(MODULES) and not t.is_floating_point())]
+    if wrong_dtype:
+        raise AdapterFileError(f"adapter in {src}: dtype mismatch: {'; '.join(wrong_dtype[:5])}")
+    wrong = [f"{k}: file {tuple(t.shape)} vs model {want[k][0]}" for k, t in tensors.items()
+             if tuple(t.shape) != tuple(want[k][0])]
     if wrong:
         raise AdapterFileError(f"adapter in {src} does not fit this model; shape mismatch: {'; '.join(wrong[:5])}")
-    try:
-        return load_file(str(src / WEIGHTS_FILE))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterFileError(f"{src / WEIGHTS_FILE} is corrupted: {e}") from None
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise AdapterFileError(f"adapter in {src} holds NaN or infinite values in {bad[:5]}; nothing was loaded")
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
+def _want(p: Plan, model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What an adapter file for plan ``p`` on ``model`` must hold: key -> (shape, dtype of the model's tensor)."""
+    want = {f"{g.factor}.{g.key}": (g.shape, torch.float32) for g in p.groups}
+    want.update({k: (tuple(v.shape), v.dtype) for k, v in _module_state(model, p.train_modules).items()})
+    return want
+
+
+def _refuse_module_replacement(src: Path, p: Plan, model: nn.Module) -> None:
+    total = sum(q.numel() for q in model.parameters()) or 1
+    n = sum(p.train_modules.values())
+    names = ", ".join(list(p.train_modules)[:5]) + (" ..." if len(p.train_modules) > 5 else "")
+    raise AdapterFileError(
+        f"{src} would replace base modules of the model with tensors from the file: {names} ({n:,} parameters, "
+        f"{100 * n / total:.0f} % of the model). Nothing was loaded. If you trust the folder, pass "
+        "load_adapter(model, folder, replace_modules=True)")
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modules: bool = False) -> None:
     """Apply the adapter saved in ``directory`` to ``model`` and load its factors.
 
-    If the model already carries an adapter with the same spec, only the factors are loaded. Every
-    check (spec, plan, keys, shapes, dtypes) runs before the model is touched. Floating-point factors
-    are cast to the model's factor dtype (e.g. an fp32 adapter into a bf16 model).
+    If the model already carries an adapter with the same spec, only the factors are loaded. Every check (spec,
+    plan, keys, shapes, dtypes, finite values) runs before the model is touched. Floating-point factors are cast to
+    the model's factor dtype (e.g. an fp32 adapter into a bf16 model). An adapter whose spec trains base modules
+    whole (``train_modules``, e.g. a classification head) replaces those modules' weights: that needs
+    ``replace_modules=True`` (``tying.unapply_`` puts the originals back).
     """
     src = Path(directory)
-    spec = read_spec(src)
+    spec, tensors = read_adapter(src)
     applied = hasattr(model, BANK_ATTR)
     if applied:
         bank = bank_of(model)
@@ -123,12 +191,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         if any(w.merged for _, w in wrappers(model)):
             raise AlreadyAppliedError("the model's adapter is merged; call tying.unmerge_(model) before loading "
                                       "new factors (the base weights hold the old update)")
-        groups = {k: tuple(v.shape) for k, v in _adapter_state(model).items()}
+        p = bank.plan
     else:
         p = plan(model, spec)
-        groups = {f"{g.factor}.{g.key}": g.shape for g in p.groups}
-        groups.update({k: tuple(v.shape) for k, v in _module_state(model, p.train_modules).items()})
-    tensors = read_factors(src, groups)
+    if p.train_modules and not replace_modules:
+        _refuse_module_replacement(src, p, model)
+    check_tensors(src, tensors, _want(p, model))
     if not applied:
         apply_(model, p)
     with torch.no_grad():

@@ -32,6 +32,8 @@ def _magnitude(m, W, dW) -> torch.Tensor:
 class DoRA(LoRA):
     """The magnitude-scaled LoRA update on modules with features on the last axis and a readable weight."""
 
+    applied = None  # the per-row scale a merge applied (None: not merged here, e.g. merged in a loaded checkpoint)
+
     def magnitude(self) -> torch.Tensor:
         """The applied per-row scale ``m * ||W|| / ||W + dW||``."""
         return _magnitude(self.factor("m"), self.mtype.weight(self.base).detach(), self.delta().detach())
@@ -47,6 +49,9 @@ class DoRA(LoRA):
 
     def check_merge(self, sign: int, dequantize: bool = False) -> None:
         super().check_merge(sign, dequantize)
+        if sign < 0 and self.applied is None:
+            raise NotMergeableError("this DoRA site was merged in a loaded checkpoint, which does not store the scale "
+                                    "the merge applied; load an unmerged checkpoint instead")
         if sign < 0 and (self.applied == 0).any():
             raise NotMergeableError("cannot unmerge a DoRA update whose magnitude has zeros (rows scaled to 0)")
 
