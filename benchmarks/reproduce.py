@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -515,7 +516,11 @@ def check(s: dict) -> None:
     for t in s["tasks"]:
         get_task(t, s["data"])
         if t.endswith(".jsonl"):
-            load_jsonl_examples(t)  # a malformed line fails here, not after the first parts
+            n, need = len(load_jsonl_examples(t)), n_test_for(s, t) + (1 if s["configs"] else 0)
+            if n < need:  # a malformed line fails above, a short file here: not after the first parts
+                raise ValueError(f"{t}: {n} usable lines, but --n-test {n_test_for(s, t)} takes that many for the test "
+                                 f"set{' and training needs at least one more' if s['configs'] else ''}; "
+                                 "give more lines or a smaller --n-test")
         if s["data"] is not None and not t.endswith(".jsonl"):
             hf_data.load_splits(t, s["data"])
     meta = _meta(src)
@@ -581,6 +586,22 @@ def run_grid(path: str, out_root: Path, threads_note: dict) -> None:
             run(s, out_root / name, resume=True)
 
 
+def _number(kind, low: float, inclusive: bool = True):
+    """An argparse type: a finite ``kind`` at least (or, not ``inclusive``, above) ``low``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give a number {'>=' if inclusive else '>'} {low}")
+        return value
+    return parse
+
+
+POSITIVE, NONNEG, RATE = _number(int, 1), _number(int, 0), _number(float, 0.0, inclusive=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="nli; zero-shot, lora, tl6, vera; 30 steps x 4 (< 10 min)")
@@ -593,21 +614,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", choices=list(DTYPES),
                     help="the frozen base's dtype (factors stay float32); default bfloat16 on cuda, else float32")
     ap.add_argument("--data", help="hf (Hugging Face hub datasets) or a local folder of them; default: packaged sources")
-    ap.add_argument("--max-len", type=int)
-    ap.add_argument("--grad-accum", type=int)
+    ap.add_argument("--max-len", type=POSITIVE)
+    ap.add_argument("--grad-accum", type=POSITIVE)
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--tasks", nargs="+")
     ap.add_argument("--configs", nargs="*", help="none: zero-shot only")
-    ap.add_argument("--ranks", nargs="+", type=int)
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--n-train", type=int)
+    ap.add_argument("--ranks", nargs="+", type=POSITIVE)
+    ap.add_argument("--steps", type=POSITIVE)
+    ap.add_argument("--n-train", type=POSITIVE)
     ap.add_argument("--n-test", nargs="+", metavar="N|TASK=N", help="test examples per task, e.g. 200 nli=500")
-    ap.add_argument("--batch", type=int)
-    ap.add_argument("--lr", type=float, help="one learning rate for every config (default: the swept LR table)")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (two 1-thread runs side by side beat one 2-thread run)")
-    ap.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds (data order and every init)")
+    ap.add_argument("--batch", type=POSITIVE)
+    ap.add_argument("--lr", type=RATE, help="one learning rate for every config (default: the swept LR table)")
+    ap.add_argument("--threads", type=POSITIVE, help="torch CPU threads (two 1-thread runs side by side beat one 2-thread run)")
+    ap.add_argument("--seed", type=NONNEG, nargs="+", default=[0], help="one or more seeds (data order and every init)")
     ap.add_argument("--sweep", action="store_true", help="LR sweep on held-out training examples")
-    ap.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2], help="the sweep's grid")
+    ap.add_argument("--lrs", nargs="+", type=RATE, default=[1e-3, 3e-3, 1e-2], help="the sweep's grid")
     ap.add_argument("--extend", action="store_true", help="with --sweep: extend each cell's grid past a best rate at its edge")
     ap.add_argument("--lr-from", metavar="SWEEP_JSON", help="train each (task, config, rank) at its rate in a sweep file")
     ap.add_argument("--report", action="store_true", help="train nothing: report the finished parts at these settings")
@@ -633,6 +654,8 @@ def main(argv: list[str] | None = None) -> None:
         s["seed"] = args.seed[0] if len(args.seed) == 1 else args.seed
         for n in args.n_test or []:
             task, _, size = n.rpartition("=")
+            if not size.isdigit() or int(size) < 1:
+                raise ValueError(f"--n-test {n}: give a whole number of test examples >= 1, as N or TASK=N")
             if task:
                 s.setdefault("n_test_of", {})[task] = int(size)
             else:
@@ -642,15 +665,22 @@ def main(argv: list[str] | None = None) -> None:
         if args.lr is not None:
             s["lr_of"] = {c: args.lr for c in s["configs"]}
         if args.lr_from:
+            if not Path(args.lr_from).is_file():
+                raise ValueError(f"--lr-from {args.lr_from}: no such sweep file (benchmarks/results/.../lr_sweep.json)")
             s["lr_of"], s["lr_from"] = lr_table(args.lr_from, s, strict=not args.report), args.lr_from
+        out = Path(args.out or f"benchmarks/results/reproduce{'-gpu' if args.gpu else '-quick' if args.quick else ''}")
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; give a folder for the results")
         check(s)
     except (TyingError, ValueError) as e:  # bad input: nothing has been written yet
         sys.exit(f"error: {e}")
-    out = Path(args.out or f"benchmarks/results/reproduce{'-gpu' if args.gpu else '-quick' if args.quick else ''}")
-    if args.sweep:
-        out.mkdir(parents=True, exist_ok=True)
-        return sweep(s, out, args.lrs, extend=args.extend)
-    run(s, out, resume=args.resume or not (args.quick or args.gpu), train=not args.report)
+    try:
+        if args.sweep:
+            out.mkdir(parents=True, exist_ok=True)
+            return sweep(s, out, args.lrs, extend=args.extend)
+        run(s, out, resume=args.resume or not (args.quick or args.gpu), train=not args.report)
+    except TyingError as e:  # e.g. a non-finite loss: the part that hit it was not written
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

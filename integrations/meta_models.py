@@ -42,17 +42,37 @@ def meta_model(name_or_path: str) -> nn.Module:
     tf = _transformers()
     if name_or_path in REGISTRY:
         model_type, kwargs = REGISTRY[name_or_path]
-        config = tf.AutoConfig.for_model(model_type, **kwargs)
+        data = {"model_type": model_type, **kwargs}
     elif Path(name_or_path).is_file():
-        data = json.loads(Path(name_or_path).read_text())
-        if "model_type" not in data:
+        try:
+            data = json.loads(Path(name_or_path).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TyingError(f"{name_or_path} is not a JSON file ({e}); give a transformers config.json") from None
+        if not isinstance(data, dict) or "model_type" not in data:
             raise TyingError(f"{name_or_path} has no 'model_type'; is it a transformers config.json?")
-        config = tf.AutoConfig.for_model(data.pop("model_type"), **data)
     else:
         raise TyingError(f"unknown model {name_or_path!r}: give one of {', '.join(REGISTRY)} "
                          "or the path of a transformers config.json")
+    data = dict(data)
+    model_type = data.pop("model_type")
+    try:
+        config = tf.AutoConfig.for_model(model_type, **data)
+    except Exception as e:  # noqa: BLE001  an unknown model_type, a value transformers (or its hub) refuses
+        raise TyingError(f"{name_or_path}: transformers cannot build a {model_type!r} config: {_first_line(e)}") from None
     with torch.device("meta"):
         try:
             return tf.AutoModelForCausalLM.from_config(config)
         except ValueError:  # not a causal LM (e.g. an encoder or a ViT): the bare model
+            pass
+        try:
             return tf.AutoModel.from_config(config)
+        except Exception as e:  # noqa: BLE001
+            raise TyingError(f"{name_or_path}: transformers cannot build a {model_type!r} model from this config: "
+                             f"{_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    """The gist of a library's error: its last non-empty line (the cause), at most 200 characters."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    text = lines[-1] if len(lines) > 1 else lines[0]
+    return text if len(text) <= 200 else text[:200] + " ..."

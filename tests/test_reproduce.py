@@ -248,9 +248,9 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_run, tmp_path, mon
     folder, jsonl = tiny_run
     out = tmp_path / "out"
     refused(["--model", str(tmp_path / "nope"), "--quick"], out, "--model .*no such model folder")
-    refused(["--model", str(folder), "--tasks", str(jsonl), "--configs", "tl6", "--ranks", "40"], out,
+    refused(["--model", str(folder), "--tasks", str(jsonl), "--configs", "tl6", "--ranks", "40", "--n-test", "8"], out,
             "--configs tl6 --ranks 40 .*use rank <= 32")
-    refused(["--model", str(folder), "--tasks", str(jsonl), "--configs", "tl99"], out, "tl99")
+    refused(["--model", str(folder), "--tasks", str(jsonl), "--configs", "tl99", "--n-test", "8"], out, "tl99")
     refused(["--tasks", "nli", "--data", str(tmp_path)], out, "no folder .*nli.*write its split files")
     (tmp_path / "nli").mkdir()
     (tmp_path / "nli" / "train.json").write_text(json.dumps({"premise": "a", "hypothesis": "b", "label": 0}) + "\n")

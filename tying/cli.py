@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .errors import TyingError
+from .errors import SelectorError, SpecError, TyingError
 from .planner import plan
 from .spec import load_spec
 
@@ -52,6 +52,7 @@ def _budget(args) -> None:
     from .spec import preset_names
 
     model, rows, names = meta_model(args.model), [], {}
+    tx.targets(model, args.targets)  # an unknown target set or model family: one error, not an empty table
     for preset in preset_names():  # aliases (tl6 = tied-ABuv, ...) are one entry
         names.setdefault(load_spec(preset).model_dump_json(), []).append(preset)
     for preset in (" = ".join(n) for n in names.values()):
@@ -61,8 +62,11 @@ def _budget(args) -> None:
         for rank in BUDGET_RANKS:
             try:
                 counts.append((rank, plan(model, tx.spec(model, first, targets, rank=rank)).counts))
-            except TyingError:  # e.g. a rank larger than a module allows
-                continue
+            except SpecError as e:  # a rank larger than a module allows; anything else is the user's to see
+                if isinstance(e, SelectorError) or "adapter.rank" not in str(e):
+                    raise
+        if not counts:
+            continue
         if len({(c.trainable, c.frozen) for _, c in counts}) == 1:  # the rank does not matter (ia3): one row
             counts = [("—", counts[0][1])]
         rows += [{"preset": preset, "rank": rank, "trainable": c.trainable, "frozen": c.frozen}
@@ -70,6 +74,10 @@ def _budget(args) -> None:
     rows.sort(key=lambda r: (r["trainable"], r["preset"], str(r["rank"]).zfill(4)))
     if args.json:
         print(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        print(f"no preset fits a budget of {args.max_params:,} trainable parameters on {args.model} "
+              f"(targets {args.targets})")
         return
     print(f"{'preset':<20} {'rank':>5} {'trainable':>12} {'frozen':>12}   (targets {args.targets}; prefix presets: attention modules; budget {args.max_params:,})")
     for r in rows:

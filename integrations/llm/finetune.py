@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ...errors import TyingError
 from .tasks import collate, encode_example, first_line, render_prompt
 
 
@@ -98,6 +99,9 @@ def _trainer_classes():
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 self.hist["loss"].append(float(logs["loss"]))
+                if not math.isfinite(self.hist["loss"][-1]):  # stop at once: every later step would train on NaN
+                    self.hist["nonfinite_step"] = state.global_step
+                    control.should_training_stop = True
 
         def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
             step = state.global_step
@@ -180,6 +184,11 @@ def finetune(model, train_examples: list[dict], tokenizer, steps: int, lr: float
         start = time.perf_counter()
         trainer.train()
         hist["seconds"] = time.perf_counter() - start
+    if "nonfinite_step" in hist:
+        base = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad})
+        raise TyingError(f"the training loss became {hist['loss'][-1]} at step {hist['nonfinite_step']} with the base "
+                         f"in {', '.join(base) or 'its dtype'}: the model overflows there (float16's range is small). "
+                         "Train in bfloat16 or float32, or lower the learning rate; nothing was saved")
     if gradient_checkpointing:  # leave the model as it came (v5 renamed the method)
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     model.eval()

@@ -254,14 +254,27 @@ def load_gsm8k(n_train=1000, n_test=200, seed=0, test_seed=10_000, max_chars=900
 
 # ---------------------------------------------------------------- user JSONL
 def load_jsonl_examples(path) -> list[Example]:
-    """Records of a JSONL file with ``prompt`` and ``answer`` fields."""
+    """Records of a JSONL file with ``prompt`` and ``answer`` fields (UTF-8, a byte-order mark allowed); an error
+    names ``path:line``."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
     out = []
-    for i, line in enumerate(Path(path).read_text("utf-8").splitlines()):
-        if line.strip():
+    for i, raw in enumerate(data.split(b"\n")):  # newlines only: str.splitlines also splits on \x1c, \u2028, ...
+        try:
+            line = raw.decode("utf-8-sig" if i == 0 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{i + 1}: not UTF-8 (byte {e.start + 1} of the line); save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
             rec = json.loads(line)
-            if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("answer"), str):
-                raise ValueError(f"{path}:{i + 1}: each line needs string fields 'prompt' and 'answer'")
-            out.append(rec)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i + 1}: not a JSON object ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("answer"), str):
+            raise ValueError(f"{path}:{i + 1}: each line needs string fields 'prompt' and 'answer'")
+        out.append(rec)
     return out
 
 

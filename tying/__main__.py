@@ -1,0 +1,7 @@
+"""``python -m tying``: the ``tying`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
