@@ -36,7 +36,6 @@ from .serving_bank import COL, NEUTRAL, ROLES, ServingBank, stack_key
 from .state import _want, check_tensors, read_adapter
 
 
-
 @dataclass
 class _Route:
     """What one site needs for one batch of ``rows`` rows (tensors gathered when the block is entered)."""

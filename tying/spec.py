@@ -9,8 +9,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
-    BeforeValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -38,7 +38,7 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]  # .inf or .nan in a spec 
 
 def _no_bool(v: Any) -> Any:
     if isinstance(v, bool):  # YAML's true/false would otherwise count as 1/0
-        raise ValueError(f"expected a whole number, got the boolean {v}")
+        raise ValueError(f"expected a whole number, got the boolean {v}")  # noqa: TRY004  pydantic reports ValueErrors
     return v
 
 
@@ -257,7 +257,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 def _read_yaml(text: str, where: str) -> Any:
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506  a SafeLoader subclass
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -174,7 +174,7 @@ def finetune(model, train_examples: list[dict], tokenizer, steps: int, lr: float
     with tempfile.TemporaryDirectory(prefix="tying-trainer-") as tmp:
         args = tf.TrainingArguments(
             output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
-            max_grad_norm=clip or 0.0, logging_steps=1, save_strategy="no", report_to="none", seed=seed,
+            max_grad_norm=clip or 0.0, logging_steps=1, logging_nan_inf_filter=False, save_strategy="no", report_to="none", seed=seed,
             disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0,
             use_cpu=device.type == "cpu", log_level="warning", **_checkpointing(tf, gradient_checkpointing))
         trainer = AnswerTrainer(model=model, args=args, train_dataset=data, data_collator=collate_,

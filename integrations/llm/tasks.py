@@ -273,7 +273,7 @@ def load_jsonl_examples(path) -> list[Example]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i + 1}: not a JSON object ({e.msg} at column {e.colno})") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("answer"), str):
-            raise ValueError(f"{path}:{i + 1}: each line needs string fields 'prompt' and 'answer'")
+            raise ValueError(f"{path}:{i + 1}: each line needs string fields 'prompt' and 'answer'")  # noqa: TRY004
         out.append(rec)
     return out
 
