@@ -42,7 +42,7 @@ class BitFit(SiteAdapter):
 
     def forward(self, x, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
-        return out if self.merged else out + self.factor("b").to(out.dtype)
+        return out if self.bypass else out + self.factor("b").to(out.dtype)  # merged or disabled: the base alone
 
     def check_merge(self, sign: int, dequantize: bool = False) -> None:
         if getattr(self.base, "bias", None) is None:

@@ -285,3 +285,25 @@ def test_low_rank_functions_pass_gradcheck():
     out, hT, B, v = t(6, 4), t(3, 6), t(4, 3), t(4)
     assert torch.autograd.gradcheck(LowRankUp.apply, (out, hT, B, v, 0.5))
     assert torch.autograd.gradcheck(LowRankUp.apply, (out, hT, B, None, 1.0))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_under_autocast(tokens, checkpointing):
+    """bf16 autocast on a float32 model (TRL's and the Trainer's bf16=True on a CPU, with gradient checkpointing):
+    the custom backward runs in the dtype of the gradient it gets (before: a dtype mismatch in the backward)."""
+    ref = tiny_llama()
+    tying.apply_(ref, tying.load_spec("tl6", rank=4))
+    randomize_bank(ref)
+    auto = copy.deepcopy(ref)
+    if checkpointing:
+        auto.train()
+        auto.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, g_ref = _grads(ref, tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the forward only: the backward runs outside, as in Trainer
+        loss = auto(input_ids=tokens).logits.float().square().mean()
+    loss.backward()
+    g_auto = {k: p.grad for k, p in auto.tying_bank.named_parameters() if p.requires_grad}
+    for k in g_ref:
+        assert g_auto[k].dtype == torch.float32 and torch.isfinite(g_auto[k]).all()
+        cos = torch.nn.functional.cosine_similarity(g_auto[k].flatten(), g_ref[k].flatten(), dim=0)
+        assert cos > 0.98, (k, cos)

@@ -14,7 +14,8 @@ Layers, from the bottom: vocab (names and facts, no torch) -> spec -> module typ
 
 from . import errors, vocab
 from .count import count
-from .engine import apply_, bank_of, merge_, unapply_, unmerge_
+from .engine import adapters_disabled, apply_, bank_of, merge_, unapply_, unmerge_
+from .hooks import when_imported
 from .kinds import Kind, register_kind, unregister_kind
 from .modtypes import ModuleType, register_module_type, unregister_module_type
 from .planner import Counts, Plan, plan
@@ -22,9 +23,11 @@ from .serving import adapters, load_adapters_, unload_adapter_
 from .spec import TyingSpec, load_spec, preset_names
 from .state import load_adapter, save_adapter
 
+when_imported("peft", "tying.integrations.peft:register")  # PEFT learns the TYING method (TyingConfig) on its import
+
 __version__ = "0.1.0"
 
-__all__ = ["Counts", "Kind", "ModuleType", "Plan", "TyingSpec", "__version__", "adapters", "apply_", "bank_of",
+__all__ = ["Counts", "Kind", "ModuleType", "Plan", "TyingSpec", "__version__", "adapters", "adapters_disabled", "apply_", "bank_of",
            "count", "errors", "load_adapter", "load_adapters_", "load_spec", "merge_", "plan", "preset_names",
            "register_kind", "register_module_type", "save_adapter", "unapply_", "unload_adapter_", "unmerge_",
            "unregister_kind", "unregister_module_type", "vocab"]

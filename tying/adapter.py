@@ -88,6 +88,7 @@ class SiteAdapter(nn.Module):
         object.__setattr__(self, "drop", self.dropout or _identity)  # a plain alias: no branch per call
         self.share: SharedDown | None = None  # set by link_shared_down
         self.merged = False
+        self.disabled = False  # set by tying.adapters_disabled (PEFT's disable_adapter): the base alone
         # checkpoints see the unchanged base: ``q_proj.weight``, never ``q_proj.base.weight``
         self.register_state_dict_post_hook(_base_keys_out)
         self.register_load_state_dict_pre_hook(_base_keys_in)
@@ -106,6 +107,12 @@ class SiteAdapter(nn.Module):
             if base is None or name == "base":
                 raise
             return getattr(base, name)
+
+    @property
+    def bypass(self) -> bool:
+        """Whether the forward is the base module's alone: the update is merged into its weight, or disabled. A
+        kind's forward returns the base output when it is set."""
+        return self.merged or self.disabled
 
     def factor(self, name: str) -> torch.Tensor | None:
         """The factor ``name`` of this site, or None when the spec leaves it out."""

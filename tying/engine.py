@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Union
 
 import torch
@@ -151,6 +152,24 @@ def _merge_all(model: nn.Module, sign: int, dequantize: bool = False) -> None:
                 "lm_head): merging would change them too. Keep the adapter unmerged, or untie the weights first")
     for _, w in todo:
         w.merge(sign)
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block the model computes its base alone (the adapter stays applied, its factors untouched), as
+    PEFT's ``disable_adapter()``; a merged adapter cannot be disabled (its update is in the weights)."""
+    sites = [w for _, w in wrappers(model)] if bank_of(model) is not None else []
+    if any(w.merged for w in sites):
+        raise NotMergeableError("the adapter is merged into the base weights, so it cannot be disabled; call "
+                                "tying.unmerge_(model) first")
+    before = [w.disabled for w in sites]
+    for w in sites:
+        w.disabled = True
+    try:
+        yield
+    finally:
+        for w, d in zip(sites, before):
+            w.disabled = d
 
 
 def merge_(model: nn.Module, *, dequantize: bool = False) -> None:

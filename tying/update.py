@@ -70,12 +70,12 @@ class LowRankDown(torch.autograd.Function):
         return torch.mm(Ae, x.t())
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g):  # in g's dtype: under autocast the forward's products ran in another than the inputs'
         x, A, u, Ae = ctx.saved_tensors
-        gx = torch.mm(g.t(), Ae) if ctx.needs_input_grad[0] else None
+        gx = torch.mm(g.t(), Ae.to(g.dtype)) if ctx.needs_input_grad[0] else None
         if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
             return gx, None, None
-        return gx, *_row_grad(torch.mm(g, x).to(A.dtype), A, u, 1.0, ctx.needs_input_grad[1:])
+        return gx, *_row_grad(torch.mm(g, x.to(g.dtype)).to(A.dtype), A, u, 1.0, ctx.needs_input_grad[1:])
 
 
 class LowRankUp(torch.autograd.Function):
@@ -94,10 +94,10 @@ class LowRankUp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         hT, B, v, Bt = ctx.saved_tensors
-        gh = torch.mm(Bt, g.t()) if ctx.needs_input_grad[1] else None
+        gh = torch.mm(Bt.to(g.dtype), g.t()) if ctx.needs_input_grad[1] else None
         if not (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
             return g, gh, None, None, None
-        gB, gv = _row_grad(torch.mm(hT, g).t().to(B.dtype), B, v, ctx.scale, ctx.needs_input_grad[2:4])
+        gB, gv = _row_grad(torch.mm(hT.to(g.dtype), g).t().to(B.dtype), B, v, ctx.scale, ctx.needs_input_grad[2:4])
         return g, gh, gB, gv, None
 
 

@@ -20,6 +20,8 @@ class Bottleneck(SiteAdapter):
 
     def forward(self, x, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
+        if self.disabled:
+            return out
         A = self.factor("A")
         h = F.gelu(F.linear(self.drop(out.to(A.dtype)), A))
         return out + F.linear(h, update.fold_up(self.factor("B"), self.factor("v"), self.scale)).to(out.dtype)

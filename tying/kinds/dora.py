@@ -40,7 +40,7 @@ class DoRA(LoRA):
 
     def forward(self, x, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
-        if self.merged:
+        if self.bypass:
             return out
         bias = getattr(self.base, "bias", None)
         bias = None if bias is None else bias.to(out.dtype)

@@ -24,7 +24,7 @@ class IA3(SiteAdapter):
     shares_down = False
 
     def forward(self, x, *args, **kwargs):
-        if self.merged:
+        if self.bypass:
             return self.base(x, *args, **kwargs)
         u, v = self.factor("u"), self.factor("v")
         out = self.base(x if u is None else x * u.to(x.dtype), *args, **kwargs)

@@ -13,7 +13,7 @@ class LoRA(SiteAdapter):
 
     def forward(self, x, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
-        if self.merged:
+        if self.bypass:
             return out
         return self.up(out, self.down(x))
 

@@ -17,6 +17,8 @@ class Prefix(SiteAdapter):
                 "keep it unmerged")
 
     def forward(self, *args, **kwargs):
+        if self.disabled:
+            return self.base(*args, **kwargs)
         return self.mtype.caps["attention"].forward(self, self.factor("pk"), self.factor("pv"), *args, **kwargs)
 
     def attach(self) -> None:
