@@ -16,6 +16,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors import SafetensorError
@@ -33,10 +34,18 @@ PREFIX = "base_model.model."
 _SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 
 
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts (vllm/config/lora.py)
+
+
 def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.PathLike | None = None,
-                base_model_name_or_path: str | None = None) -> Path:
+                base_model_name_or_path: str | None = None, pad_rank: bool = True) -> Path:
     """Write a PEFT LoRA adapter for ``model``'s tying adapter (or for the adapter folder ``adapter``,
-    planned on ``model``, which may then be a meta-device model)."""
+    planned on ``model``, which may then be a meta-device model).
+
+    The factors are exact (``lora_A = G diag(u) A``, ``lora_B = scale diag(v) B``, never an SVD). With ``pad_rank``
+    (the default) the rank is padded with zeros to the next one vLLM and SGLang serve (1, 8, 16, ..., 512; the same
+    function); ``target_modules`` are the modules' last names (``q_proj``, as vLLM maps them) where those select
+    exactly the adapted modules, else their full names."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise AdapterFileError(f"{out_dir} is a file: export_peft writes a folder (adapter_config.json + "
                                "adapter_model.safetensors); give the path of a folder")
@@ -56,6 +65,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
         check_tensors(adapter, tensors, _want(p, model))
         modules = dict(model.named_modules())
     out, scale, r = Path(out_dir), spec.adapter.scale, spec.adapter.rank
+    padded = next((v for v in VLLM_RANKS if v >= r), r) if pad_rank else r
     state, extra_config = {}, {}
     for site in p.sites:
         mt, module = modtypes.module_type(site.kind), modules[site.name]
@@ -65,17 +75,27 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
         factors = {f: tensors[f"{f}.{key}"].float() for f, key in site.keys.items()}
         weight = functools.partial(_base_weight, mt, module, site.name, site.name in merged)  # only dora calls it
         down, up, extra = kind.export(factors, scale, weight)
+        down = torch.cat([down, down.new_zeros(padded - r, down.shape[1])])  # zero rows and columns: the same update
+        up = torch.cat([up, up.new_zeros(up.shape[0], padded - r)], 1)
         for suffix, t in {**mt.peft(module, down, up), **extra}.items():
             state[f"{PREFIX}{site.name}.{suffix}"] = t.detach().clone().contiguous()  # tied: one copy per module
         extra_config.update(mt.peft_config)
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "lora_dropout": spec.adapter.dropout, "bias": "none",
-              "target_modules": sorted(s.name for s in p.sites), "task_type": None, "inference_mode": True,
+    config = {"peft_type": "LORA", "r": padded, "lora_alpha": padded, "lora_dropout": spec.adapter.dropout,
+              "bias": "none", "target_modules": _target_names(model, [s.name for s in p.sites]), "task_type": None,
+              "inference_mode": True,
               "fan_in_fan_out": False, "init_lora_weights": True, "base_model_name_or_path": base_model_name_or_path,
               "use_rslora": False, "use_dora": False, **extra_config, **kind.peft_config}
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "adapter_model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     _atomic_write(out / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return out
+
+
+def _target_names(model: nn.Module, sites: list[str]) -> list[str]:
+    """The sites' last names where they select exactly the sites among the model's modules, else the full names."""
+    leaves = {s.rpartition(".")[2] for s in sites}
+    selected = {n for n, _ in model.named_modules() if n.rpartition(".")[2] in leaves}
+    return sorted(leaves) if selected == set(sites) else sorted(sites)
 
 
 def _base_weight(mt, module: nn.Module, name: str, merged: bool) -> torch.Tensor:
@@ -185,7 +205,7 @@ def _classes():
         return globals()["TyingConfig"], globals()["TyingTuner"]
     from contextlib import contextmanager
     from dataclasses import dataclass, field
-    from typing import Any, Optional, Union
+    from typing import Any
 
     from peft import PeftConfig
     from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -201,11 +221,11 @@ def _classes():
         ``attn_qkv`` / ``attn`` / ``mlp`` / ``all_linear`` (None: the spec's own targets). Once applied, ``spec``
         holds the resolved spec, so a saved ``adapter_config.json`` rebuilds exactly the same adapter."""
 
-        spec: Union[str, dict[str, Any]] = field(default="tl6", metadata={"help": "preset name, YAML path or dict"})
-        rank: Optional[int] = field(default=None, metadata={"help": "overrides the spec's rank"})
-        alpha: Optional[float] = field(default=None, metadata={"help": "overrides the spec's alpha"})
-        dropout: Optional[float] = field(default=None, metadata={"help": "overrides the spec's dropout"})
-        target_set: Optional[str] = field(default=None, metadata={"help": "attn_qkv, attn, mlp or all_linear"})
+        spec: str | dict[str, Any] = field(default="tl6", metadata={"help": "preset name, YAML path or dict"})
+        rank: int | None = field(default=None, metadata={"help": "overrides the spec's rank"})
+        alpha: float | None = field(default=None, metadata={"help": "overrides the spec's alpha"})
+        dropout: float | None = field(default=None, metadata={"help": "overrides the spec's dropout"})
+        target_set: str | None = field(default=None, metadata={"help": "attn_qkv, attn, mlp or all_linear"})
 
         def __post_init__(self):
             super().__post_init__()
@@ -230,7 +250,7 @@ def _classes():
 
         prefix = "tying_bank"
         tuner_layer_cls = BaseTunerLayer
-        target_module_mapping: dict = {}
+        target_module_mapping: ClassVar[dict] = {}
 
         def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False,
                            state_dict=None):

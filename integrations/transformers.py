@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..engine import bank_of
 from ..errors import SelectorError, UnsupportedModuleError
 from ..modtypes import LINEAR_LIKE, register_module_type
 from ..spec import TyingSpec, load_spec
-from ..state import SPEC_FILE, load_adapter, save_adapter
+from ..state import SPEC_FILE, adapter_tensors, load_adapter, save_adapter, write_adapter
 
 # family -> (qkv, attention output, mlp input(s), mlp output); each a glob under "<prefix>.<layer>."
 FAMILIES: dict[str, tuple[str, str, str, str]] = {
@@ -117,7 +118,11 @@ class AdapterCheckpoints:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
+        model = self.accelerator.unwrap_model(self.model)
+        if not state_dict:  # None, or DeepSpeed's {} when it could not gather: the model's own tensors
+            save_adapter(model, output_dir)
+        else:  # FSDP: the full state dict the Trainer gathered on this process; the model's own tensors are shards
+            write_adapter(output_dir, bank_of(model).spec, adapter_tensors(bank_of(model), state_dict))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

@@ -88,7 +88,8 @@ def randomize_bank(model, seed: int = 1):
 EXTRAS = {"transformers": "hf", "accelerate": "hf", "gguf": "hf", "tokenizers": "hf", "timm": "timm",
           "torchvision": "timm", "gymnasium": "rl", "stable_baselines3": "rl", "peft": "bench", "trl": "bench",
           "datasets": "bench", "matplotlib": "bench", "sacrebleu": "bench", "rouge_score": "bench", "tqdm": "bench",
-          "reasoning_gym": "bench", "bitsandbytes": "quant", "torchao": "quant"}
+          "reasoning_gym": "bench", "bitsandbytes": "quant", "torchao": "quant",
+          "lm_eval": "eval"}
 
 
 def missing_extra(e: ImportError) -> str | None:

@@ -44,3 +44,32 @@ def test_two_processes_match_one(tmp_path, mode):
     assert moved, "the reference run must have trained something"
     for k in ref:
         assert torch.allclose(got[k], ref[k], atol=1e-5), k
+
+
+def _run_trainer(tmp_path, name, procs, *args):
+    """tests/dist_trainer_worker.py in one process or under torchrun; returns the final adapter's tensors."""
+    out = tmp_path / name
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    "--nproc_per_node", str(procs)]
+    proc = subprocess.run([*launcher, str(HERE / "dist_trainer_worker.py"), str(out), *args], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, load_file(str(out / "final" / "adapter.safetensors"))
+
+
+def test_tying_trainer_under_torchrun_ddp_matches_one_process_and_resumes_exactly(tmp_path):
+    """TyingTrainer launched with torchrun (2 processes, DDP, gloo): the adapter after 4 steps equals one process's
+    on the same global batches (1e-5); its checkpoints are adapter folders, and resuming one gives the same adapter."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("datasets")
+    _, single = _run_trainer(tmp_path, "single", 1, "--steps", "4")
+    out, ddp = _run_trainer(tmp_path, "ddp", 2, "--steps", "4", "--save-steps", "2")
+    assert sorted(single) == sorted(ddp)
+    assert all(torch.allclose(single[k], ddp[k], atol=1e-5) for k in single)
+    ckpt = out / "checkpoint-2"
+    assert (ckpt / "adapter.safetensors").is_file() and (ckpt / "spec.yaml").is_file()
+    assert not list(ckpt.glob("model*.safetensors")) and not list(ckpt.glob("pytorch_model*"))  # adapter-only
+    _, resumed = _run_trainer(tmp_path, "ddp", 2, "--steps", "4", "--resume", str(ckpt))
+    assert all(torch.allclose(resumed[k], ddp[k], atol=1e-5) for k in ddp)

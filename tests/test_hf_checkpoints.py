@@ -73,7 +73,7 @@ def test_wrapper_exposes_base_attributes():
     site = model.model.layers[0].self_attn.q_proj
     assert site is not q and site.weight is q.weight and site.in_features == 32
     with pytest.raises(AttributeError):
-        getattr(site, "no_such_attribute")
+        _ = site.no_such_attribute
 
 
 def test_distributed_checkpoint_round_trip(tmp_path, tokens):
@@ -213,3 +213,25 @@ def test_trl_sft_trainer_adapter_checkpoints(tmp_path, tokens):
     tying.load_adapter(fresh, ckpt)
     with torch.no_grad():
         assert torch.equal(fresh(tokens).logits, model.eval()(tokens).logits)
+
+
+def test_a_gathered_state_dict_saves_the_same_adapter_folder(tmp_path, tokens):
+    """Under FSDP (FULL_STATE_DICT) the Trainer hands _save the state dict it gathered, the model's own tensors being
+    shards: TyingTrainer writes the adapter folder from it, the same as tying.save_adapter (train_modules too)."""
+    import transformers
+    from safetensors.torch import load_file
+    from tying.integrations.transformers import TyingTrainer
+
+    model = tiny_llama()
+    tying.apply_(model, tying.load_spec("tl6", rank=4, train_modules=["lm_head"]))
+    randomize_bank(model)
+    args = transformers.TrainingArguments(str(tmp_path / "o"), report_to=[], use_cpu=True)
+    trainer = TyingTrainer(model=model, args=args)
+    trainer._save(str(tmp_path / "gathered"), state_dict={k: v.clone() for k, v in model.state_dict().items()})
+    tying.save_adapter(model, tmp_path / "direct")
+    a, b = (load_file(str(tmp_path / d / "adapter.safetensors")) for d in ("gathered", "direct"))
+    assert a.keys() == b.keys() and "modules.lm_head.weight" in a and all(torch.equal(a[k], b[k]) for k in a)
+    fresh = tiny_llama()
+    tying.load_adapter(fresh, tmp_path / "gathered", replace_modules=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=tokens).logits, model(input_ids=tokens).logits)

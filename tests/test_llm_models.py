@@ -102,3 +102,88 @@ def test_bfloat16_base_with_float32_factors_trains_in_float32(tmp_path):
     trained = [p for p in factors if p.requires_grad]
     assert trained and all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
                            for p in trained)
+
+
+def tiny_gguf(folder, layers: int = 2):
+    """A GGUF file of a small random Llama with a character vocabulary, written with the gguf package (as
+    llama.cpp's tools write them): float32 tensors under llama.cpp's names, the llama tokenizer's metadata."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny.gguf"
+    d, heads, kv, ff = 32, 4, 2, 64
+    chars = [chr(c) for c in range(32, 127)]
+    tokens = ["<unk>", "<s>", "</s>", *chars]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(128)
+    w.add_embedding_length(d)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_dimension_count(d // heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types([2, 3, 3] + [1] * len(chars))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    rng = np.random.default_rng(0)
+
+    def tensor(name, shape):
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.05).astype(np.float32))
+    tensor("token_embd.weight", (len(tokens), d))
+    tensor("output.weight", (len(tokens), d))
+    w.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    for i in range(layers):
+        for name, shape in (("attn_q", (d, d)), ("attn_k", (kv * d // heads, d)), ("attn_v", (kv * d // heads, d)),
+                            ("attn_output", (d, d)), ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)), ("ffn_down", (d, ff))):
+            tensor(f"blk.{i}.{name}.weight", shape)
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(d, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(d, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_any_gguf_trains_through_the_kit_and_reproduce(tmp_path):
+    """A GGUF file other than the built-in one (issue 29): transformers dequantizes it but marks the model
+    "quantized with gguf", which its Trainer refused to train; the kit's loader and reproduce.py train it."""
+    from test_reproduce import reproduce
+    from tying.integrations.llm.finetune import finetune
+
+    gguf = tiny_gguf(tmp_path / "m")
+    model, tok = models.load_model(str(gguf), dtype="float32")
+    assert not getattr(model, "is_quantized", False)
+    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    train = [{"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(8)]
+    hist = finetune(model, train, tok, steps=3, lr=1e-2, batch_size=2, seed=0)
+    assert len(hist["loss"]) == 3 and hist["loss"][-1] != hist["loss"][0]
+    jsonl = addition_jsonl(tmp_path / "add.jsonl")
+    reproduce.main(["--model", str(gguf), "--tasks", str(jsonl), "--configs", "tl6", "--steps", "2", "--n-train", "8",
+                    "--n-test", "4", "--batch", "2", "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "o")])
+    rows = json.loads((tmp_path / "o" / "reproduce.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == ["zero-shot", "tl6"] and rows[1]["trainable"] > 0
+
+
+def test_tying_trainer_takes_a_model_a_user_loaded_with_gguf_file(tmp_path):
+    from datasets import Dataset
+    from tying.integrations.transformers import TyingTrainer
+
+    gguf = tiny_gguf(tmp_path / "m")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    assert model.is_quantized  # as transformers leaves it
+    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    before = {k: v.clone() for k, v in tying.bank_of(model).state_dict().items()}
+    data = Dataset.from_dict({"input_ids": [[1, 40, 41, 42, 43, 44]] * 8, "labels": [[1, 40, 41, 42, 43, 44]] * 8})
+    args = transformers.TrainingArguments(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                                          report_to=[], use_cpu=True, learning_rate=1e-2, save_strategy="no")
+    TyingTrainer(model=model, args=args, train_dataset=data).train()
+    after = tying.bank_of(model).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import tying.integrations.transformers
 from conftest import randomize_bank, tiny_gpt2, tiny_llama
+from tying.integrations import peft as tp
 from tying.integrations.peft import export_peft, import_peft
 
 import tying
@@ -28,7 +29,7 @@ def test_export_loads_in_peft_with_same_outputs(tmp_path, fam, preset, tokens):
         ref = model(tokens).logits
     export_peft(model, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["r"] == 4 and cfg["fan_in_fan_out"] == (fam == "gpt2")
+    assert cfg["r"] == 8 and cfg["fan_in_fan_out"] == (fam == "gpt2")  # rank 4 padded to one vLLM serves
     served = peft.PeftModel.from_pretrained(FAMILIES[fam](layers=4), tmp_path).eval()
     with torch.no_grad():
         out = served(tokens).logits
@@ -125,3 +126,54 @@ def test_import_refuses_unsupported(tmp_path):
         import_peft(tiny_llama(), tmp_path)
     with pytest.raises(tying.errors.AdapterFileError, match="is not a PEFT adapter folder"):
         import_peft(tiny_llama(), tmp_path / "nothing")
+
+
+def vllm_rules(folder) -> list[str]:
+    """What vLLM checks of a LoRA adapter folder (vllm/lora/peft_helper.py and vllm/config/lora.py, as documented):
+    the required fields, r within a max_lora_rank it accepts, no bias, no modules_to_save, no DoRA, lora_A / lora_B
+    tensors under base_model.model.<module>, shapes (r, in) and (out, r)."""
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    problems = [f"missing {k}" for k in ("r", "lora_alpha", "target_modules") if k not in cfg]
+    if cfg.get("r") not in tp.VLLM_RANKS:
+        problems.append(f"r {cfg.get('r')} is no max_lora_rank vLLM accepts {tp.VLLM_RANKS}")
+    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save") or cfg.get("use_dora"):
+        problems.append("bias, modules_to_save or DoRA")
+    from safetensors.torch import load_file
+    for k, t in load_file(str(folder / "adapter_model.safetensors")).items():
+        if not (k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight"))):
+            problems.append(f"key {k}")
+        elif t.shape[0 if k.endswith("lora_A.weight") else 1] != cfg["r"]:
+            problems.append(f"{k} has shape {tuple(t.shape)} for r {cfg['r']}")
+    return problems
+
+
+@pytest.mark.parametrize("fam", sorted(FAMILIES))
+def test_contract_export_is_exact_padded_to_a_rank_vllm_serves_and_loads_with_transformers(tmp_path, fam, tokens):
+    model = FAMILIES[fam]()
+    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    randomize_bank(model)
+    with torch.no_grad():
+        ref = model(tokens).logits
+    export_peft(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 8 and vllm_rules(tmp_path) == []
+    assert cfg["target_modules"] == (["k_proj", "q_proj", "v_proj"] if fam == "llama" else ["c_attn"])
+    plain = FAMILIES[fam]()
+    plain.load_adapter(str(tmp_path))  # transformers' own PEFT integration
+    with torch.no_grad():
+        assert (plain(tokens).logits - ref).abs().max() < 1e-4
+    export_peft(model, tmp_path / "exact", pad_rank=False)
+    assert json.loads((tmp_path / "exact" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_export_names_full_module_paths_where_last_names_would_select_more(tmp_path, tokens):
+    model = tiny_llama(layers=4)
+    spec = tying.load_spec("tl6", rank=4, targets=[{"select": "model.layers.{layer:0|2}.self_attn.{proj:q_proj|v_proj}"}])
+    tying.apply_(model, spec)
+    randomize_bank(model)
+    export_peft(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == sorted(f"model.layers.{i}.self_attn.{p}" for i in (0, 2) for p in ("q_proj", "v_proj"))
+    served = peft.PeftModel.from_pretrained(tiny_llama(layers=4), tmp_path).eval()
+    with torch.no_grad():
+        assert (served(tokens).logits - model(tokens).logits).abs().max() < 1e-4

@@ -13,7 +13,7 @@ from conftest import randomize_bank, same_state, snapshot, tiny_gpt2, tiny_llama
 import tying
 
 peft = pytest.importorskip("peft")
-from tying.integrations import peft as tp  # noqa: E402
+from tying.integrations import peft as tp
 
 if tp._peft_version() < tp.MIN_PEFT:
     pytest.skip("TyingConfig needs peft >= 0.21", allow_module_level=True)
@@ -68,7 +68,7 @@ except KeyError as e:
 
 def test_trainable_counts_merge_disable_and_unload(tokens):
     model = _adapted()
-    trainable, total = model.get_nb_trainable_parameters()
+    trainable, _ = model.get_nb_trainable_parameters()
     assert trainable == tying.count(tiny_llama(), tying.load_spec("tl6", rank=4)).trainable
     base = tiny_llama()
     with torch.no_grad():
@@ -196,3 +196,44 @@ def test_lm_eval_on_an_adapted_model_and_through_its_peft_argument(tmp_path, mon
     assert direct == through_peft
     merged = model.merge_and_unload()  # merged, then unapplied: a plain model computing the same
     assert acc(HFLM(pretrained=merged, tokenizer=tok, batch_size=2)) == direct
+
+
+PINNED = """
+import json, sys, tempfile, torch
+import tying, peft
+sys.path.insert(0, {here!r})
+from conftest import tiny_llama, randomize_bank
+from tying.integrations import peft as tp
+print("peft", peft.__version__)
+try:
+    cfg = tp.TyingConfig(spec="tl6", rank=4, task_type="CAUSAL_LM")
+except ImportError as e:
+    print("refused:", e)
+    raise SystemExit(0)
+m = peft.get_peft_model(tiny_llama(), cfg)
+randomize_bank(m.get_base_model())
+ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+d = tempfile.mkdtemp()
+m.save_pretrained(d)
+with torch.no_grad():
+    same = torch.allclose(peft.PeftModel.from_pretrained(tiny_llama(), d)(input_ids=ids).logits, m(input_ids=ids).logits,
+                          atol=1e-5)
+print("round trip:", same)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version, expect", [("0.21.0", "round trip: True"), ("0.20.0", "refused: TyingConfig needs peft >= 0.21")])
+def test_the_oldest_supported_peft_and_the_one_before(tmp_path, version, expect):
+    """The TyingConfig path on PEFT 0.21.0 (the first that asks a method's tuner for its state dict; the newest is
+    what the suite runs), and a clear refusal on 0.20. Downloads PEFT from the package registry."""
+    target = tmp_path / "peft"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                          f"peft=={version}"], capture_output=True, text=True, timeout=600, check=False)
+    if pip.returncode:
+        pytest.skip(f"peft {version} could not be installed here: {pip.stderr[-300:]}")
+    env = {**__import__("os").environ, "PYTHONPATH": str(target)}
+    out = subprocess.run([sys.executable, "-c", PINNED.format(here=str(HERE))], capture_output=True, text=True,
+                         timeout=600, env=env, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"peft {version}" in out.stdout and expect in out.stdout, out.stdout

@@ -67,6 +67,21 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the model's adapter (spec and factors) to ``directory``, replacing an adapter there atomically;
     return the folder."""
     bank = bank_of(model)
+    return write_adapter(directory, bank.spec, _adapter_state(model))
+
+
+def adapter_tensors(bank, state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The adapter file's tensors taken from a full ``state_dict`` of the adapted model (e.g. the one FSDP gathers
+    for a checkpoint): the bank's factors and the train_modules' state."""
+    out = {k: state_dict[f"{prefix}{BANK_ATTR}.{k}"] for k in bank.state_dict()}
+    for name in bank.plan.train_modules:
+        head = f"{prefix}{name}."
+        out.update({f"{MODULES}{name}.{k[len(head):]}": v for k, v in state_dict.items() if k.startswith(head)})
+    return out
+
+
+def write_adapter(directory: str | os.PathLike, spec: TyingSpec, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write an adapter folder from its spec and tensors (see :func:`save_adapter`)."""
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise AdapterFileError(f"{out} is a file: save_adapter writes a folder ({SPEC_FILE} + {WEIGHTS_FILE}); "
@@ -76,8 +91,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     except OSError as e:
         raise AdapterFileError(f"cannot create the adapter folder {out}: {e}") from None
     _clean_stale(out)
-    spec = bank.spec.to_yaml()
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in _adapter_state(model).items()}
+    spec = spec.to_yaml()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"format": "tying", "version": "2", SPEC_KEY: spec}
     _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
     _atomic_write(out / SPEC_FILE, lambda tmp: Path(tmp).write_text(spec))

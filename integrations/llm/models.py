@@ -131,6 +131,11 @@ def _gguf(path: Path, dtype: torch.dtype):
     model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
                                                     local_files_only=True)
     tok = tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    # transformers dequantized every tensor while loading, but keeps the model marked "quantized with gguf", and its
+    # Trainer then refuses to train it ("purely quantized models"): it is a plain float model, so say so
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and str(quantizer.quantization_config.quant_method).lower().endswith("gguf"):
+        quantizer.remove_quantization_config(model)
     return model, tok
 
 
