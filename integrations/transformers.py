@@ -33,10 +33,11 @@ import torch
 from torch import nn
 
 from ..engine import bank_of
-from ..errors import SelectorError, UnsupportedModuleError
+from ..errors import SelectorError, ServingError, UnsupportedModuleError
 from ..modtypes import LINEAR_LIKE, register_module_type
 from ..spec import TyingSpec, load_spec
 from ..state import SPEC_FILE, adapter_tensors, load_adapter, save_adapter, write_adapter
+from ..tasks import route
 
 # family -> (qkv, attention output, mlp input(s), mlp output); each a glob under "<prefix>.<layer>."
 FAMILIES: dict[str, tuple[str, str, str, str]] = {
@@ -99,7 +100,11 @@ class AdapterCheckpoints:
     :func:`adapter_trainer` to mix it into another Trainer class.
 
     A quantized model passes the Trainer's "purely quantized model" check when it carries trainable tying
-    factors (transformers recognises only PEFT's adapters; the check runs once, in ``__init__``)."""
+    factors (transformers recognises only PEFT's adapters; the check runs once, in ``__init__``).
+
+    A multi-task adapter (docs/multitask.md) trains on mixed batches: each example names its task in a ``task``
+    column (the task's name, or its position in the spec's ``tasks``); the column passes around the data collator
+    and routes each row of a batch to its task."""
 
     def __init__(self, model=None, *args, **kwargs):
         bank = getattr(model, "tying_bank", None)
@@ -113,6 +118,35 @@ class AdapterCheckpoints:
         finally:
             if vouch:
                 setattr(model, flag, False)
+        self.tasks = bank.spec.tasks if bank is not None else None
+        if self.tasks:
+            self.data_collator = _TaskCollator(self.data_collator)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.tasks and TASK_COLUMN not in self._signature_columns:  # kept by remove_unused_columns
+            self._signature_columns = [*self._signature_columns, TASK_COLUMN]
+
+    def _routed(self, model, inputs: dict):
+        """The routing of a multi-task adapter's batch by its ``task`` column (taken out of ``inputs``)."""
+        if TASK_COLUMN not in inputs:
+            raise ServingError(f"the model's adapter has tasks {self.tasks}: every example needs a {TASK_COLUMN!r} "
+                               "column (the task's name or its position in the spec's tasks)")
+        names = inputs.pop(TASK_COLUMN)
+        names = [self.tasks[int(n)] if not isinstance(n, str) else n for n in names]
+        return route(self.accelerator.unwrap_model(model), names)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if not self.tasks:
+            return super().compute_loss(model, inputs, *args, **kwargs)
+        with self._routed(model, inputs):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        if not self.tasks:
+            return super().prediction_step(model, inputs, *args, **kwargs)
+        with self._routed(model, inputs):
+            return super().prediction_step(model, inputs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -139,6 +173,26 @@ class AdapterCheckpoints:
         if not (Path(best) / SPEC_FILE).is_file():
             return super()._load_best_model()
         load_adapter(self.accelerator.unwrap_model(self.model), best, replace_modules=True)
+
+
+TASK_COLUMN = "task"
+
+
+class _TaskCollator:
+    """A data collator that takes the ``task`` column out of each example, collates the rest with ``inner`` and
+    puts the tasks back as a list (collators drop or choke on string columns)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, features):
+        tasks = [f.get(TASK_COLUMN) for f in features]
+        if any(t is None for t in tasks):
+            raise ServingError(f"an example has no {TASK_COLUMN!r} column; a multi-task adapter needs each example's "
+                               "task (its name or its position in the spec's tasks)")
+        batch = self.inner([{k: v for k, v in f.items() if k != TASK_COLUMN} for f in features])
+        batch[TASK_COLUMN] = [t.item() if isinstance(t, torch.Tensor) else t for t in tasks]
+        return batch
 
 
 def adapter_trainer(trainer_class: type) -> type:

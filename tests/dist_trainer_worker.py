@@ -35,12 +35,22 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--save-steps", type=int, default=0)
     ap.add_argument("--resume", default=None)
+    ap.add_argument("--tasks", action="store_true", help="a multi-task adapter; each example names its task")
     args = ap.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model = tiny_llama()
-    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    spec = tying.load_spec("tl6", rank=4)
+    if args.tasks:  # TL6 across tasks: A and B shared by the tasks, u and v per task
+        data = spec.model_dump(mode="json")
+        for f in "AB":
+            data["adapter"]["factors"][f]["tie"].append("task")
+        spec = tying.load_spec({**data, "tasks": ["a", "b", "c"]})
+    tying.apply_(model, spec)
     ids = torch.randint(0, 100, (4 * GLOBAL_BATCH, 12), generator=torch.Generator().manual_seed(1)).tolist()
-    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    columns = {"input_ids": ids, "labels": ids}
+    if args.tasks:  # every batch mixes tasks, and each process's half of it too
+        columns["task"] = ["abc"[i % 3] for i in range(len(ids))]
+    data = Dataset.from_dict(columns)
     targs = transformers.TrainingArguments(
         args.out, max_steps=args.steps, per_device_train_batch_size=GLOBAL_BATCH // world, learning_rate=1e-2,
         report_to=[], use_cpu=True, seed=0, ddp_backend="gloo" if world > 1 else None, logging_steps=1,

@@ -157,6 +157,36 @@ def test_custom_kind_spec():
     check_applied(ex.Net(depth, d, h), tying.load_spec(ex.SPEC), lambda m: m(x), h + d, {"b": 2})
 
 
+@pytest.mark.parametrize("name, trained", [("multitask_tl6", "ABuv"), ("multitask_vera", "uv")])
+def test_multitask_specs_on_a_llama(name, trained):
+    """TL6 and VeRA-like across tasks, on a tiny Llama: the hand count, a zero start for every task, and in a mixed
+    batch a gradient on every trained factor (each task's own and the shared ones)."""
+    from conftest import tiny_llama
+
+    spec = tying.load_spec(EXAMPLES / f"{name}.yaml")
+    L, r, d, d_kv, T = 2, 8, 32, 16, 3
+    outs = d + 2 * d_kv
+    sizes = {"A": r * d, "B": outs * r, "u": L * T * r, "v": L * T * outs}
+    model = tiny_llama(layers=L)
+    ids = torch.randint(0, 100, (3, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    counts = tying.apply_(model, spec)
+    assert counts.trainable == sum(sizes[f] for f in trained)
+    assert counts.frozen == sum(n for f, n in sizes.items() if f not in trained)
+    assert counts.per_task == L * r * ("u" in trained) + L * outs
+    with torch.no_grad():
+        for t in spec.tasks:
+            with tying.adapters(model, t):
+                assert torch.equal(model(ids).logits, before)
+        for p in tying.bank_of(model).parameters():
+            p.add_(0.1) if not p.any() else None
+    with tying.adapters(model, spec.tasks):
+        model(ids).logits.pow(2).sum().backward()
+    assert all((p.grad is not None and p.grad.abs().sum() > 0) == p.requires_grad
+               for p in tying.bank_of(model).parameters())
+
+
 # ---- the scripts themselves, at small budgets (the default budgets run in the slow test below)
 
 
@@ -169,6 +199,12 @@ def test_custom_kind_script_trains_saves_loads_and_merges():
     out = script("custom_kind").main(["--steps", "40"])
     assert out["bitfit_reload_same"] and out["bitfit_merged_same"] and out["tl6_merged_same"]
     assert out["bitfit_last"] < out["bitfit_first"] and out["tl6_last"] < out["tl6_first"]
+
+
+def test_multitask_script_trains_every_task_and_serves_them_together():
+    out = script("multitask_tl6").main(["--steps", "40"])
+    assert out["alone_same"] and out["served_same"]
+    assert all(out["last"][t] < 0.5 * out["first"][t] for t in out["first"])
 
 
 def test_cnn_script_trains_merges_and_reloads():

@@ -83,6 +83,7 @@ class SiteAdapter(nn.Module):
         object.__setattr__(self, "bank", bank)  # a handle, not a child: the root owns the bank
         self.mtype = mtype
         self.keys = dict(keys)  # factor name -> parameter key in the bank
+        self.task_keys: dict[str, dict[str, str]] = {}  # a multi-task adapter: task -> factor -> key (set_task_keys)
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 and mtype.input_dropout else None
         object.__setattr__(self, "drop", self.dropout or _identity)  # a plain alias: no branch per call
@@ -94,6 +95,7 @@ class SiteAdapter(nn.Module):
         self.register_load_state_dict_pre_hook(_base_keys_in)
 
     tying_site = True  # marks wrappers for the planner, which imports no runtime class
+    routes_rows = False  # a kind whose forward mixes the tasks of a multi-task adapter row by row (``routed``)
     shares_down = True  # a kind whose sites read ``h`` of project() may share it between siblings
     no_merge = "this adapter kind has no merged form; keep it unmerged"  # the reason, for kinds without merge()
 
@@ -115,9 +117,31 @@ class SiteAdapter(nn.Module):
         return self.merged or self.disabled
 
     def factor(self, name: str) -> torch.Tensor | None:
-        """The factor ``name`` of this site, or None when the spec leaves it out."""
-        key = self.keys.get(name)
+        """The factor ``name`` of this site (of the batch's task, for a multi-task adapter), or None when the spec
+        leaves it out."""
+        key = self.keys.get(name) if not self.task_keys else self.task_keys[self.bank.current_task()].get(name)
         return None if key is None else self.bank[name][key]
+
+    def set_task_keys(self, task_keys: Mapping[str, Mapping[str, str]]) -> None:
+        """Make this site one of a multi-task adapter: ``task -> factor -> key`` (from the plan)."""
+        self.task_keys = {t: dict(k) for t, k in task_keys.items()}
+        self._rows_of = {}  # factor -> (distinct keys, position of each task's key) for task_rows
+
+    def task_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor | None:
+        """The factor ``name`` for the rows of a mixed batch (``rows``: each row's position in the spec's tasks):
+        the one shared tensor where every task uses the same copy, else one copy per row (a leading row axis),
+        gathered with gradients to each task's copy."""
+        if name not in self._rows_of:
+            keys = [k.get(name) for k in self.task_keys.values()]
+            distinct = list(dict.fromkeys(keys))
+            self._rows_of[name] = (distinct, torch.tensor([distinct.index(k) for k in keys]))
+        distinct, pos = self._rows_of[name]
+        if distinct[0] is None:
+            return None
+        if len(distinct) == 1:
+            return self.bank[name][distinct[0]]
+        stack = torch.stack([self.bank[name][k] for k in distinct])
+        return stack[pos.to(stack.device)[rows.to(stack.device)]]
 
     # ---- the low-rank path (LoRA family) ----------------------------------------------------------------------
     def down_factors(self) -> tuple:
@@ -169,7 +193,8 @@ class SiteAdapter(nn.Module):
         """Called before the wrapper leaves the model; undoes :meth:`attach`."""
 
     def extra_repr(self) -> str:
-        return f"type={self.mtype.name}, keys={self.keys}, scale={self.scale:g}, merged={self.merged}"
+        tasks = f", tasks={list(self.task_keys)}" if self.task_keys else ""
+        return f"type={self.mtype.name}, keys={self.keys}{tasks}, scale={self.scale:g}, merged={self.merged}"
 
 
 _BASE = "base."

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from .errors import ServingError
 from .planner import Plan
 from .spec import Init, TyingSpec
 
@@ -51,6 +52,23 @@ class FactorBank(nn.ModuleDict):
             self[g.factor][g.key] = nn.Parameter(torch.empty(g.shape, device=dev, dtype=dt), requires_grad=g.train)
             self._inits[(g.factor, g.key)] = (plan.spec.adapter.factors[g.factor].init, g.index)
         self.reset_parameters()
+        # a multi-task adapter's routing (tying.tasks.route): one task for the whole batch, or one per row
+        self.task: str | None = None
+        self.rows: torch.Tensor | None = None  # (rows,) positions in spec.tasks
+        self.row_count: int | None = None  # the rows a batch must have (a list of names was given)
+        self.merged_task: str | None = None  # the task whose update merge_ folded into the base weights
+
+    def current_task(self) -> str:
+        """The task every row of this forward uses; a clear error when none (or one per row) was named."""
+        if self.task is not None:
+            return self.task
+        tasks = self.spec.tasks
+        if self.rows is not None:
+            raise ServingError(f"a {self.spec.adapter.kind} adapter computes one task per batch; give one task for "
+                               f"the whole batch (tying.adapters(model, {tasks[0]!r})) or split the batch by task")
+        raise ServingError(f"the adapter serves tasks {tasks}: name each row's task, `with tying.adapters(model, "
+                           f"names):` (one task per row), or one task for the whole batch: tying.adapters(model, "
+                           f"{tasks[0]!r})")
 
     @property
     def spec(self) -> TyingSpec:

@@ -27,14 +27,29 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=_models())
     p.add_argument("--spec", required=True, help="preset name (e.g. lora, tl6, vera) or YAML path")
     p.add_argument("--rank", type=int, default=None, help="override the spec's rank")
+    _tasks_option(p)
+
+
+def _tasks_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", type=_task_names, default=None,
+                   help="make the spec multi-task: a number N (tasks t0..tN-1) or names a,b,c; factors shared "
+                        "across layers are shared across the tasks too (docs/multitask.md)")
+
+
+def _task_names(text: str) -> list[str]:
+    if text.isdigit():
+        if int(text) < 1:
+            raise argparse.ArgumentTypeError("give at least one task")
+        return [f"t{i}" for i in range(int(text))]
+    return text.split(",")
 
 
 def _inspect(args) -> None:
-    print(plan(meta_model(args.model), load_spec(args.spec, rank=args.rank)).summary())
+    print(plan(meta_model(args.model), load_spec(args.spec, rank=args.rank, tasks=args.tasks)).summary())
 
 
 def _count(args) -> None:
-    counts = plan(meta_model(args.model), load_spec(args.spec, rank=args.rank)).counts
+    counts = plan(meta_model(args.model), load_spec(args.spec, rank=args.rank, tasks=args.tasks)).counts
     if args.json:
         print(json.dumps(counts.to_dict(), indent=2))
         return
@@ -42,6 +57,8 @@ def _count(args) -> None:
     for f, row in counts.by_factor.items():
         print(f"{f:<8} {row['trainable']:>12,} {row['frozen']:>12,} {row['groups']:>7}")
     print(f"{'total':<8} {counts.trainable:>12,} {counts.frozen:>12,}")
+    if counts.tasks:
+        print(f"{counts.tasks} tasks; one more task adds {counts.per_task:,} trainable parameters")
 
 
 BUDGET_RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -61,7 +78,7 @@ def _budget(args) -> None:
         counts = []
         for rank in BUDGET_RANKS:
             try:
-                counts.append((rank, plan(model, tx.spec(model, first, targets, rank=rank)).counts))
+                counts.append((rank, plan(model, tx.spec(model, first, targets, rank=rank, tasks=args.tasks)).counts))
             except SpecError as e:  # a rank larger than a module allows; anything else is the user's to see
                 if isinstance(e, SelectorError) or "adapter.rank" not in str(e):
                     raise
@@ -69,7 +86,8 @@ def _budget(args) -> None:
             continue
         if len({(c.trainable, c.frozen) for _, c in counts}) == 1:  # the rank does not matter (ia3): one row
             counts = [("—", counts[0][1])]
-        rows += [{"preset": preset, "rank": rank, "trainable": c.trainable, "frozen": c.frozen}
+        rows += [{"preset": preset, "rank": rank, "trainable": c.trainable, "frozen": c.frozen,
+                  **({"per_task": c.per_task} if args.tasks else {})}
                  for rank, c in counts if c.trainable <= args.max_params]
     rows.sort(key=lambda r: (r["trainable"], r["preset"], str(r["rank"]).zfill(4)))
     if args.json:
@@ -79,9 +97,13 @@ def _budget(args) -> None:
         print(f"no preset fits a budget of {args.max_params:,} trainable parameters on {args.model} "
               f"(targets {args.targets})")
         return
-    print(f"{'preset':<20} {'rank':>5} {'trainable':>12} {'frozen':>12}   (targets {args.targets}; prefix presets: attention modules; budget {args.max_params:,})")
+    more = f" {'per task':>10}" if args.tasks else ""
+    tasks = f"; {len(args.tasks)} tasks, factors shared across layers shared across tasks" if args.tasks else ""
+    print(f"{'preset':<20} {'rank':>5} {'trainable':>12} {'frozen':>12}{more}   (targets {args.targets}; prefix presets: "
+          f"attention modules; budget {args.max_params:,}{tasks})")
     for r in rows:
-        print(f"{r['preset']:<20} {r['rank']:>5} {r['trainable']:>12,} {r['frozen']:>12,}")
+        more = f" {r['per_task']:>10,}" if args.tasks else ""
+        print(f"{r['preset']:<20} {r['rank']:>5} {r['trainable']:>12,} {r['frozen']:>12,}{more}")
 
 
 def _export_peft(args) -> None:
@@ -107,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-params", type=int, required=True, help="the budget of trainable parameters")
     p.add_argument("--targets", default="attn_qkv", help="target set: attn_qkv (default), attn, mlp, all_linear")
     p.add_argument("--json", action="store_true", help="a JSON list of {preset, rank, trainable, frozen}")
+    _tasks_option(p)
     p.set_defaults(run=_budget)
     p = sub.add_parser("export-peft", help="materialise a tied adapter as a per-module PEFT LoRA adapter")
     p.add_argument("--model", required=True, help=_models())

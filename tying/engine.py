@@ -50,14 +50,17 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
         module = modules[site.name]
         place = (torch.device(device) if device else next(module.parameters()).device,
                  dtype or types[site.name].factor_dtype(module))
-        for factor, key in site.keys.items():
-            first.setdefault((factor, key), place)
+        for keys in (site.keys, *site.task_keys.values()):
+            for factor, key in keys.items():
+                first.setdefault((factor, key), place)
     bank = FactorBank(p, first)  # allocation may fail; the model is still untouched
     bank.modules_before = {n: {k: v.detach().clone() for k, v in model.get_submodule(n).state_dict().items()}
                            for n in p.train_modules}  # unapply_ puts their values back
     a = p.spec.adapter
     wrapper = kinds.get(a.kind).wrapper
     wrappers = {s.name: wrapper(modules[s.name], bank, s.keys, a.scale, a.dropout, types[s.name]) for s in p.sites}
+    for s in p.sites if p.spec.tasks else ():
+        wrappers[s.name].set_task_keys(s.task_keys)
     # From here on nothing can fail: mutate.
     bank.requires_grad_before = {n: q.requires_grad for n, q in model.named_parameters()}
     if p.spec.freeze_base:
@@ -129,9 +132,39 @@ def wrappers(model: nn.Module) -> Iterator[tuple[str, SiteAdapter]]:
             yield name, m
 
 
-def _merge_all(model: nn.Module, sign: int, dequantize: bool = False) -> None:
+def _merge_task(bank: FactorBank, sign: int, task: str | None) -> str | None:
+    """The task whose update merge_ (sign 1) folds in or unmerge_ takes out; None for a single-task adapter."""
+    tasks = bank.spec.tasks
+    if not tasks:
+        if task is not None:
+            raise TyingError(f"task={task!r}: the adapter has no tasks; merge it without task=")
+        return None
+    if sign < 0 and bank.merged_task is None:
+        return None  # nothing merged: nothing to take out
+    if sign < 0:
+        if task not in (None, bank.merged_task):
+            raise NotMergeableError(f"the update of task {bank.merged_task!r} is merged, not {task!r}; "
+                                    "tying.unmerge_(model) takes it out")
+        return bank.merged_task
+    if bank.merged_task is not None:
+        if task in (None, bank.merged_task):
+            return bank.merged_task  # merged already: nothing to do
+        raise NotMergeableError(f"task {bank.merged_task!r} is merged already; tying.unmerge_(model) first, then "
+                                f"merge task {task!r}")
+    if task not in tasks:
+        what = "which task's update to fold in: pass task=" if task is None else f"unknown task {task!r}; tasks:"
+        raise NotMergeableError(f"a multi-task adapter merges one task at a time; say {what} "
+                                f"{', '.join(map(repr, tasks))} (tying.merge_(model, task={tasks[0]!r}))")
+    return task
+
+
+def _merge_all(model: nn.Module, sign: int, dequantize: bool = False, task: str | None = None) -> None:
     """merge_ / unmerge_: every site is checked first, so a refusal changes no weight."""
-    facts = bank_of(model).spec.adapter.facts
+    bank = bank_of(model)
+    if bank.rows is not None or bank.task is not None:
+        raise NotMergeableError("merge_/unmerge_ inside a tying.adapters block: leave the block first")
+    task = _merge_task(bank, sign, task)
+    facts = bank.spec.adapter.facts
     todo = [(name, w) for name, w in wrappers(model) if w.merged != (sign > 0)]
     for name, w in todo:
         if not facts.mergeable:
@@ -150,8 +183,13 @@ def _merge_all(model: nn.Module, sign: int, dequantize: bool = False) -> None:
             raise NotMergeableError(
                 f"module {name!r} shares its weight with {others[:3]} (tied weights, e.g. input embeddings and "
                 "lm_head): merging would change them too. Keep the adapter unmerged, or untie the weights first")
-    for _, w in todo:
-        w.merge(sign)
+    bank.task = task  # factor() of a multi-task site reads it
+    try:
+        for _, w in todo:
+            w.merge(sign)
+    finally:
+        bank.task = None
+    bank.merged_task = task if sign > 0 else None
 
 
 @contextmanager
@@ -172,23 +210,25 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             w.disabled = d
 
 
-def merge_(model: nn.Module, *, dequantize: bool = False) -> None:
+def merge_(model: nn.Module, *, dequantize: bool = False, task: str | None = None) -> None:
     """Fold every site's update into its base weight in place; forward then skips the adapter.
     Kinds without a merged form (bottleneck, prefix) raise NotMergeableError before any weight changes, and so
-    does a quantized base unless ``dequantize=True`` (decode the weight, add, re-encode: lossy)."""
-    _merge_all(model, +1, dequantize)
+    does a quantized base unless ``dequantize=True`` (decode the weight, add, re-encode: lossy). A multi-task
+    adapter folds in the update of one ``task``."""
+    _merge_all(model, +1, dequantize, task)
 
 
-def unmerge_(model: nn.Module, *, dequantize: bool = False) -> None:
+def unmerge_(model: nn.Module, *, dequantize: bool = False, task: str | None = None) -> None:
     """Subtract what ``merge_`` added (with the factors as they are now)."""
-    _merge_all(model, -1, dequantize)
+    _merge_all(model, -1, dequantize, task)
 
 
-def unapply_(model: nn.Module, merge: bool = False, *, dequantize: bool = False) -> None:
+def unapply_(model: nn.Module, merge: bool = False, *, dequantize: bool = False, task: str | None = None) -> None:
     """Put the original modules back and remove the bank. With ``merge=True`` the update is kept,
-    folded into the base weights; otherwise the base weights are as before ``apply_``."""
+    folded into the base weights (of one ``task``, for a multi-task adapter); otherwise the base weights are as
+    before ``apply_``."""
     bank = bank_of(model)
-    (merge_ if merge else unmerge_)(model, dequantize=dequantize)
+    (merge_ if merge else unmerge_)(model, dequantize=dequantize, task=task)
     for name, w in list(wrappers(model)):
         w.detach()
         model.set_submodule(name, w.base)

@@ -26,7 +26,8 @@ class Site:
     d_in: int
     d_out: int
     captures: Mapping[str, str]
-    keys: Mapping[str, str]  # factor -> group key
+    keys: Mapping[str, str]  # factor -> group key (of a multi-task spec: the key without the task's suffix)
+    task_keys: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # task -> factor -> group key
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,15 @@ class Counts:
     by_factor: Mapping[str, Mapping[str, int]]
     by_group: Mapping[str, int]
     modules: int = 0  # parameters of the spec's train_modules (trained, saved with the adapter)
+    tasks: int = 0  # a multi-task spec: how many tasks (0: a single-task spec)
+    per_task: int = 0  # a multi-task spec: the trainable parameters one more task adds (its own copies)
 
     def to_dict(self) -> dict:
-        """JSON-ready dict: ``trainable``, ``frozen``, ``by_factor``, ``by_group``, ``modules``."""
-        return {"trainable": self.trainable, "frozen": self.frozen, "modules": self.modules,
-                "by_factor": {k: dict(v) for k, v in self.by_factor.items()}, "by_group": dict(self.by_group)}
+        """JSON-ready dict: ``trainable``, ``frozen``, ``by_factor``, ``by_group``, ``modules`` (and ``tasks``,
+        ``per_task`` for a multi-task spec)."""
+        out = {"trainable": self.trainable, "frozen": self.frozen, "modules": self.modules,
+               "by_factor": {k: dict(v) for k, v in self.by_factor.items()}, "by_group": dict(self.by_group)}
+        return out if not self.tasks else {**out, "tasks": self.tasks, "per_task": self.per_task}
 
 
 @dataclass(frozen=True)
@@ -81,12 +86,16 @@ class Plan:
             row["trainable" if g.train else "frozen"] += g.numel
             row["groups"] += 1
         modules = sum(self.train_modules.values())
+        tasks = self.spec.tasks or []
+        own = f"#{tasks[0]}" if tasks else None  # the groups of one task's own copies
         counts = Counts(
             trainable=sum(g.numel for g in self.groups if g.train) + modules,
             frozen=sum(g.numel for g in self.groups if not g.train),
             by_factor=by_factor,
             by_group={f"{g.factor}.{g.key}": g.numel for g in self.groups},
             modules=modules,
+            tasks=len(tasks),
+            per_task=sum(g.numel for g in self.groups if g.train and own and g.key.endswith(own)),
         )
         object.__setattr__(self, "counts", counts)
 
@@ -104,6 +113,9 @@ class Plan:
         c = self.counts
         lines += [f"module {n:<48} {'':<12} {'':>7} {k:>10,}  trained" for n, k in self.train_modules.items()]
         lines += ["", f"trainable {c.trainable:,}   frozen {c.frozen:,}"]
+        if c.tasks:
+            lines.append(f"tasks {c.tasks} ({', '.join(self.spec.tasks)}): one more task adds {c.per_task:,} trainable "
+                         f"parameters (factors without 'task' in their tie; keys end in #<task>)")
         return "\n".join(lines)
 
 
@@ -220,17 +232,20 @@ def plan(model: nn.Module, spec: TyingSpec) -> Plan:
             _check_fit(name, mt, spec.adapter, d_in, d_out)
             if mt.check is not None:
                 mt.check(name, module)
-            keys = {}
+            keys, task_keys = {}, {t: {} for t in spec.tasks or ()}
             for fname, symbols in spec.adapter.facts.factors.items():
                 factor = spec.adapter.factors.get(fname)
                 if factor is None:
                     continue
                 shape = _shape(symbols, rank, d_in, d_out)
                 key = keys[fname] = group_key(name, match, factor, shape)
-                members.setdefault((fname, key), []).append(name)
-                shapes.setdefault((fname, key), {}).setdefault(shape, []).append(name)
+                for k in dict.fromkeys([key + spec.task_suffix(fname, t) for t in spec.tasks] if spec.tasks else [key]):
+                    members.setdefault((fname, k), []).append(name)
+                    shapes.setdefault((fname, k), {}).setdefault(shape, []).append(name)
+                for t, tk in task_keys.items():
+                    tk[fname] = key + spec.task_suffix(fname, t)
             captures = {k: v for k, v in match.groupdict().items() if v is not None}
-            sites.append(Site(name, mt.name, d_in, d_out, captures, keys))
+            sites.append(Site(name, mt.name, d_in, d_out, captures, keys, task_keys))
     groups, per_factor = [], {}
     for (fname, key), mems in members.items():
         by_shape = shapes[(fname, key)]

@@ -34,6 +34,7 @@ from .errors import AlreadyAppliedError, NotAppliedError, ServingError, TyingErr
 from .planner import BANK_ATTR, SERVING_ATTR, Plan, plan
 from .serving_bank import COL, NEUTRAL, ROLES, ServingBank, stack_key
 from .state import _want, check_tensors, read_adapter
+from .tasks import batch_rows, multi_want, route, task_tensors
 
 
 @dataclass
@@ -43,6 +44,9 @@ class _Route:
     rows: int
     A: torch.Tensor | None = None  # (R, d_in) shared by every row, or (rows, d_in, R)
     Bt: torch.Tensor | None = None  # (rows, R, d_out): scale diag(v) B G diag(u), transposed
+    B: torch.Tensor | None = None  # (d_out, R): B G shared by every row (with A), the rows differing in u, v, scale
+    u: torch.Tensor | None = None  # (rows, R) with B
+    vs: torch.Tensor | None = None  # (rows, d_out) or (rows, 1): scale diag(v), with B
     x_scale: torch.Tensor | None = None  # (rows, d_in) IA3 input scaling
     y_scale: torch.Tensor | None = None  # (rows, d_out) IA3 output scaling
 
@@ -73,9 +77,14 @@ class _Site:
             return None
         if r.y_scale is not None:
             out = out * r.y_scale.view(out.shape[0], *[1] * (out.ndim - 2), -1).to(out.dtype)
+        b = out.shape[0]
+        if r.B is not None:  # every row shares A and B: two dense products and per-row scales, no per-row B
+            h = F.linear(args[0].reshape(b, -1, args[0].shape[-1]).to(r.B.dtype), r.A)  # (rows, tokens, R)
+            if r.u is not None:
+                h = h * r.u[:, None, :]
+            return out + (F.linear(h, r.B) * r.vs[:, None, :]).view(out.shape).to(out.dtype)
         if r.Bt is None:
             return out
-        b = out.shape[0]
         x = args[0].reshape(b, -1, args[0].shape[-1]).to(r.Bt.dtype)
         h = F.linear(x, r.A) if r.A.ndim == 2 else torch.bmm(x, r.A)  # (rows, tokens, R)
         o = out.reshape(b, -1, out.shape[-1])
@@ -88,7 +97,7 @@ def load_adapters_(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) 
     """Load the adapter folders ``{name: folder}`` (as written by :func:`tying.save_adapter`) onto ``model``
     for mixed-batch serving. May be called again to add adapters. Every adapter must adapt the same modules
     as the others; every check runs before anything changes, so on an error the loaded adapters stay as they
-    were."""
+    were. A multi-task folder serves each of its tasks as ``name/task``, the factors its tasks share stored once."""
     if getattr(model, BANK_ATTR, None) is not None:
         merged = any(getattr(m, "merged", False) for m in model.modules())
         raise AlreadyAppliedError(f"the model carries a tying adapter{' merged into its base weights' if merged else ''}"
@@ -102,18 +111,19 @@ def load_adapters_(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) 
     for name, folder in adapters.items():
         if not isinstance(name, str) or not name:
             raise ServingError(f"adapter names are non-empty strings; got {name!r}")
-        if bank is not None and name in bank.adapters:
-            raise ServingError(f"adapter {name!r} is loaded already; call tying.unload_adapter_(model, {name!r}) "
-                               "first to replace it")
-        p, tensors = _read(model, name, folder)
-        sites = {s.name: (s.d_in, s.d_out) for s in p.sites}
-        if ref is None:
-            ref = (sites, f"adapter {name!r}")
-        elif sites != ref[0]:
-            only, lacks = sorted(set(sites) - set(ref[0])), sorted(set(ref[0]) - set(sites))
-            raise ServingError(f"adapter {name!r} adapts other modules than {ref[1]}: only in {name!r}: {only[:3]}, "
-                               f"missing: {lacks[:3]}. Adapters served together must select the same modules")
-        read[name] = (p, tensors)
+        for served_name, p, tensors in _read(model, name, folder):
+            if (bank is not None and served_name in bank.adapters) or served_name in read:
+                raise ServingError(f"adapter {served_name!r} is loaded already; call tying.unload_adapter_(model, "
+                                   f"{served_name!r}) first to replace it")
+            sites = {s.name: (s.d_in, s.d_out) for s in p.sites}
+            if ref is None:
+                ref = (sites, f"adapter {served_name!r}")
+            elif sites != ref[0]:
+                only, lacks = sorted(set(sites) - set(ref[0])), sorted(set(ref[0]) - set(sites))
+                raise ServingError(f"adapter {served_name!r} adapts other modules than {ref[1]}: only in "
+                                   f"{served_name!r}: {only[:3]}, missing: {lacks[:3]}. Adapters served together must "
+                                   "select the same modules")
+            read[served_name] = (p, tensors)
     if bank is None:
         bank = ServingBank(ref[0], *_placement(model, next(iter(ref[0]))))
         for site in bank.sites:
@@ -122,8 +132,7 @@ def load_adapters_(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) 
             hooks.handles = [module.register_forward_pre_hook(hooks.pre), module.register_forward_hook(hooks.post)]
         setattr(model, SERVING_ATTR, bank)
     bank.device, bank.dtype = _placement(model, next(iter(bank.sites)))  # the model may have moved since
-    for name, (p, tensors) in read.items():
-        bank.add(name, p, tensors)
+    bank.add([(name, p, tensors) for name, (p, tensors) in read.items()])
     _activate(bank, bank.active)
 
 
@@ -133,8 +142,9 @@ def _placement(model: nn.Module, site: str) -> tuple[torch.device, torch.dtype]:
     return next(module.parameters()).device, modtypes.lookup(module).factor_dtype(module)
 
 
-def _read(model: nn.Module, name: str, folder) -> tuple[Plan, dict[str, torch.Tensor]]:
-    """Plan and read one adapter folder; every error names the adapter. Changes nothing."""
+def _read(model: nn.Module, name: str, folder) -> list[tuple[str, Plan, dict[str, torch.Tensor]]]:
+    """Plan and read one adapter folder: [(name, plan, tensors)], one entry per task of a multi-task folder (named
+    ``name/task``); every error names the adapter. Changes nothing."""
     src = Path(folder)
     try:
         spec, tensors = read_adapter(src)
@@ -145,13 +155,17 @@ def _read(model: nn.Module, name: str, folder) -> tuple[Plan, dict[str, torch.Te
         if spec.train_modules:
             raise ServingError(f"it trains whole base modules ({spec.train_modules}), which all rows share; only "
                                "adapters without train_modules can be mixed")
-        p = plan(model, spec)
+        p = plan(model, spec.single_task() if spec.tasks else spec)
         odd = [f"{s.name} ({s.kind})" for s in p.sites if not modtypes.module_type(s.kind).has("linear")]
         if odd:
             raise ServingError(f"it adapts {odd[:3]}; mixed batches support modules with features on the last axis "
                                "(Linear-like: Linear, Conv1D, quantized Linear)")
-        check_tensors(src, tensors, _want(p, model))
-        return p, tensors
+        if not spec.tasks:
+            check_tensors(src, tensors, _want(p, model))
+            return [(name, p, tensors)]
+        want = _want(p, model)
+        check_tensors(src, tensors, multi_want(spec, p, want))
+        return [(f"{name}/{t}", p, task_tensors(spec, p, tensors, t, want)) for t in spec.tasks]
     except TyingError as e:
         raise type(e)(f"adapter {name!r} ({src}): {e}") from None
 
@@ -190,6 +204,10 @@ def _routes(bank: ServingBank, names: list[str | None]) -> dict[str, _Route]:
         lora = t[:, COL["A"]] >= 0
         if lora.any():  # rows without a low-rank part borrow a LoRA row's entries; their scale is 0
             t[:, lowrank] = torch.where(lora[:, None], t[:, lowrank], t[lora][0, lowrank])
+            if bool((t[:, [COL["A"], COL["B"], COL["G"]]] == t[0, [COL["A"], COL["B"], COL["G"]]]).all()):
+                _shared_route(r, bank, t, d_in, d_out, rows("u"), rows("v"), scale)
+                r.x_scale, r.y_scale = rows("in"), rows("out")
+                continue
             B = rows("B").float()  # buffers follow model.to(); the tables and scales stay on the CPU
             u, v, G = (None if f is None else f.float() for f in (rows("u"), rows("v"), rows("G")))
             B = update.fold_into_up(B, u, v, G, scale.to(B.device))
@@ -207,18 +225,24 @@ def _routes(bank: ServingBank, names: list[str | None]) -> dict[str, _Route]:
     return routes
 
 
+def _shared_route(r: _Route, bank: ServingBank, t: torch.Tensor, d_in: int, d_out: int, u, v, scale) -> None:
+    """The route of a site whose rows all use one A, one B and one G (the tasks of a multi-task adapter with tied
+    A and B; one adapter alone): B G once, and per-row u and scale diag(v)."""
+    A = bank.stack(stack_key("A", d_in, d_out))[int(t[0, COL["A"]])]
+    B = bank.stack(stack_key("B", d_in, d_out))[int(t[0, COL["B"]])].float()
+    G = bank.stack("G")
+    if G is not None and int(t[0, COL["G"]]) > 0:
+        B = B @ G[int(t[0, COL["G"]])].float()
+    vs = scale.to(B.device)[:, None] * (1.0 if v is None else v.float())
+    r.A, r.B, r.vs = A, B.to(A.dtype), vs.to(A.dtype)
+    r.u = None if u is None else u.to(A.dtype)
+
+
 def _activate(bank: ServingBank, names: list[str | None] | None) -> None:
     bank.active = names
     routes = {} if names is None else _routes(bank, names)
     for site, hooks in bank.hooked.items():
         hooks.route = routes.get(site)
-
-
-def _rows_of(args: tuple, kwargs: dict) -> int | None:
-    for t in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
-        if isinstance(t, torch.Tensor) and t.ndim >= 2:
-            return t.shape[0]
-    return None
 
 
 @contextmanager
@@ -228,7 +252,14 @@ def adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     Works with ``generate()`` and its KV cache: the rows stay the rows of the batch at every step. With
     ``num_beams=k`` or ``num_return_sequences=k``, generate() runs k rows per input: repeat each name k
     times (``[n for n in names for _ in range(k)]``). Blocks nest; leaving one restores the outer routing.
+
+    On a model with an applied multi-task adapter (:mod:`tying.tasks`) the names are its tasks, trainable (with
+    gradients), and one name (a string) routes the whole batch.
     """
+    if getattr(model, BANK_ATTR, None) is not None:
+        with route(model, names):
+            yield
+        return
     bank = _bank(model)
     if isinstance(names, str) or not isinstance(names, Sequence) or not names:
         raise ServingError(f"tying.adapters takes a non-empty list with one adapter name (or None) per row of the "
@@ -240,7 +271,7 @@ def adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
                                f"Load it with tying.load_adapters_(model, {{{n!r}: folder}})")
 
     def check(module, args, kwargs):  # before the forward pass: nothing has run yet
-        rows, want = _rows_of(args, kwargs), len(bank.active or ())
+        rows, want = batch_rows(args, kwargs), len(bank.active or ())
         if rows is not None and rows != want:
             raise ServingError(f"the batch has {rows} rows but tying.adapters was given {want} names; give one "
                                "name per row (with num_beams=k or num_return_sequences=k, repeat each name k times)")

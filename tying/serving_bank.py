@@ -91,36 +91,43 @@ class ServingBank(nn.Module):
                     s[0] = self._neutral(role, 0)
                 self.register_buffer(key, s, persistent=False)
 
-    def add(self, name: str, plan, tensors: dict[str, torch.Tensor]) -> None:
-        """Store the adapter ``name`` (planned as ``plan``, factors ``tensors`` by bank key). Checks are done."""
-        a = plan.spec.adapter
-        roles = a.facts.serving  # factor -> role (IA3's u and v scale the module's input and output)
-        self.grow_rank(a.rank)
-        dims = {s.name: (s.d_in, s.d_out) for s in plan.sites}
+    def add(self, items: list[tuple[str, object, dict[str, torch.Tensor]]]) -> None:
+        """Store the adapters ``[(name, plan, tensors by bank key)]``, growing each stack once. Checks are done.
+        A frozen factor, or one that is the very tensor another item holds (a multi-task adapter's shared factors),
+        is stored once."""
+        self.grow_rank(max(p.spec.adapter.rank for _, p, _ in items))
         pending: dict[str, list[torch.Tensor]] = {}
-        index = {}
-        for g in plan.groups:
-            role = roles[g.factor]
-            d_in, d_out = dims[g.members[0]]
-            key = stack_key(role, d_in, d_out)
-            if key not in self.refs and role in NEUTRAL:
-                width = d_in if role == "in" else d_out
-                pending[key], self.refs[key], self.frozen[key] = [self._neutral(role, width)], [-1], set()
-            t = self._pad(role, tensors[f"{g.factor}.{g.key}"].to(self.device, self.dtype))
-            index[(g.factor, g.key)] = (key, self._entry(key, t, pending, shared=not g.train))
-        for key, i in set(index.values()):  # one reference per adapter and entry
-            self.refs[key][i] += 1
+        same: dict[int, tuple[str, int]] = {}  # id of a source tensor -> its entry (shared by tasks)
+        for name, plan, tensors in items:
+            a = plan.spec.adapter
+            roles = a.facts.serving  # factor -> role (IA3's u and v scale the module's input and output)
+            dims = {s.name: (s.d_in, s.d_out) for s in plan.sites}
+            index = {}
+            for g in plan.groups:
+                role = roles[g.factor]
+                d_in, d_out = dims[g.members[0]]
+                key = stack_key(role, d_in, d_out)
+                if key not in self.refs and role in NEUTRAL:
+                    width = d_in if role == "in" else d_out
+                    pending[key], self.refs[key], self.frozen[key] = [self._neutral(role, width)], [-1], set()
+                src = tensors[f"{g.factor}.{g.key}"]
+                if id(src) not in same:
+                    t = self._pad(role, src.to(self.device, self.dtype))
+                    same[id(src)] = (key, self._entry(key, t, pending, shared=not g.train))
+                index[(g.factor, g.key)] = same[id(src)]
+            for key, i in set(index.values()):  # one reference per adapter and entry
+                self.refs[key][i] += 1
+            table = torch.full((len(self.sites), len(ROLES)), -1, dtype=torch.int32)
+            table[:, [COL[r] for r in NEUTRAL]] = 0
+            for s in plan.sites:
+                for factor, key in s.keys.items():
+                    table[self.row[s.name], COL[roles[factor]]] = index[(factor, key)][1]
+            lowrank = "A" in roles.values()  # a kind without a low-rank part scales it by 0
+            self.adapters[name] = Served(plan.spec, a.rank, a.scale if lowrank else 0.0, table)
         for key, new in pending.items():
             old = self.stack(key)
             new = torch.stack(new)
             self.register_buffer(key, new if old is None else torch.cat([old, new]), persistent=False)
-        table = torch.full((len(self.sites), len(ROLES)), -1, dtype=torch.int32)
-        table[:, [COL[r] for r in NEUTRAL]] = 0
-        for s in plan.sites:
-            for factor, key in s.keys.items():
-                table[self.row[s.name], COL[roles[factor]]] = index[(factor, key)][1]
-        lowrank = "A" in roles.values()  # a kind without a low-rank part scales it by 0
-        self.adapters[name] = Served(plan.spec, a.rank, a.scale if lowrank else 0.0, table)
 
     def _entry(self, key: str, t: torch.Tensor, pending: dict, shared: bool) -> int:
         """Index of ``t`` in stack ``key``: an equal frozen entry when there is one, else a new one."""
@@ -157,11 +164,14 @@ class ServingBank(nn.Module):
             self.refs[key] = [refs[i] for i in keep]
             self.frozen[key] = {int(new_index[i]) for i in self.frozen[key] if new_index[i] >= 0}
             remap[key] = new_index
-        for key, new_index in remap.items():
-            rows, cols = self._cells(key)
-            for served in self.adapters.values():
-                vals = served.table[rows, cols]
-                served.table[rows, cols] = torch.where(vals >= 0, new_index[vals.clamp(min=0).long()], vals)
+        if remap and self.adapters:  # renumber every adapter's table at once (one op per stack, not per adapter)
+            tables = torch.stack([a.table for a in self.adapters.values()])
+            for key, new_index in remap.items():
+                rows, cols = (torch.tensor(c, dtype=torch.long) for c in self._cells(key))
+                vals = tables[:, rows, cols]
+                tables[:, rows, cols] = torch.where(vals >= 0, new_index[vals.clamp(min=0).long()], vals)
+            for served, table in zip(self.adapters.values(), tables.unbind()):
+                served.table = table.clone()
         rank = max((a.rank for a in self.adapters.values()), default=0)
         if rank < self.rank:  # drop the padding that only the removed adapter needed
             self.rank = rank

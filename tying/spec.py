@@ -189,14 +189,79 @@ class Target(_Frozen):
         return set(compile_selector(self.select).groupindex)
 
 
+TaskName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]*$", max_length=64)]
+
+
 class TyingSpec(_Frozen):
-    """The whole spec. Build it with :func:`load_spec`."""
+    """The whole spec. Build it with :func:`load_spec`.
+
+    ``tasks``: the names of the tasks (or environments, users) one adapter serves. ``task`` is then a tie axis
+    beside the selectors' captures: a factor that lists it in ``tie`` (or ties ``all``) is one copy for every task
+    (or one per bucket of tasks); any other factor has one copy per task (docs/multitask.md)."""
 
     version: Literal[1] = SPEC_VERSION
     targets: list[Target] = Field(min_length=1)
     adapter: Adapter
     freeze_base: bool = True
     train_modules: list[Selector] = Field(default_factory=list)  # base modules trained and saved with the adapter
+    tasks: list[TaskName] | None = Field(None, min_length=1)
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_tasks(cls, tasks: list[str] | None) -> list[str] | None:
+        twice = sorted({t for t in tasks or [] if tasks.count(t) > 1})
+        if twice:
+            raise ValueError(f"task names must be distinct; written twice: {twice}")
+        return tasks
+
+    @model_validator(mode="after")
+    def _task_axis(self) -> TyingSpec:
+        for t in self.targets:
+            if vocab.TASK in t.captures:
+                raise ValueError(f"target selector {t.select!r} defines a capture named {vocab.TASK!r}, which is the "
+                                 "task axis of a multi-task spec; rename the capture")
+        for name, axis in self._task_ties():
+            if self.tasks is None:
+                raise ValueError(f"adapter.factors.{name}.tie names {vocab.TASK!r}, but the spec has no tasks; add "
+                                 "`tasks: [name, ...]` at the top, or drop 'task' from the tie")
+            if axis.groups is not None:
+                values = [str(v) for g in axis.groups for v in g]
+                unknown, left = sorted(set(values) - set(self.tasks)), [t for t in self.tasks if t not in values]
+                if unknown or left:
+                    raise ValueError(f"adapter.factors.{name}.tie.task.groups must place every task in one group: "
+                                     f"unknown tasks {unknown}, tasks in no group {left} (tasks: {self.tasks})")
+        return self
+
+    def _task_ties(self):
+        for name, f in self.adapter.factors.items():
+            for axis in [] if f.tie == "all" else f.tie:
+                if axis.capture == vocab.TASK:
+                    yield name, axis
+
+    def task_suffix(self, factor: str, task: str) -> str:
+        """What the group key of ``factor`` gains for ``task``: '' for a factor shared by every task, ``#task`` for
+        one per task, ``#[a,b]`` (or ``#[0-1]``, task positions) for a bucket of tasks."""
+        f = self.adapter.factors[factor]
+        if f.tie == "all":
+            return ""
+        axis = next((a for a in f.tie if a.capture == vocab.TASK), None)
+        if axis is None:
+            return f"#{task}"
+        if axis.every is not None:
+            lo = self.tasks.index(task) // axis.every * axis.every
+            return f"#[{lo}-{lo + axis.every - 1}]"
+        if axis.groups is not None:
+            return "#[" + ",".join(next(map(str, g) for g in axis.groups if task in map(str, g))) + "]"
+        return ""
+
+    def single_task(self) -> TyingSpec:
+        """The spec of one task's adapter: no ``tasks``, no ``task`` axis in any tie (the same groups otherwise)."""
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        data.pop("tasks", None)
+        for f in data["adapter"]["factors"].values():
+            if isinstance(f.get("tie"), list):
+                f["tie"] = [a for a in f["tie"] if a["capture"] != vocab.TASK]
+        return TyingSpec.model_validate(data)
 
     @model_validator(mode="after")
     def _ties_name_known_captures(self) -> TyingSpec:
@@ -205,7 +270,7 @@ class TyingSpec(_Frozen):
             if f.tie == "all":
                 continue
             for axis in f.tie:
-                if axis.capture not in known:
+                if axis.capture not in known and axis.capture != vocab.TASK:
                     raise ValueError(f"adapter.factors.{name}.tie names capture {axis.capture!r}, but no target "
                                      f"selector defines it (known captures: {sorted(known) or 'none'}); "
                                      "add a named group such as (?P<layer>\\d+) or {layer} to a selector")
@@ -224,6 +289,19 @@ def preset_names() -> list[str]:
 def _presets() -> dict[str, dict]:
     data = yaml.safe_load(_PRESET_FILE.read_text())
     return data["presets"]
+
+
+def _shared_across_tasks(adapter: dict) -> dict:
+    """``adapter`` with ``task`` added to the tie of every factor shared across layers (load_spec's tasks rule)."""
+    factors = {}
+    for name, f in (adapter.get("factors") or {}).items():
+        if isinstance(f, dict) and isinstance(f.get("tie"), (list, str)):
+            tie = [f["tie"]] if isinstance(f["tie"], str) and f["tie"] != "all" else f["tie"]
+            captures = [] if tie == "all" else [a if isinstance(a, str) else a.get("capture") for a in tie]
+            if "layer" in captures and vocab.TASK not in captures:
+                f = {**f, "tie": [*tie, vocab.TASK]}
+        factors[name] = f
+    return {**adapter, "factors": factors}
 
 
 def _format_validation(e: ValidationError, where: str) -> str:
@@ -277,6 +355,9 @@ def load_spec(source: TyingSpec | dict | str | Path, _where: str = "dict", **ove
 
     ``overrides`` replace fields: ``rank``, ``alpha`` and ``dropout`` of the adapter, and ``targets``,
     ``freeze_base`` or ``train_modules`` at the top. The result is validated anew; the source is never changed.
+    ``tasks`` makes a single-task spec (a preset) multi-task by one rule: a factor shared across layers (its tie
+    names ``layer``, or is ``all``) is shared across the tasks too, any other factor is one per task (TL6 becomes
+    "TL6 across tasks": A and B shared by every task, u and v per task). A spec that has tasks takes new names.
     """
     where = _where
     if isinstance(source, TyingSpec):
@@ -299,7 +380,7 @@ def load_spec(source: TyingSpec | dict | str | Path, _where: str = "dict", **ove
         raise SpecError(f"cannot build a spec from a {type(source).__name__}; give a preset name, path or dict")
     if not isinstance(data, dict):
         raise SpecError(f"invalid spec ({where}): the top level must be a mapping, got {type(data).__name__}")
-    top = ("targets", "freeze_base", "train_modules")
+    top = ("targets", "freeze_base", "train_modules", "tasks")
     bad = set(overrides) - set(_ADAPTER_OVERRIDES) - set(top)
     if bad:
         raise SpecError(f"unknown override(s) {sorted(bad)}; allowed: {', '.join(_ADAPTER_OVERRIDES + top)}")
@@ -311,6 +392,8 @@ def load_spec(source: TyingSpec | dict | str | Path, _where: str = "dict", **ove
     for k in top:
         if overrides.get(k) is not None:
             data[k] = overrides[k]
+    if overrides.get("tasks") is not None and isinstance(data.get("adapter"), dict):
+        data["adapter"] = _shared_across_tasks(data["adapter"])
     try:
         return TyingSpec.model_validate(data)
     except ValidationError as e:

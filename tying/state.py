@@ -28,6 +28,7 @@ from .engine import apply_, bank_of, wrappers
 from .errors import AdapterFileError, AlreadyAppliedError
 from .planner import BANK_ATTR, Plan, plan
 from .spec import TyingSpec, load_spec, parse_spec
+from .tasks import check_task, multi_want, task_tensors
 
 SPEC_FILE = "spec.yaml"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -183,26 +184,36 @@ def _refuse_module_replacement(src: Path, p: Plan, model: nn.Module) -> None:
         "load_adapter(model, folder, replace_modules=True)")
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modules: bool = False) -> None:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modules: bool = False,
+                 task: str | None = None) -> None:
     """Apply the adapter saved in ``directory`` to ``model`` and load its factors.
 
     If the model already carries an adapter with the same spec, only the factors are loaded. Every check (spec,
     plan, keys, shapes, dtypes, finite values) runs before the model is touched. Floating-point factors are cast to
     the model's factor dtype (e.g. an fp32 adapter into a bf16 model). An adapter whose spec trains base modules
     whole (``train_modules``, e.g. a classification head) replaces those modules' weights: that needs
-    ``replace_modules=True`` (``tying.unapply_`` puts the originals back).
+    ``replace_modules=True`` (``tying.unapply_`` puts the originals back). From a multi-task folder, ``task="x"``
+    loads task x alone as a plain single-task adapter (merge, PEFT export, serving as usual); without it, the
+    multi-task adapter whole.
     """
     src = Path(directory)
     spec, tensors = read_adapter(src)
+    whole = spec
+    if task is not None:
+        check_task(spec, task, str(src))
+        spec = spec.single_task()
     applied = hasattr(model, BANK_ATTR)
     if applied:
         bank = bank_of(model)
         if bank.spec != spec:
             mine, theirs = bank.spec.model_dump(), spec.model_dump()
             diff = [k for k in mine if mine[k] != theirs.get(k)]
+            hint = ""
+            if whole.tasks and task is None and bank.spec == whole.single_task():
+                hint = f" The folder holds tasks {whole.tasks}: load one of them with task=..."
             raise AlreadyAppliedError(f"{src} holds an adapter whose spec differs from the model's (in {diff}); "
                                       "nothing was loaded. Load it into a model without an adapter, or call "
-                                      "tying.unapply_(model) first")
+                                      "tying.unapply_(model) first." + hint)
         if any(w.merged for _, w in wrappers(model)):
             raise AlreadyAppliedError("the model's adapter is merged; call tying.unmerge_(model) before loading "
                                       "new factors (the base weights hold the old update)")
@@ -211,7 +222,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modu
         p = plan(model, spec)
     if p.train_modules and not replace_modules:
         _refuse_module_replacement(src, p, model)
-    check_tensors(src, tensors, _want(p, model))
+    want = _want(p, model)
+    if task is None:
+        check_tensors(src, tensors, want)
+    else:  # the whole file is checked, then the task's tensors are taken out
+        check_tensors(src, tensors, multi_want(whole, p, want))
+        tensors = task_tensors(whole, p, tensors, task, want)
     if not applied:
         apply_(model, p)
     with torch.no_grad():

@@ -10,6 +10,7 @@ float32 factors cast (small matrices), never its activations; gradients reach th
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def fold_up(B: torch.Tensor, v: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
@@ -118,3 +119,26 @@ def linear_add_(out: torch.Tensor, hT: torch.Tensor, B, v=None, scale: float = 1
     inference it saves an output-sized copy per site (GPT-2's 2304-wide c_attn, 256 tokens: 264 -> 96 us)."""
     out.view(-1, out.shape[-1]).addmm_(hT.t().to(out.dtype), fold_up(B, v, scale).t().to(out.dtype))
     return out
+
+
+def _per_row(t: torch.Tensor, ndim: int) -> bool:
+    return t.ndim > ndim
+
+
+def routed_add(out: torch.Tensor, x: torch.Tensor, A, B, u=None, v=None, G=None, scale: float = 1.0) -> torch.Tensor:
+    """out + scale diag(v) B G diag(u) A x for a mixed batch, rows on the first axis of ``x`` and ``out``: each
+    factor is either shared by every row (its own shape: one dense product for the batch) or one per row (a
+    leading row axis: batched products). Down in x's dtype, up in out's, as the rest of this module."""
+    b = out.shape[0]
+    xs = x.reshape(b, -1, x.shape[-1])
+    A = A.to(x.dtype)
+    h = torch.bmm(xs, A.transpose(1, 2)) if _per_row(A, 2) else F.linear(xs, A)  # (rows, tokens, r)
+    if u is not None:
+        h = h * (u[:, None, :] if _per_row(u, 1) else u).to(h.dtype)
+    if G is not None:
+        G = G.to(h.dtype)
+        h = torch.bmm(h, G.transpose(1, 2)) if _per_row(G, 2) else F.linear(h, G)
+    h, B = h.to(out.dtype), B.to(out.dtype)
+    y = torch.bmm(h, B.transpose(1, 2)) if _per_row(B, 2) else F.linear(h, B)  # (rows, tokens, d_out)
+    s = scale if v is None else (v[:, None, :] if _per_row(v, 1) else v).to(out.dtype) * scale
+    return out + (y * s).view(out.shape)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from .errors import RegistryError
 
 SYMBOLS = ("rank", "d_in", "d_out")
+TASK = "task"  # the tie axis of a multi-task spec (``tasks: [...]``), beside the selectors' captures
 # The roles of a served mixed batch and the shape each role's factor must have (tying.serving_bank).
 ROLE_SHAPES = {"A": ("rank", "d_in"), "B": ("d_out", "rank"), "u": ("rank",), "G": ("rank", "rank"),
                "v": ("d_out",), "in": ("d_in",), "out": ("d_out",)}
