@@ -1,8 +1,10 @@
-"""Score the adapters of the precision check (the quick job run with ``--dtype float32`` and ``--dtype bfloat16``)
-on a larger SNLI test set, so that the float32 / bfloat16 comparison is not decided by 60 examples.
+"""Score the adapters of the precision check (the quick job run with a float32 and a bfloat16 base) on a larger SNLI
+test set, so that the float32 / bfloat16 comparison is not decided by 60 examples.
 
-    python benchmarks/reproduce.py --quick --dtype float32  --threads 1 --out benchmarks/results/reproduce-precision/float32
-    python benchmarks/reproduce.py --quick --dtype bfloat16 --threads 1 --out benchmarks/results/reproduce-precision/bfloat16
+    python benchmarks/reproduce.py benchmarks/configs/quick.yaml model.dtype=float32 threads=1 \
+        out=benchmarks/results/reproduce-precision/float32
+    python benchmarks/reproduce.py benchmarks/configs/quick.yaml model.dtype=bfloat16 threads=1 \
+        out=benchmarks/results/reproduce-precision/bfloat16
     python benchmarks/precision_eval.py --dtype float32 --n-test 300     # each precision in its own process
     python benchmarks/precision_eval.py --dtype bfloat16 --n-test 300
     python benchmarks/precision_eval.py                                  # only rewrite precision.md
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 from tying.integrations.llm.models import BUILTIN, load_model
+from tying.integrations.llm.parts import evaluate as score
 from tying.integrations.llm.tasks import get_task
 
 import tying
@@ -33,8 +36,6 @@ def half_width(p: float, n: int) -> float:
 
 def evaluate(args, root: Path) -> None:
     """Score zero-shot and each config's adapter on ``args.n_test`` test examples; writes eval-<dtype>.json."""
-    import reproduce  # benchmarks/ is on sys.path when run as a script
-
     task = get_task("nli")
     _, test = task.load(n_train=1, n_test=args.n_test, seed=0)
     rows = []
@@ -42,7 +43,7 @@ def evaluate(args, root: Path) -> None:
         model, tok = load_model("smollm2-135m", dtype=args.dtype)
         if config != "zero-shot":
             tying.load_adapter(model, root / args.dtype / "adapters" / f"nli-{config}-r8-s0")
-        m = reproduce.evaluate(model, tok, task, test)
+        m = score(model, tok, task, test)
         rows.append({"config": config, "dtype": args.dtype, "accuracy": m["accuracy"], "n": m["n"],
                      "ci95": half_width(m["accuracy"] / 100, m["n"])})
         print(rows[-1], flush=True)

@@ -1,7 +1,7 @@
 """Tying across environments: one PPO policy adapter trained jointly for several CartPole pole lengths, against one
 TL6 adapter per environment. Small-scale reproduction on a self-pretrained policy.
 
-    python benchmarks/rl_tasks.py [--lengths 1.5 2.0 3.0] [--steps 15000] [--seeds 0 1 2]
+    python benchmarks/rl_tasks.py [--lengths 1.5 2.0 3.0] [--steps 15000] [--seeds 0 1 ... 9]
                                   [--out benchmarks/results/rl-tasks]
 
 The pretrained policy is benchmarks/rl.py's (PPO, CartPole-v1, pole half-length 0.5; three hidden layers of 64 in
@@ -35,9 +35,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import rl  # benchmarks/ is not a package: rl.py's pretrained policy, environments and evaluation
+from tying.integrations import gymnasium as tg
 
 import tying
-from tying.integrations import gymnasium as tg
 
 RATE, CHUNK = rl.METHODS["tl6"][1], 1024
 
@@ -115,14 +115,24 @@ def report(result: dict) -> str:
     s0 = result["seeds"][seeds[0]]
     sep_params = sum(s0["separate"][n]["trainable"] for n in names)
     lo, hi = bootstrap(diffs)
-    verdict = ("supported" if lo > -0.1 * result["max_return"] else "refuted" if hi < -0.1 * result["max_return"]
-               else "undecided at this scale")
-    lines += ["", f"Trainable parameters (adapter factors and heads): separate {sep_params:,} in all "
-                  f"({sep_params // len(names):,} per environment); joint {s0['joint']['trainable']:,} in all, one more "
-                  f"environment adds {s0['joint']['per_task']:,}.",
-              f"Joint - separate, mean over {len(diffs)} (seed, environment) pairs: {statistics.mean(diffs):+.1f} "
-              f"return, 95 % bootstrap interval [{lo:+.1f}, {hi:+.1f}]. \"Joint is comparable to separate (within 10 % of "
-              f"the maximum return, {result['max_return']:.0f})\": **{verdict}**.",
+    margin = 0.1 * result["max_return"]
+
+    def verdict(low_ok: bool, high_bad: bool) -> str:
+        return "supported" if low_ok else "refuted" if high_bad else "undecided at this scale"
+
+    lines += ["", (f"Trainable parameters (adapter factors and heads): separate {sep_params:,} in all "
+                   f"({sep_params // len(names):,} per environment); joint {s0['joint']['trainable']:,} in all, one more "
+                   f"environment adds {s0['joint']['per_task']:,}."),
+              (f"Joint - separate, mean over {len(diffs)} (seed, environment) pairs: {statistics.mean(diffs):+.1f} "
+              f"return, 95 % bootstrap interval [{lo:+.1f}, {hi:+.1f}]. \"Joint is no worse than separate by more than "
+              f"10 % of the maximum return ({margin:.0f})\": **{verdict(lo > -margin, hi < -margin)}**; \"joint is "
+              f"better than separate\": **{verdict(lo > 0, hi < 0)}**."),
+              ("Returns of PPO adaptation vary from seed to seed far more than between methods (one seed reaches 500 "
+              "where another stays at the pretrained policy's 17-22), and they change with the number of threads: "
+              "the separate TL6 on the 2 m pole scored 494, 88, 225 for seeds 0-2 in benchmarks/results/rl.md "
+              "(two threads) against the one-thread runs here. Joint training also steps the shared A, B and heads "
+              "on every environment's rollouts (3x the updates of one separate run): that, not only sharing, may "
+              "explain a difference."),
               f"Seeds {', '.join(seeds)}; {result['seconds']:.0f} s of CPU time in all ({result['machine']})."]
     return "\n".join(lines) + "\n"
 
@@ -131,7 +141,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=float, nargs="+", default=[1.5, 2.0, 3.0])
     ap.add_argument("--steps", type=int, default=15_000)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rl-tasks")
     args = ap.parse_args(argv)
     import torch

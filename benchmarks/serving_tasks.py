@@ -40,7 +40,8 @@ from serving import MODEL, build_model, machine, summary, time_one  # benchmarks
 import tying
 from tying.bank import FactorBank
 from tying.serving import resident_bytes
-from tying.state import write_adapter
+from tying.state import read_adapter, write_adapter
+from tying.tasks import task_tensors
 
 
 def write_multitask(model, tasks: list[str], rank: int, out: Path) -> Path:
@@ -80,14 +81,15 @@ def run(args) -> dict:
     peft_n = max(args.peft) if args.peft else 0
     peft = None
     if peft_n:
-        base, one = build_model(), build_model()
+        base = build_model()
+        spec, tensors = read_adapter(folder)
+        single_spec = spec.single_task()
+        p1 = tying.plan(base, single_spec)
         dirs = []
-        for name in tasks[:peft_n]:  # each task as a plain LoRA, through its single-task adapter
-            tying.load_adapter(one, folder, task=name)
-            single = tying.save_adapter(one, tmp / "single" / name)
-            tying.unapply_(one)
+        for name in tasks[:peft_n]:  # each task as a plain LoRA, through its single-task adapter folder
+            single = write_adapter(tmp / "single" / name, single_spec,
+                                   task_tensors(spec, p1, tensors, name, {f"{g.factor}.{g.key}" for g in p1.groups}))
             dirs.append(export_peft(base, tmp / "peft" / name, adapter=single))
-        del one
         peft = PeftModel.from_pretrained(base, str(dirs[0]), adapter_name=tasks[0]).eval()
         for name, d in zip(tasks[1:peft_n], dirs[1:]):
             peft.load_adapter(str(d), adapter_name=name)

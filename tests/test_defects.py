@@ -230,7 +230,7 @@ def test_defect_07_a_training_loss_that_overflows_stops_naming_the_precision(tmp
     pytest.importorskip("transformers")
     import transformers
     from test_llm_models import addition_jsonl, tiny_llm_folder
-    from test_reproduce import reproduce
+    from test_reproduce import reproduce, tiny_config
     folder = tiny_llm_folder(tmp_path / "m")
     model = transformers.AutoModelForCausalLM.from_pretrained(folder)
     with torch.no_grad():
@@ -239,9 +239,7 @@ def test_defect_07_a_training_loss_that_overflows_stops_naming_the_precision(tmp
     jsonl = addition_jsonl(tmp_path / "add.jsonl")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        reproduce.main(["--model", str(folder), "--tasks", str(jsonl), "--configs", "tl6", "--steps", "2",
-                        "--n-train", "8", "--n-test", "4", "--batch", "2", "--dtype", "float16", "--device", "cpu",
-                        "--threads", "1", "--out", str(out)])
+        reproduce.main([str(tiny_config(tmp_path / "c.yaml", folder, jsonl)), "model.dtype=float16", f"out={out}"])
     assert "float16" in str(e.value) and "nothing was saved" in str(e.value), str(e.value)
     assert not list((out / "parts").glob("*tl6*")) and not (out / "adapters" / "add.jsonl-tl6-r8-s0").exists()
     assert not (out / "reproduce.json").exists()
@@ -351,50 +349,54 @@ def test_defect_11_budget_with_targets_that_match_nothing_or_an_unknown_family_f
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--n-train", "-5"], "--n-train: -5 is out of range"),
-    (["--steps", "0"], "--steps: 0 is out of range"),
-    (["--batch", "0"], "--batch: 0 is out of range"),
-    (["--grad-accum", "0"], "--grad-accum: 0 is out of range"),
-    (["--lr", "-1"], "--lr: -1 is out of range"),
-    (["--lr", "nan"], "--lr: nan is out of range"),
-    (["--seed", "-1"], "--seed: -1 is out of range"),
+    (["n_train=-5"], "n_train: Input should be greater than or equal to 1"),
+    (["steps=0"], "steps: Input should be greater than or equal to 1"),
+    (["batch=0"], "batch: Input should be greater than or equal to 1"),
+    (["grad_accum=0"], "grad_accum: Input should be greater than or equal to 1"),
+    (["max_len=0"], "max_len: Input should be greater than or equal to 1"),
+    (["threads=0"], "threads: Input should be greater than or equal to 1"),
+    (["rates.lr={lora: -1}"], "rates.lr.lora: Input should be greater than 0"),
+    (["rates.lr={lora: .nan}"], "rates.lr.lora: Input should be a finite number"),
+    (["rates.sweep.grid=[0]"], r"rates.sweep.grid\[0\]: Input should be greater than 0"),
+    (["seeds=[-1]"], r"seeds\[0\]: Input should be greater than or equal to 0"),
 ])
-def test_defect_12_reproduce_refuses_bad_numbers_before_anything_runs(tmp_path, capsys, args, match):
+def test_defect_12_reproduce_refuses_bad_numbers_before_anything_runs(tmp_path, args, match):
     pytest.importorskip("transformers")
-    from test_reproduce import reproduce
-    with pytest.raises(SystemExit):
-        reproduce.main(["--quick", *args, "--out", str(tmp_path / "out")])
-    assert match in capsys.readouterr().err
+    from test_reproduce import QUICK, reproduce
+    with pytest.raises(SystemExit) as e:
+        reproduce.main([str(QUICK), *args, f"out={tmp_path / 'out'}"])
+    assert re.search(match, str(e.value)), str(e.value)
     assert not (tmp_path / "out").exists()
 
 
 def test_defect_12_reproduce_refuses_bad_files_before_anything_is_written(tmp_path):
     pytest.importorskip("transformers")
-    from test_reproduce import reproduce
+    from test_reproduce import QUICK, reproduce
     out = tmp_path / "out"
     cases = []
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    cases.append((["--tasks", str(empty)], r"empty.jsonl: 0 usable lines, but --n-test 60"))
+    cases.append(([f"tasks=[{empty}]"], r"empty.jsonl: 0 usable lines, but n_test 60"))
     short = tmp_path / "short.jsonl"
     short.write_text("".join(json.dumps({"prompt": "p", "answer": "a"}) + "\n" for _ in range(5)))
-    cases.append((["--tasks", str(short), "--n-test", "10"], r"short.jsonl: 5 usable lines, but --n-test 10"))
-    cases.append((["--tasks", str(short), "--n-test", "0"], r"--n-test 0: give a whole number"))
+    cases.append(([f"tasks=[{short}]", "n_test=10"], r"short.jsonl: 5 usable lines, but n_test 10"))
+    cases.append(([f"tasks=[{short}]", "n_test=0"], r"n_test: Input should be greater than or equal to 1"))
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"prompt": "p", "answer": "a"}\n{"prompt": "p", "answer": "\xff"}\n')
-    cases.append((["--tasks", str(latin)], r"latin.jsonl:2: not UTF-8"))
+    cases.append(([f"tasks=[{latin}]"], r"latin.jsonl:2: not UTF-8"))
     bad = tmp_path / "bad.jsonl"  # U+2028 splits a line for str.splitlines, not for a JSONL reader
     bad.write_bytes(b'{"prompt": "p", "answer": "a\xe2\x80\xa8b"}\r\n\n{"prompt": oops}\n')
-    cases.append((["--tasks", str(bad)], r"bad.jsonl:3: not a JSON object"))
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
-    cases.append((["--out", str(a_file)], r"--out .*a_file is a file"))
-    cases.append((["--lr-from", str(tmp_path / "missing.json")], r"--lr-from .*missing.json: no such sweep file"))
+    cases.append(([f"tasks=[{bad}]"], r"bad.jsonl:3: not a JSON object"))
+    cases.append(([f"rates.table={tmp_path / 'missing.yaml'}"], r"rates.table .*missing.yaml: no such rate table"))
     for args, match in cases:
         with pytest.raises(SystemExit) as e:
-            reproduce.main(["--quick", "--out", str(out), *args])
+            reproduce.main([str(QUICK), f"out={out}", *args])
         assert re.search(match, str(e.value)), (args, str(e.value))
         assert not out.exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit, match=r"out .*a_file is a file"):
+        reproduce.main([str(QUICK), f"out={a_file}"])
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "answer": "a"}).encode() + b"\n")
     from tying.integrations.llm.tasks import load_jsonl_examples

@@ -74,7 +74,7 @@ def test_readme_starts_with_the_two_ci_commands():
     assert len(blocks) >= 2
     setup, tests = blocks[0], blocks[1]
     assert setup.startswith("python3 -m venv .venv") and 'pip install -e ".[all]"' in setup
-    assert "benchmarks/paper_params.py" in setup and "benchmarks/reproduce.py --quick" in setup
+    assert "benchmarks/paper_params.py" in setup and "benchmarks/reproduce.py benchmarks/configs/quick.yaml" in setup
     assert tests.strip() == ". .venv/bin/activate && python -m pytest -q"
 
 

@@ -89,7 +89,7 @@ def test_missing_folder_split_or_field_is_a_clear_error(tmp_path):
 
 
 def test_tasks_without_a_packaged_source_need_data():
-    with pytest.raises(hf_data.DataSourceError, match="--data hf"):
+    with pytest.raises(hf_data.DataSourceError, match="data: hf"):
         tasks.get_task("dialogsum")
     with pytest.raises(hf_data.DataSourceError, match="unknown task"):
         tasks.get_task("nope", "hf")
@@ -99,3 +99,15 @@ def test_choice_score_reads_the_first_number():
     from tying.integrations.llm.metrics import choice_score
     got = choice_score(["2", "The answer is 3.", "none", "12"], ["2", "2", "1", "1"])
     assert got == {"accuracy": 25.0, "n": 4, "per_example": [100.0, 0.0, 0.0, 0.0]}
+
+
+def test_a_package_the_registry_no_longer_offers_is_named_with_pips_words(tmp_path, monkeypatch):
+    """bigbench==1.0.0 (XSum's source) vanished from the registry: the error said only "no unpacked source tree";
+    it now carries pip's own explanation."""
+    import subprocess
+
+    from tying.integrations.llm import fetch
+    said = "ERROR: No matching distribution found for bigbench==1.0.0"
+    monkeypatch.setattr(fetch, "_run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", f"Looking...\n{said}\n"))
+    with pytest.raises(fetch.FetchError, match=f"bigbench==1.0.0 gave no source tree to unpack: {said}"):
+        fetch.pip_sdist_tree("bigbench==1.0.0", tmp_path / "w")

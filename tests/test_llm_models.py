@@ -82,7 +82,7 @@ def test_check_device_refuses_what_this_machine_cannot_run(monkeypatch):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
     monkeypatch.setattr(torch.nn.Linear, "forward", no_half)
-    with pytest.raises(models.PrecisionError, match="--dtype float16 on --device cpu.*use --dtype float32 or bfloat16"):
+    with pytest.raises(models.PrecisionError, match="model.dtype float16 on model.device cpu.*use float32 or bfloat16"):
         models.check_device("cpu", torch.float16)
 
 
@@ -155,7 +155,7 @@ def tiny_gguf(folder, layers: int = 2):
 def test_any_gguf_trains_through_the_kit_and_reproduce(tmp_path):
     """A GGUF file other than the built-in one (issue 29): transformers dequantizes it but marks the model
     "quantized with gguf", which its Trainer refused to train; the kit's loader and reproduce.py train it."""
-    from test_reproduce import reproduce
+    from test_reproduce import reproduce, tiny_config
     from tying.integrations.llm.finetune import finetune
 
     gguf = tiny_gguf(tmp_path / "m")
@@ -166,8 +166,7 @@ def test_any_gguf_trains_through_the_kit_and_reproduce(tmp_path):
     hist = finetune(model, train, tok, steps=3, lr=1e-2, batch_size=2, seed=0)
     assert len(hist["loss"]) == 3 and hist["loss"][-1] != hist["loss"][0]
     jsonl = addition_jsonl(tmp_path / "add.jsonl")
-    reproduce.main(["--model", str(gguf), "--tasks", str(jsonl), "--configs", "tl6", "--steps", "2", "--n-train", "8",
-                    "--n-test", "4", "--batch", "2", "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "o")])
+    reproduce.main([str(tiny_config(tmp_path / "c.yaml", gguf, jsonl)), f"out={tmp_path / 'o'}"])
     rows = json.loads((tmp_path / "o" / "reproduce.json").read_text())["rows"]
     assert [r["config"] for r in rows] == ["zero-shot", "tl6"] and rows[1]["trainable"] > 0
 

@@ -366,3 +366,28 @@ def test_trainer_needs_the_task_column():
     data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids, "task": [0, 2, 1, 0]})
     TyingTrainer(model=model, args=args, train_dataset=data).train()  # positions in `tasks` (names: test_distributed)
     assert not same_state(model, snap)
+
+    class OwnLoss(TyingTrainer):  # a subclass with its own loss (the LLM kit's AnswerTrainer) is routed too
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return model(input_ids=inputs["input_ids"], labels=inputs["labels"]).loss
+
+    snap = snapshot(model)
+    OwnLoss(model=model, args=args, train_dataset=data).train()
+    assert not same_state(model, snap)
+
+
+def test_a_multi_task_spec_through_peft_get_peft_model(tmp_path):
+    """TyingConfig with tasks: PEFT saves every task (shared factors once) and loads them back; rows are routed on
+    the inner model (``peft_model.base_model.model``)."""
+    peft = pytest.importorskip("peft")
+    from tying.integrations.peft import TyingConfig
+
+    m = peft.get_peft_model(tiny_llama(layers=2), TyingConfig(spec=copy.deepcopy(CONTRACT)))
+    randomize_bank(m.base_model.model)
+    ids = torch.randint(0, 100, (3, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), tying.adapters(m.base_model.model, ["a", "b", "c"]):
+        want = m(input_ids=ids).logits
+    m.save_pretrained(tmp_path)
+    fresh = peft.PeftModel.from_pretrained(tiny_llama(layers=2), tmp_path)
+    with torch.no_grad(), tying.adapters(fresh.base_model.model, ["a", "b", "c"]):
+        torch.testing.assert_close(fresh(input_ids=ids).logits, want, atol=1e-5, rtol=0)

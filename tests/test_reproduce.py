@@ -1,5 +1,6 @@
-"""benchmarks/reproduce.py: bookkeeping (which finished parts are reused and reported), the paper's grid file,
-bad input refused before anything is written, and whole runs on a tiny local model (any model, dtype, GPU preset)."""
+"""benchmarks/reproduce.py, a CLI over a run config, and the LLM kit it runs: which finished parts are reused and
+reported, the sweep and its rule, the paper's grid, bad input refused before anything is written, shards, and whole
+runs on a tiny local model (any model, dtype, the GPU config, a user's JSONL task with its own metric)."""
 import importlib.util
 import json
 import re
@@ -8,83 +9,105 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import tying
 
 pytest.importorskip("transformers")
-_spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).parents[1] / "benchmarks" / "reproduce.py")
+from tying.integrations.llm import grid, parts, rates
+from tying.integrations.llm.runconfig import load_config
+
+ROOT = Path(__file__).parents[1]
+_spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
 reproduce = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(reproduce)
+CONFIGS = ROOT / "benchmarks" / "configs"
+QUICK = CONFIGS / "quick.yaml"
+TABLE = yaml.safe_load((CONFIGS / "rates" / "snli.yaml").read_text())["lr"]
+pytestmark = pytest.mark.usefixtures("keep_threads")  # configs may set threads; the session gets its count back
+
+
+def test_the_cli_is_thin():
+    assert len((ROOT / "benchmarks" / "reproduce.py").read_text().splitlines()) <= 150
 
 
 def _row(config, score, lr=None, rank=8, trainable=1000, **settings):
-    s = {**reproduce.RUN, **reproduce.QUICK, "seed": 0, **settings}
-    row = {k: s[k] for k in (*reproduce.SETTINGS, *reproduce.RUN, "seed")}
-    row.update(task="nli", config=config, rank=0 if config == "zero-shot" else rank, score=score,
-               trainable=0 if config == "zero-shot" else trainable, seconds=1.0, metrics={"accuracy": score})
+    part = {**grid.parts(load_config(QUICK))[0], **settings}
+    part.update(config=config, rank=0 if config == "zero-shot" else rank)
+    row = {**part, "score": score, "trainable": 0 if config == "zero-shot" else trainable, "seconds": 1.0,
+           "metrics": {"accuracy": score}}
     if config != "zero-shot":
-        row["lr"] = reproduce.LR[config] if lr is None else lr
+        row["lr"] = TABLE[config] if lr is None else lr
     return row
 
 
-def test_is_current_checks_settings_seed_and_lr():
-    s = {**reproduce.RUN, **reproduce.QUICK, "seed": 0}
-    assert reproduce.is_current(_row("lora", 30.0), s)
-    assert not reproduce.is_current(_row("lora", 30.0, lr=1e-5), s)  # trained at another LR
-    assert not reproduce.is_current(_row("lora", 30.0, steps=999), s)
-    assert not reproduce.is_current(_row("lora", 30.0, seed=1), s)
+def test_is_current_checks_settings_seed_and_lr(tmp_path):
+    cfg = load_config(QUICK, [f"out={tmp_path}"])
+    r = rates.Rates(cfg)
+    assert parts.is_current(_row("lora", 30.0), cfg, r)
+    assert not parts.is_current(_row("lora", 30.0, lr=1e-5), cfg, r)  # trained at another LR
+    assert not parts.is_current(_row("lora", 30.0, steps=999), cfg, r)
+    assert not parts.is_current(_row("lora", 30.0, seed=1), cfg, r)
+    assert not parts.is_current(_row("lora", 30.0, task="squad"), cfg, r)  # not a task of this run
     # zero-shot does not train: only its test set (and seed) matter
-    assert reproduce.is_current(_row("zero-shot", 1.0, steps=999, batch=1), s)
-    assert not reproduce.is_current(_row("zero-shot", 1.0, n_test=7), s)
+    assert parts.is_current(_row("zero-shot", 1.0, steps=999, batch=1), cfg, r)
+    assert not parts.is_current(_row("zero-shot", 1.0, n_test=7), cfg, r)
     # model, dtype and data: another one is never reused; rows from before these keys count as the defaults
-    assert not reproduce.is_current(_row("lora", 30.0, dtype="bfloat16"), s)
-    assert not reproduce.is_current(_row("zero-shot", 1.0, model="/ckpt/llama"), s)
-    old = {k: v for k, v in _row("lora", 30.0).items() if k not in reproduce.RUN}
-    assert reproduce.is_current({**old, "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"}, s)
-    # rates from a sweep (--lr-from): a cell its table does not name is not this run's, even at a matching rate
-    swept = {**s, "lr_from": "lr_sweep.json", "lr_of": {"nli/tl6/r8": 0.05}}
-    assert reproduce.is_current(_row("tl6", 30.0, lr=0.05), swept)
-    assert not reproduce.is_current(_row("lora", 30.0), swept)
+    assert not parts.is_current(_row("lora", 30.0, dtype="bfloat16"), cfg, r)
+    assert not parts.is_current(_row("zero-shot", 1.0, model="/ckpt/llama"), cfg, r)
+    old = {k: v for k, v in _row("lora", 30.0).items() if k not in ("model", "dtype", "data", "max_len", "grad_accum")}
+    assert parts.is_current({**old, "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"}, cfg, r)
+    # rates from a sweep: a cell the sweep has no pick for is not this run's, even at a matching rate
+    swept = load_config(QUICK, [f"out={tmp_path}", "rates.table=null"])
+    (tmp_path / "lr_sweep.json").write_text(json.dumps({"settings": rates.sweep_settings(swept), "results": [
+        {"task": "nli", "config": "tl6", "rank": 8, "lr": lr, "score": s} for lr, s in ((0.01, 1.0), (0.05, 9.0),
+                                                                                       (0.1, 2.0))]}))
+    assert parts.is_current(_row("tl6", 30.0, lr=0.05), swept, rates.Rates(swept))
+    assert not parts.is_current(_row("lora", 30.0), swept, rates.Rates(swept))
 
 
 def test_resume_reuses_parts_and_reports_every_current_part(tmp_path, monkeypatch):
-    parts = tmp_path / "parts"
-    parts.mkdir()
+    (tmp_path / "parts").mkdir()
     rows = [_row("tl6", 38.0, trainable=100), _row("zero-shot", 1.0), _row("lora", 31.0),
-            _row("ia3", 33.0, trainable=10),  # not asked for in this run, but finished at these settings
+            _row("tl5", 33.0, trainable=10),  # not asked for in this run, but finished at its rate under this policy
+            _row("ia3", 34.0, lr=0.01),  # no rate for ia3 under this policy: not reported
             _row("vera", 99.0, lr=1e-5)]  # a stale LR: neither reused nor reported
     for r in rows:
-        (parts / f"{reproduce.part_name(r)}.json").write_text(json.dumps(r))
+        (tmp_path / "parts" / f"{grid.part_name(r)}.json").write_text(json.dumps(r))
 
-    def fake_run_part(part, out, lr=None, val=False):
-        assert part["config"] == "vera", "only the stale part is rerun"
+    def fake_run_part(part, out, lr=None, val=0):
+        assert part["config"] == "vera" and lr == 0.03, "only the stale part is rerun, at the table's rate"
         return _row("vera", 2.0, trainable=50)
 
-    monkeypatch.setattr(reproduce, "run_part", fake_run_part)
-    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--quick", "--resume", "--out", str(tmp_path)])
-    reproduce.main()
+    monkeypatch.setattr(parts, "run_part", fake_run_part)
+    reproduce.main([str(QUICK), "resume=true", f"out={tmp_path}"])
     report = json.loads((tmp_path / "reproduce.json").read_text())
     assert [(r["config"], r["score"]) for r in report["rows"]] == [
-        ("zero-shot", 1.0), ("lora", 31.0), ("vera", 2.0), ("tl6", 38.0), ("ia3", 33.0)]
+        ("zero-shot", 1.0), ("lora", 31.0), ("vera", 2.0), ("tl5", 33.0), ("tl6", 38.0)]
+    assert report["settings"]["steps"] == 30 and report["settings"]["model"]["dtype"] == "float32"
     md = (tmp_path / "reproduce.md").read_text()
     assert "| nli | accuracy | tl6 | 8 | 0 | 38.00 | 100 | 10.0 |" in md  # seed 0; percent of LoRA's 1,000
 
 
-def test_sweeps_side_by_side_keep_each_others_results(tmp_path, monkeypatch):
-    s = {**reproduce.RUN, **reproduce.QUICK, "seed": 0, "configs": ["tl6"]}
-    f = tmp_path / "lr_sweep.json"
-    f.write_text(json.dumps({"settings": s, "results": [{"task": "nli", "config": "lora", "lr": 0.01, "score": 30.0}]}))
+def _sweep_cfg(tmp_path, *extra):
+    return load_config(QUICK, [f"out={tmp_path}", "rates.table=null", "configs=[tl6]", *extra])
 
-    def fake_run_part(part, out, lr=None, val=False):
-        assert val, "the sweep scores held-out training examples"
-        # another sweep finishes a point while this one trains
-        other = json.loads(f.read_text())
+
+def test_sweeps_side_by_side_keep_each_others_results(tmp_path, monkeypatch):
+    cfg = _sweep_cfg(tmp_path, "rates.sweep.grid=[0.001, 0.01]", "rates.sweep.extend=false")
+    f = tmp_path / "lr_sweep.json"
+    f.write_text(json.dumps({"settings": rates.sweep_settings(cfg), "results": [
+        {"task": "nli", "config": "lora", "lr": 0.01, "score": 30.0}]}))
+
+    def fake_run_part(part, out, lr=None, val=0):
+        assert val == 100 and part["seed"] == 0, "the sweep scores held-out training examples, seed 0"
+        other = json.loads(f.read_text())  # another sweep finishes a point while this one trains
         other["results"].append({"task": "nli", "config": "vera", "lr": lr, "score": 5.0})
         f.write_text(json.dumps(other))
         return {"score": 40.0 + 1000 * lr, "seconds": 2.0, "eval_seconds": 1.0, "loss_last": 0.5}
 
-    monkeypatch.setattr(reproduce, "run_part", fake_run_part)
-    reproduce.sweep(s, tmp_path, grid=(1e-3, 1e-2))
+    monkeypatch.setattr(parts, "run_part", fake_run_part)
+    rates.sweep(cfg, rates.Rates(cfg))
     got = {(r["config"], r["lr"]): r["score"] for r in json.loads(f.read_text())["results"]}
     assert got == {("lora", 0.01): 30.0, ("vera", 0.001): 5.0, ("vera", 0.01): 5.0,
                    ("tl6", 0.001): 41.0, ("tl6", 0.01): 50.0}
@@ -92,71 +115,65 @@ def test_sweeps_side_by_side_keep_each_others_results(tmp_path, monkeypatch):
 
 
 def test_the_lr_rule_and_the_grid_extension(tmp_path, monkeypatch):
-    assert reproduce.best_lr({1e-3: 40.0, 3e-3: 47.0, 1e-2: 47.0, 3e-2: 0.0}) == 3e-3  # a tie: the smaller rate
-    assert not reproduce.at_edge({1e-3: 40.0, 3e-3: 47.0, 1e-2: 47.0})
-    assert reproduce.at_edge({1e-3: 40.0, 3e-3: 41.0}) and reproduce.at_edge({1e-3: 42.0, 3e-3: 41.0})
-    assert [reproduce.next_rate(lr, up=True) for lr in (1e-3, 3e-3, 1e-2, 3e-2)] == [3e-3, 1e-2, 3e-2, 1e-1]
-    assert [reproduce.next_rate(lr, up=False) for lr in (1e-3, 3e-3, 1e-1)] == [3e-4, 1e-3, 3e-2]
-    # --extend: a cell peaking at the top edge gets 3e-2, then 1e-1 (which scores worse), and stops there
-    s = {**reproduce.RUN, **reproduce.QUICK, "seed": 0, "configs": ["tl6"]}
+    assert rates.best_lr({1e-3: 40.0, 3e-3: 47.0, 1e-2: 47.0, 3e-2: 0.0}) == 3e-3  # a tie: the smaller rate
+    assert not rates.at_edge({1e-3: 40.0, 3e-3: 47.0, 1e-2: 47.0})
+    assert rates.at_edge({1e-3: 40.0, 3e-3: 41.0}) and rates.at_edge({1e-3: 42.0, 3e-3: 41.0})
+    assert [rates.next_rate(lr, up=True) for lr in (1e-3, 3e-3, 1e-2, 3e-2)] == [3e-3, 1e-2, 3e-2, 1e-1]
+    assert [rates.next_rate(lr, up=False) for lr in (1e-3, 3e-3, 1e-1)] == [3e-4, 1e-3, 3e-2]
+    # extend: a cell peaking at the top edge gets 3e-2, then 1e-1 (which scores worse), and stops there
+    cfg = _sweep_cfg(tmp_path, "rates.sweep.grid=[0.001, 0.003, 0.01]")
     peak = {1e-3: 30.0, 3e-3: 35.0, 1e-2: 40.0, 3e-2: 45.0, 1e-1: 10.0}
     ran = []
-    monkeypatch.setattr(reproduce, "run_part", lambda part, out, lr=None, val=False: ran.append(lr) or
+    monkeypatch.setattr(parts, "run_part", lambda part, out, lr=None, val=0: ran.append(lr) or
                         {"score": peak[lr], "seconds": 1.0, "eval_seconds": 0.0, "loss_last": 1.0})
-    reproduce.sweep(s, tmp_path, grid=(1e-3, 3e-3, 1e-2), extend=True)
+    assert rates.Rates(cfg).unswept(cfg, grid.cells(cfg)) == ["nli/tl6/r8 (not swept)"]
+    rates.sweep(cfg, rates.Rates(cfg))
     assert ran == [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
-    reproduce.sweep(s, tmp_path, grid=(1e-3, 3e-3, 1e-2), extend=True)
+    rates.sweep(cfg, rates.Rates(cfg))
     assert len(ran) == 5, "finished cells are not rerun"
-    # --lr-from: the rule's pick per (task, config, rank); a cell missing or at its edge is refused by name
-    assert reproduce.lr_table(str(tmp_path / "lr_sweep.json"), s) == {"nli/tl6/r8": 3e-2}
-    with pytest.raises(ValueError, match=r"nli/lora/r8 \(not swept\)"):
-        reproduce.lr_table(str(tmp_path / "lr_sweep.json"), {**s, "configs": ["tl6", "lora"]})
-    assert reproduce.lr_table(str(tmp_path / "lr_sweep.json"), {**s, "configs": ["tl6", "lora"]}, strict=False) == {
-        "nli/tl6/r8": 3e-2}  # --report: the cells there are
-    s2 = {**s, "lr_of": {"nli/tl6/r8": 3e-2, "tl6": 1e-3}}
-    assert reproduce.lr_for(s2, "nli", "tl6", 8) == 3e-2 and reproduce.lr_for(s2, "squad", "tl6", 8) == 1e-3
-    assert reproduce.lr_for(s, "nli", "tl6", 8) == reproduce.LR["tl6"]
+    assert rates.Rates(cfg)("nli", "tl6", 8) == (3e-2, "sweep")
+    # a sweep at other settings is not this one's: its picks are not used
+    assert rates.Rates(_sweep_cfg(tmp_path, "rates.sweep.n_val=50"))("nli", "tl6", 8) == (None, "sweep")
 
 
-def test_a_cell_without_signal_stops_extending_and_is_refused(tmp_path, monkeypatch):
-    assert reproduce.no_signal({3e-3: 0.0, 1e-2: 0.0}) and not reproduce.no_signal({3e-3: 0.0})
-    assert not reproduce.no_signal({3e-3: 0.0, 1e-2: 1.0})
-    s = {**reproduce.RUN, **reproduce.QUICK, "seed": 0, "configs": ["tl6"]}
+def test_a_cell_without_signal_stops_extending_and_has_no_rate(tmp_path, monkeypatch):
+    assert rates.no_signal({3e-3: 0.0, 1e-2: 0.0}) and not rates.no_signal({3e-3: 0.0})
+    assert not rates.no_signal({3e-3: 0.0, 1e-2: 1.0})
     ran = []
-    monkeypatch.setattr(reproduce, "run_part", lambda part, out, lr=None, val=False: ran.append(lr) or
+    monkeypatch.setattr(parts, "run_part", lambda part, out, lr=None, val=0: ran.append(lr) or
                         {"score": 0.0, "seconds": 1.0, "eval_seconds": 0.0, "loss_last": 1.0})
-    reproduce.sweep(s, tmp_path, grid=(3e-3, 1e-2, 3e-2), extend=True)
+    with pytest.raises(SystemExit, match=r"the sweep gave no rate for nli/tl6/r8 \(no signal: every rate scored"):
+        reproduce.main([str(QUICK), f"out={tmp_path}", "rates.table=null", "configs=[tl6]"])
     assert ran == [3e-3, 1e-2, 3e-2], "a floor cell does not walk the rate ladder down to 1e-5"
     assert "| none (no signal) |" in (tmp_path / "lr_sweep.md").read_text()
-    with pytest.raises(ValueError, match=r"nli/tl6/r8 \(no signal: every rate scored the same\)"):
-        reproduce.lr_table(str(tmp_path / "lr_sweep.json"), s)
+    assert not (tmp_path / "parts").exists()
 
 
 def test_seeds_and_per_task_test_sizes_add_up_to_one_report(tmp_path, monkeypatch):
-    def fake_run_part(part, out, lr=None, val=False):
+    def fake_run_part(part, out, lr=None, val=0):
         per = [100.0] * (part["seed"] + 1) + [0.0] * (part["n_test"] - part["seed"] - 1)
         return {**part, "lr": lr, "trainable": 10, "seconds": 3600.0, "eval_seconds": 0.0, "score": sum(per) / len(per),
                 "metrics": {"accuracy": 0.0, "per_example": per}, "loss": [4.0, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0]}
 
-    monkeypatch.setattr(reproduce, "run_part", fake_run_part)
-    args = ["--tasks", "nli", "translation", "--configs", "lora", "--steps", "8", "--n-train", "8", "--batch", "2",
-            "--lr", "0.01", "--out", str(tmp_path)]
-    reproduce.main([*args, "--n-test", "4", "--report"])  # nothing finished yet: an empty report, no error
+    monkeypatch.setattr(parts, "run_part", fake_run_part)
+    args = [str(QUICK), "configs=[lora]", "steps=8", "n_train=8", "batch=2", "rates.lr={lora: 0.01}", f"out={tmp_path}",
+            "n_test=4"]
+    reproduce.main([*args, "tasks=[nli, translation]", "stage=report"])  # nothing finished yet: an empty report
     assert "| task | metric | config |" in (tmp_path / "reproduce.md").read_text()
-    reproduce.main([*args, "--n-test", "4", "nli=5", "--seed", "0", "1"])
+    reproduce.main([*args, "tasks=[{name: nli, n_test: 5}, translation]", "seeds=[0, 1]"])
     rows = json.loads((tmp_path / "reproduce.json").read_text())["rows"]
     assert [(r["task"], r["config"], r["seed"], r["n_test"]) for r in rows] == [
         ("nli", "zero-shot", 0, 5), ("nli", "lora", 0, 5), ("nli", "lora", 1, 5),  # zero-shot: first seed only
-        ("translation", "zero-shot", 0, 4),
-        ("translation", "lora", 0, 4), ("translation", "lora", 1, 4)]
+        ("translation", "zero-shot", 0, 4), ("translation", "lora", 0, 4), ("translation", "lora", 1, 4)]
     md = (tmp_path / "reproduce.md").read_text()
+    assert "400 training" not in md and "8 training / 4, nli 5 test examples per task" in md
     assert "| nli | lora | 8 | 2 | 30.0 ± 14.1 |" in md  # seed means 20 and 40 (1 and 2 of 5 right)
     # loss: first 10 % of 8 steps = step 1 (4.0), last quarter 1.0, third quarter 1.0: nothing left to fall
     assert "| nli | lora | 8 | 8 | 4.000 | 1.000 | 0% |" in md
     assert "| nli | lora | 0.00 | 2.00 |" in md  # two one-hour parts
     assert (tmp_path / "reproduce-loss.png").exists()
-    monkeypatch.setattr(reproduce, "run_part", lambda *a, **k: pytest.fail("--report trains nothing"))
-    reproduce.main([*args, "--n-test", "4", "nli=5", "--seed", "0", "--report"])  # a subset of the seeds
+    monkeypatch.setattr(parts, "run_part", lambda *a, **k: pytest.fail("stage=report trains nothing"))
+    reproduce.main([*args, "tasks=[{name: nli, n_test: 5}, translation]", "seeds=[0]", "stage=report"])
     assert [r["seed"] for r in json.loads((tmp_path / "reproduce.json").read_text())["rows"]] == [0] * 4
 
 
@@ -166,7 +183,7 @@ def test_adapt_seeds_presets_without_their_own_seed():
     def bank(seed, rng_state):  # LoRA's A has no seed in the preset: it draws from the global RNG
         model = tiny_llama()
         torch.manual_seed(rng_state)  # whatever state the process was in (it differs between processes)
-        reproduce.adapt(model, "lora", 4, seed)
+        parts.adapt(model, "lora", 4, seed)
         return {k: v.clone() for k, v in model.tying_bank.state_dict().items()}
 
     a, b, c = bank(0, rng_state=1), bank(0, rng_state=2), bank(1, rng_state=1)
@@ -175,28 +192,19 @@ def test_adapt_seeds_presets_without_their_own_seed():
 
 
 # ---------------------------------------------------------------- the paper's grid, whole runs, bad input
-PAPER = Path(__file__).parents[1] / "benchmarks" / "configs" / "paper.yaml"
+PAPER = CONFIGS / "paper.yaml"
 
 
 def test_plan_prints_the_papers_grid_with_exact_counts(capsys):
-    reproduce.main(["--plan", str(PAPER), "--json"])
-    rows = json.loads(capsys.readouterr().out)
-    at = {(r["model"], r["config"], r["rank"]): r["trainable"] for r in rows if r["task"] == "squad"}
-    assert at["llama2-7b", "lora", 8] == 4_194_304 and at["llama2-7b", "tl6", 8] == 524_544  # PAPER.md
-    assert at["gpt-2b-001", "lora", 128] == 25_165_824 and at["gpt-2b-001", "tl6", 2] == 163_888
+    rows = grid.plan_rows(load_config(PAPER))
+    at = {(r["config"], r["rank"]): r["trainable"] for r in rows if r["task"] == "squad"}
+    assert at["lora", 8] == 4_194_304 and at["tl6", 8] == 524_544  # PAPER.md, LLaMA-2 7B
     assert {r["rank"] for r in rows} == {2, 8, 16, 32, 64, 128} and {"tl5", "vera", "tied-v"} <= {r["config"] for r in rows}
-    assert all(set(r) >= {"model", "task", "config", "rank", "seed", "trainable", "tokens", "gpu_hours"} for r in rows)
-    assert len({r["task"] for r in rows}) == 5 and all(r["gpu_hours"] > 0 for r in rows)
-    assert "| llama2-7b | tl6 | 8 | 524,544 |" in reproduce.G.table(rows, reproduce.G.load_grid(PAPER))  # without --json
-
-
-pytestmark = pytest.mark.usefixtures("keep_threads")  # the CLI sets one thread; the session gets its count back
-
-
-def run_cli(args, out):
-    """reproduce.main with --threads 1 and a 1-test-example-per-part budget; returns reproduce.json's rows."""
-    reproduce.main([*args, "--threads", "1", "--device", "cpu", "--out", str(out)])
-    return json.loads((out / "reproduce.json").read_text())
+    assert len(rows) == 5 * 6 * 9 and all(r["gpu_hours"] > 0 and r["model"] == "llama2-7b" for r in rows)
+    gpt = {(r["config"], r["rank"]): r["trainable"] for r in grid.plan_rows(load_config(PAPER, ["model.shape=gpt-2b-001"]))}
+    assert gpt["lora", 128] == 25_165_824 and gpt["tl6", 2] == 163_888
+    reproduce.main([str(PAPER), "stage=plan"])  # loads no weights: the checkpoint need not exist
+    assert "| llama2-7b | tl6 | 8 | 524,544 | 5 |" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
@@ -206,40 +214,97 @@ def tiny_run(tmp_path_factory):
     return tiny_llm_folder(root / "model"), addition_jsonl(root / "add.jsonl")
 
 
+def tiny_config(path, folder, jsonl, **over):
+    """A run config on the tiny folder: one thread, the CPU, one JSONL task, a few steps and test examples."""
+    cfg = {"model": {"name": str(folder), "device": "cpu"}, "tasks": [str(jsonl)], "configs": ["tl6"], "steps": 2,
+           "batch": 2, "n_train": 8, "n_test": 4, "threads": 1, "rates": {"lr": {"tl6": 0.01}},
+           "out": str(path.parent / "out"), **over}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(config, *overrides):
+    reproduce.main([str(config), *overrides])
+    return json.loads((Path(load_config(config, overrides).out) / "reproduce.json").read_text())
+
+
 def test_any_model_folder_in_bfloat16(tiny_run, tmp_path):
-    """The issue's contract: a save_pretrained Llama folder, a JSONL task, TL6 in bfloat16."""
     folder, jsonl = tiny_run
-    report = run_cli(["--model", str(folder), "--tasks", str(jsonl), "--configs", "tl6", "--steps", "3",
-                      "--n-train", "16", "--n-test", "8", "--batch", "2", "--dtype", "bfloat16"], tmp_path)
+    report = run_cli(tiny_config(tmp_path / "c.yaml", folder, jsonl, n_train=16, n_test=8), "model.dtype=bfloat16")
     (tl6,) = [r for r in report["rows"] if r["config"] == "tl6"]
     # rank 8, d 32, q 32 / k 16 / v 16, 2 layers: A and B tied once, u and v per layer
     assert tl6["trainable"] == 8 * 32 + (32 + 16 + 16) * 8 + 2 * (8 + 32 + 16 + 16)
     assert 0 <= tl6["score"] <= 100 and tl6["dtype"] == "bfloat16" and tl6["tokens"] > 0
-    assert (tmp_path / "adapters" / "add.jsonl-tl6-r8-s0" / "adapter.safetensors").exists()
+    assert tl6["metric"] == "exact_match"  # one-word answers: exact match is right for them
+    assert (tmp_path / "out" / "adapters" / "add.jsonl-tl6-r8-s0" / "adapter.safetensors").exists()
 
 
-def test_gpu_preset_and_grid_file_run_end_to_end_on_the_cpu(tiny_run, tmp_path):
-    """--gpu is the same code path as every run: here tiny, on the CPU; a grid file runs and resumes by parts."""
+def test_a_jsonl_task_with_chrf_on_a_saved_folder(tiny_run, tmp_path, capsys):
+    """The issue's contract: a JSONL task naming metric chrf, run on a local save_pretrained folder, writes rows whose
+    headline is chrF; without max_new_tokens the generation length is sized to the longest answer."""
+    folder, _ = tiny_run
+    jsonl = tmp_path / "long.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": f"Spell {i}", "answer": f"the number {i} spelled in many words "
+                                         + "and more " * (i % 7)}) + "\n" for i in range(24)))
+    config = tiny_config(tmp_path / "c.yaml", folder, jsonl, tasks=[{"name": str(jsonl), "metric": "chrf"}])
+    report = run_cli(config)
+    assert "no max_new_tokens given" in capsys.readouterr().out
+    assert [r["config"] for r in report["rows"]] == ["zero-shot", "tl6"]
+    for row in report["rows"]:
+        assert row["metric"] == "chrf" and row["score"] == row["metrics"]["chrf"] and row["max_new_tokens"] > 32
+        assert len(row["metrics"]["per_example"]) == 4
+    assert re.search(r"\| .*long.jsonl \| chrf \| tl6 \|", (tmp_path / "out" / "reproduce.md").read_text())
+
+
+def test_two_shards_add_up_to_the_unsharded_run(tiny_run, tmp_path):
     folder, jsonl = tiny_run
-    report = run_cli(["--gpu", "--model", str(folder), "--tasks", str(jsonl), "--steps", "2", "--n-train", "8",
-                      "--n-test", "4", "--batch", "2"], tmp_path / "gpu")
-    assert report["settings"]["dtype"] == "bfloat16" and report["settings"]["gen_batch"] == 64
+    config = tiny_config(tmp_path / "c.yaml", folder, jsonl, configs=["tl6", "lora"], seeds=[0, 1],
+                         rates={"lr": {"tl6": 0.01, "lora": 0.01}})
+    whole = run_cli(config, f"out={tmp_path / 'whole'}")["rows"]
+    first = run_cli(config, f"out={tmp_path / 'sharded'}", "shard=1/2")["rows"]
+    merged = run_cli(config, f"out={tmp_path / 'sharded'}", "shard=2/2")["rows"]  # its report merges both shards
+    names = lambda rows: [grid.part_name(r) for r in rows]
+    assert len(whole) == 5 and 0 < len(first) < len(whole)
+    assert sorted(p.name for p in (tmp_path / "sharded" / "parts").glob("*.json")) == sorted(
+        p.name for p in (tmp_path / "whole" / "parts").glob("*.json"))
+    assert names(merged) == names(whole)
+    measured = ("score", "trainable", "lr", "loss", "metrics")
+    assert [{k: r.get(k) for k in measured} for r in merged] == [{k: r.get(k) for k in measured} for r in whole]
+
+
+def test_a_new_task_gets_a_short_sweep_or_a_warning(tiny_run, tmp_path, monkeypatch, capsys):
+    folder, jsonl = tiny_run
+    real = parts.run_part
+
+    def run_part(part, out, lr=None, val=0):
+        if val:  # the sweep: a made-up validation score that peaks inside the grid
+            return {"score": {3e-3: 1.0, 1e-2: 5.0, 3e-2: 2.0}[lr], "seconds": 0.0, "eval_seconds": 0.0, "loss_last": 1.0}
+        return real(part, out, lr=lr, val=val)
+
+    monkeypatch.setattr(parts, "run_part", run_part)
+    config = tiny_config(tmp_path / "c.yaml", folder, jsonl, rates={"table": str(CONFIGS / "rates" / "snli.yaml")})
+    report = run_cli(config)
+    assert (tmp_path / "out" / "lr_sweep.json").exists()
+    assert [r.get("lr") for r in report["rows"]] == [None, 1e-2]  # the sweep's pick, not the SNLI table's 3e-3
+    capsys.readouterr()
+    report = run_cli(config, "rates.sweep=null", f"out={tmp_path / 'off'}")
+    assert re.search(r"warning: .*add.jsonl: the rates of tl6 r8 come from the table .*snli.yaml, swept on nli",
+                     capsys.readouterr().out)
+    assert [r.get("lr") for r in report["rows"]] == [None, 3e-3]
+
+
+def test_the_gpu_config_runs_on_the_cpu(tiny_run, tmp_path):
+    """gpu.yaml is the same code path as every run: here tiny, on the CPU."""
+    folder, jsonl = tiny_run
+    report = run_cli(CONFIGS / "gpu.yaml", f"model.name={folder}", "model.device=cpu", f"tasks=[{jsonl}]", "steps=2",
+                     "n_train=8", "n_test=4", "batch=2", "threads=1", f"out={tmp_path}", "rates.lr={tl5: 0.01}")
+    assert report["settings"]["model"]["dtype"] == "bfloat16" and report["settings"]["gen_batch"] == 64
     assert [r["config"] for r in report["rows"]] == ["zero-shot", "lora", "vera", "tl5", "tl6"]
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(f"models: {{tiny: {{shape: {folder / 'config.json'}, checkpoint: {folder}}}}}\n"
-                    f"tasks: [{jsonl}]\nconfigs: [tl5]\nranks: [2]\n"
-                    "training: {steps: 2, batch: 2, n_train: 8, n_test: 4, dtype: float32}\n")
-    reproduce.main(["--grid", str(grid), "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "g")])
-    rows = json.loads((tmp_path / "g" / "tiny" / "reproduce.json").read_text())["rows"]
-    assert [(r["config"], r["rank"]) for r in rows] == [("zero-shot", 0), ("tl5", 2)]
-    mtime = (tmp_path / "g" / "tiny" / "parts" / "add.jsonl-tl5-r2-s0.json").stat().st_mtime_ns
-    reproduce.main(["--grid", str(grid), "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "g")])
-    assert (tmp_path / "g" / "tiny" / "parts" / "add.jsonl-tl5-r2-s0.json").stat().st_mtime_ns == mtime  # resumed
 
 
-def refused(args, out, match, capsys=None):
+def refused(args, out, match):
     with pytest.raises(SystemExit) as e:
-        reproduce.main([*args, "--device", "cpu", "--out", str(out)])
+        reproduce.main([*map(str, args), f"out={out}"])
     assert re.search(match, str(e.value)), str(e.value)
     assert not out.exists(), "bad input must leave nothing in the results folder"
 
@@ -247,19 +312,30 @@ def refused(args, out, match, capsys=None):
 def test_bad_input_is_refused_before_anything_is_written(tiny_run, tmp_path, monkeypatch):
     folder, jsonl = tiny_run
     out = tmp_path / "out"
-    refused(["--model", str(tmp_path / "nope"), "--quick"], out, "--model .*no such model folder")
-    refused(["--model", str(folder), "--tasks", str(jsonl), "--configs", "tl6", "--ranks", "40", "--n-test", "8"], out,
-            "--configs tl6 --ranks 40 .*use rank <= 32")
-    refused(["--model", str(folder), "--tasks", str(jsonl), "--configs", "tl99", "--n-test", "8"], out, "tl99")
-    refused(["--tasks", "nli", "--data", str(tmp_path)], out, "no folder .*nli.*write its split files")
+    config = tiny_config(tmp_path / "c.yaml", folder, jsonl)
+    refused([QUICK, f"model.name={tmp_path / 'nope'}"], out, "no such model folder")
+    refused([config, "ranks=[40]"], out, "configs tl6 at rank 40 .*use rank <= 32")
+    refused([config, "configs=[tl99]"], out, "tl99")
+    refused([QUICK, f"data={tmp_path}"], out, "no folder .*nli.*write its split files")
     (tmp_path / "nli").mkdir()
     (tmp_path / "nli" / "train.json").write_text(json.dumps({"premise": "a", "hypothesis": "b", "label": 0}) + "\n")
-    refused(["--tasks", "nli", "--data", str(tmp_path)], out, "no 'test' split")
+    refused([QUICK, f"data={tmp_path}"], out, "no 'test' split")
+    refused([QUICK, "stpes=3"], out, "no key stpes; did you mean 'steps'")
+    refused([QUICK, "tasks=[{name: x.jsonl, metric: blue}]"], out, "metric: Input should be 'exact_match'")
+    refused([QUICK, "shard=3/2"], out, "shard 3/2")
+    refused([tmp_path / "none.yaml"], out, "no such config file")
+    refused(["steps=3"], out, "the first argument is a config file")
+    refused([config, "n_test=40"], out, r"add.jsonl: 30 usable lines, but n_test 40")
+    refused([config, "rates.lr={}", "rates.sweep.n_train=40"], out, r"the sweep trains on 40 of the 26 lines")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit, match="a_file is a file; give a folder"):
+        reproduce.main([str(config), f"out={tmp_path / 'a_file'}"])
+    assert (tmp_path / "a_file").read_text() == "x"
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else real(n, *a))
-    refused(["--model", str(gguf), "--quick"], out, "needs the 'gguf' package")
+    refused([QUICK, f"model.name={gguf}"], out, "needs the 'gguf' package")
     monkeypatch.undo()
 
     def no_half(self, x):
@@ -268,14 +344,13 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_run, tmp_path, mon
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
     monkeypatch.setattr(torch.nn.Linear, "forward", no_half)
-    refused(["--quick", "--dtype", "float16"], out, "--dtype float16 on --device cpu: this machine cannot run it")
+    refused([QUICK, "model.dtype=float16", "model.device=cpu"], out, "model.dtype float16 on model.device cpu: this machine cannot")
     monkeypatch.undo()
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(PAPER.read_text().replace("configs: [lora,", "configs: [tl99, lora,"))
-    refused(["--plan", str(grid)], out, "config 'tl99' at rank 2 on models.llama2-7b")
-    grid.write_text(PAPER.read_text().replace("ranks: [2,", "ranks: [5000, 2,"))
-    refused(["--plan", str(grid)], out, "config .lora. at rank 5000 on models.llama2-7b.*use rank <= 4096")
-    refused(["--grid", str(PAPER)], out, "fill in models.<name>.checkpoint for llama2-7b, gpt-2b-001")
+    paper = tmp_path / "paper.yaml"
+    paper.write_text(PAPER.read_text().replace("configs: [lora,", "configs: [tl99, lora,"))
+    refused([paper, "stage=plan"], out, "config 'tl99' at rank 2 on llama2-7b")
+    paper.write_text(PAPER.read_text().replace("ranks: [2,", "ranks: [5000, 2,"))
+    refused([paper, "stage=plan"], out, "config .lora. at rank 5000 on llama2-7b.*use rank <= 4096")
 
 
 def test_unknown_family_names_its_modules_and_runs_with_a_yaml_spec(tmp_path):
@@ -289,24 +364,27 @@ def test_unknown_family_names_its_modules_and_runs_with_a_yaml_spec(tmp_path):
     transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=len(tok),
                                                            pad_token_id=0, eos_token_id=2)).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    jsonl = addition_jsonl(tmp_path / "add.jsonl")
-    args = ["--model", str(tmp_path / "m"), "--tasks", str(jsonl), "--steps", "1", "--n-train", "4", "--n-test", "2",
-            "--batch", "2", "--threads", "1"]
-    refused([*args, "--configs", "tl6"], tmp_path / "out",
-            "transformer.h.0.self_attention.query_key_value.*write a spec YAML.*pass its path to --configs")
+    config = tiny_config(tmp_path / "c.yaml", tmp_path / "m", addition_jsonl(tmp_path / "add.jsonl"), steps=1,
+                         n_train=4, n_test=2)
+    refused([config], tmp_path / "out",
+            "transformer.h.0.self_attention.query_key_value.*write a spec YAML.*name its path in configs")
     spec = tmp_path / "bloom-tl6.yaml"
     spec.write_text(tying.load_spec("tl6", targets=[{"select": "**.{layer:#}.self_attention.{proj:query_key_value}"}])
                     .to_yaml())
-    report = run_cli([*args, "--configs", str(spec), "--lr", "1e-2"], tmp_path / "out")
+    report = run_cli(config, f"configs=[{spec}]", "rates.lr={bloom-tl6: 1.0e-2}")
     (row,) = [r for r in report["rows"] if r["config"] == str(spec)]
     assert row["trainable"] > 0 and row["lr"] == 1e-2
     assert (tmp_path / "out" / "parts" / "add.jsonl-bloom-tl6-r8-s0.json").exists()
 
 
-def test_default_precision_is_bfloat16_on_cuda_and_float32_elsewhere(monkeypatch, tmp_path):
-    seen = []
-    monkeypatch.setattr(reproduce, "check", lambda s: None)  # no CUDA here: only the settings are under test
-    monkeypatch.setattr(reproduce, "run", lambda s, out, resume, train: seen.append(s["dtype"]))
-    for args in (["--device", "cuda"], ["--device", "cpu"], ["--device", "cuda", "--dtype", "float32"], ["--gpu"]):
-        reproduce.main(["--quick", *args, "--out", str(tmp_path)])
-    assert seen == ["bfloat16", "float32", "float32", "bfloat16"]
+def test_default_precision_is_bfloat16_on_cuda_and_float32_elsewhere():
+    got = [grid.dtype_of(load_config(QUICK, over)) for over in (["model.device=cuda"], ["model.device=cpu"],
+           ["model.device=cuda", "model.dtype=float32"], ["model.device=cuda:1"])]
+    assert got == ["bfloat16", "float32", "float32", "bfloat16"]
+    assert load_config(CONFIGS / "gpu.yaml").model.dtype == "bfloat16"
+
+
+def test_help_and_module_entry(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--help"])
+    reproduce.main()
+    assert "CONFIG.yaml [key=value ...]" in capsys.readouterr().out

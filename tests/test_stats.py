@@ -1,8 +1,6 @@
-"""integrations.llm.stats and reproduce's seed table: known small cases computed by hand, no model."""
+"""integrations.llm.stats and the report's seed table: known small cases computed by hand, no model."""
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 from tying.integrations.llm import stats
@@ -52,10 +50,7 @@ def test_verdict(lo, hi, margin, want):
 
 def test_seed_table_aggregates_parts(monkeypatch):
     pytest.importorskip("transformers")
-    spec = importlib.util.spec_from_file_location("reproduce_for_stats",
-                                                  Path(__file__).parents[1] / "benchmarks" / "reproduce.py")
-    reproduce = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reproduce)
+    from tying.integrations.llm import report
 
     def part(config, seed, per):
         return {"task": "nli", "config": config, "rank": 8, "seed": seed, "metrics": {"per_example": per}}
@@ -63,27 +58,24 @@ def test_seed_table_aggregates_parts(monkeypatch):
     rows = [part("lora", 0, [100.0, 0.0]), part("lora", 1, [0.0, 0.0]),
             part("tl6", 0, [100.0, 100.0]), part("tl6", 1, [100.0, 100.0]),
             part("vera", 0, [100.0, 0.0]), {"task": "nli", "config": "tl5", "rank": 8, "seed": 0, "metrics": {}}]
-    table = "\n".join(reproduce.seed_table(rows))
+    table = "\n".join(report.seed_table(rows))
     # lora: seed means 50 and 0 -> 25 ± 35.4; tl6 - lora per example over seeds: (0 + 100) / 2 = 50, (100 + 100) / 2 = 100
     assert "| nli | lora | 8 | 2 | 25.0 ± 35.4 | — | — | — |" in table
     assert "| nli | tl6 | 8 | 2 | 100.0 ± 0.0 | +75.0 [+50.0, +100.0] | supported | supported |" in table
     # a difference of exactly 0: not above 0, but above -10 % of LoRA's 25.0
     assert "| nli | vera | 8 | 1 | 50.0 ± 0.0 | +0.0 [+0.0, +0.0] | undecided at this scale | supported |" in table
     assert "tl5" not in table  # no per-example scores: left out, not guessed
-    assert reproduce.seed_table([rows[-1]]) == []
+    assert report.seed_table([rows[-1]]) == []
 
 
 def test_seed_table_pairs_and_ranks():
     pytest.importorskip("transformers")
-    spec = importlib.util.spec_from_file_location("reproduce_for_pairs",
-                                                  Path(__file__).parents[1] / "benchmarks" / "reproduce.py")
-    reproduce = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reproduce)
+    from tying.integrations.llm import report
     part = lambda config, rank, per: {"task": "squad", "config": config, "rank": rank, "seed": 0,
                                       "metrics": {"per_example": per}}
     rows = [part("lora", 8, [0.0, 0.0, 100.0, 100.0]), part("tl5", 8, [0.0, 100.0, 100.0, 100.0]),
             part("tl6", 8, [0.0, 0.0, 0.0, 100.0]), part("tl6", 64, [100.0, 100.0, 100.0, 100.0])]
-    table = "\n".join(reproduce.seed_table(rows))
+    table = "\n".join(report.seed_table(rows))
     # tl6 - tl5 per example: 0, -100, -100, 0 -> mean -50; a resample's mean lies between -100 and 0
     line = next(x for x in table.splitlines() if x.startswith("| squad | tl6 r8 | tl5 r8 |"))
     d, lo, hi = map(float, re.findall(r"[-+]\d+\.\d", line))

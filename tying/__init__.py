@@ -7,9 +7,10 @@
     tying.save_adapter(model, "out/"); tying.load_adapter(model, "out/")
     tying.load_adapters_(model, {"a": "out/"}); with tying.adapters(model, ["a", None]): ...  # mixed batches
     tying.register_kind(...); tying.register_module_type(...)   # extend: docs/extending.md
+    spec with tasks: [a, b]; with tying.adapters(model, ["a", "b"]): ...  # one adapter, many tasks: docs/multitask.md
 
 Layers, from the bottom: vocab (names and facts, no torch) -> spec -> module types and the update's math -> plan
--> kinds (wrappers) -> engine -> state -> serving.
+-> kinds (wrappers) -> engine -> tasks (routing rows of a multi-task adapter) -> state -> serving.
 """
 
 from . import errors, vocab

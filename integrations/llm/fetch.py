@@ -67,12 +67,14 @@ def pip_sdist_tree(requirement: str, work: Path) -> Path:
     """
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, TMPDIR=str(work))
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-clean", "--no-binary", ":all:",
-          "-d", str(work / "dl"), requirement], cwd=work, env=env, check=False)
+    proc = _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-clean", "--no-binary", ":all:",
+                 "-d", str(work / "dl"), requirement], cwd=work, env=env, check=False)
     name = requirement.split("==")[0].lower()
     trees = [p for p in work.glob("pip-download-*/*") if p.is_dir() and p.name.lower().startswith(name)]
-    if not trees:
-        raise FetchError(f"pip download {requirement}: no unpacked source tree under {work}")
+    if not trees:  # e.g. the registry no longer offers that version: pip's own words say so
+        said = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("ERROR")]
+        raise FetchError(f"pip download {requirement} gave no source tree to unpack"
+                         f"{': ' + ' '.join(said) if said else ''}")
     return trees[0]
 
 

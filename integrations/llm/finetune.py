@@ -137,7 +137,8 @@ def finetune(model, train_examples: list[dict], tokenizer, steps: int, lr: float
              seed: int = 0, eval_fn: Callable | None = None, eval_every: int | None = None,
              out_dir: str | Path | None = None, save_fn: Callable | None = None, *, max_len: int = 256,
              schedule: str = "linear", warmup: int = 0, weight_decay: float = 0.0, clip: float = 1.0,
-             grad_accum: int = 1, gradient_checkpointing: bool = False, progress: bool = True) -> dict:
+             grad_accum: int = 1, gradient_checkpointing: bool = False, progress: bool = True,
+             lr_of: Callable[[str], float] | None = None) -> dict:
     """Train the parameters with ``requires_grad`` on answer tokens with transformers' ``Trainer``; returns the history.
 
     Examples are ``{"prompt", "answer"}`` dicts, encoded once with :func:`encode_example` and drawn
@@ -148,17 +149,21 @@ def finetune(model, train_examples: list[dict], tokenizer, steps: int, lr: float
     linear to zero / constant / cosine after ``warmup`` steps. The frozen base keeps its dtype (e.g.
     bfloat16); factors keep theirs (float32 master weights). ``eval_fn(model) -> dict`` runs every
     ``eval_every`` steps and at the end. With ``out_dir``, ``history.json`` is written there and, with
-    ``save_fn``, ``save_fn(model, out_dir)`` is called at the end. History: ``{"loss": [per step],
+    ``save_fn``, ``save_fn(model, out_dir)`` is called at the end. Examples with a ``task`` key train a multi-task
+    adapter on mixed batches (each row routed to its task, docs/multitask.md); ``lr_of(parameter name) -> rate``
+    gives parameters their own peak rates (e.g. per task), ``lr`` the rest's and the history's. History: ``{"loss": [per step],
     "lr": [...], "eval": [{"step", ...}], "seconds", "tokens", "trainable"}``.
     """
     if not train_examples:
         raise ValueError("no training examples")
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad is False everywhere)")
     factor = _schedule(schedule, steps, warmup)  # raises on an unknown schedule before anything runs
     tf, AnswerTrainer, Recorder = _trainer_classes()
-    data = [encode_example(tokenizer, e["prompt"], e["answer"], max_len) for e in train_examples]
+    data = [{**encode_example(tokenizer, e["prompt"], e["answer"], max_len), **({"task": e["task"]} if "task" in e else {})}
+            for e in train_examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     hist = {"loss": [], "lr": [], "eval": [], "tokens": 0, "trainable": sum(p.numel() for p in params)}
 
@@ -167,7 +172,10 @@ def finetune(model, train_examples: list[dict], tokenizer, steps: int, lr: float
         hist["tokens"] += int(out["attention_mask"].sum())
         return out
 
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    rates: dict[float, list] = {}
+    for n, p in named:
+        rates.setdefault(lr if lr_of is None else lr_of(n), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "lr": r} for r, ps in rates.items()], lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     hist["lr"] = [lr * factor(s) for s in range(steps)]
     device = next(model.parameters()).device

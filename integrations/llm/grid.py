@@ -1,99 +1,109 @@
-"""An experiment grid as a file (models x tasks x configs x ranks x seeds), checked and counted without weights.
+"""The parts of a run config: its (task, config, rank) cells, its parts (a cell at a seed, plus zero-shot once per
+task), a shard's share of them, and the plan: every part with its exact trainable count on a meta-device model.
 
-    grid = load_grid("benchmarks/configs/paper.yaml")
-    rows = plan_parts(grid)    # one dict per part: model, task, config, rank, seed, trainable, tokens, gpu_hours
+    cells(cfg)          # [(task, config, rank), ...], task by task
+    parts(cfg)          # one dict per part, seed by seed: what run_part needs and what its row records
+    shard(cfg, items)   # the K-th of N shards: every N-th item from the K-th (cfg.shard = "K/N")
+    plan_rows(cfg)      # parts with trainable counts, tokens and GPU-hours; loads no weights
 
-Each model names a ``shape`` (a :data:`tying.integrations.meta_models.REGISTRY` name or a transformers ``config.json``)
-that gives exact trainable counts on the meta device, and a ``checkpoint`` (a folder, hub id or
-.gguf file for :func:`.models.load_model`) that running the grid needs. Every config and rank is
-planned on every model here, so an unknown config or a rank larger than a module allows is an error
-before anything runs. Estimates: tokens = steps x batch x grad_accum x ``tokens_per_example``;
-GPU-hours = 4 x (base parameters) x tokens / (``gpu.peak_tflops`` x ``gpu.mfu``), i.e. forward plus
-the activation-gradient backward of a frozen base (no weight gradients), evaluation not counted.
+Plan estimates: tokens = steps x batch x grad_accum x ``plan.tokens_per_example``; GPU-hours = 4 x (base
+parameters) x tokens / (``plan.peak_tflops`` x ``plan.mfu``), i.e. forward plus the activation-gradient backward of
+a frozen base (no weight gradients); evaluation and the rate sweep not counted.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from ...errors import TyingError
+from .runconfig import RunConfig
 
-TRAINING_KEYS = {"steps": 50, "batch": 4, "grad_accum": 1, "n_train": 1000, "n_test": 100, "max_len": 256,
-                 "dtype": "bfloat16", "data": None, "tokens_per_example": 200}
-TOP_KEYS = {"models", "tasks", "configs", "ranks", "seeds", "training", "gpu", "lr"}
+TRAINING = ("steps", "n_train", "batch", "max_len", "grad_accum")  # a trained part is reused only where these match
+RUNTIME = ("device", "gradient_checkpointing", "gen_batch")  # how a part ran, not what: never compared
 
 
 class GridError(TyingError, ValueError):
-    """A grid file is malformed, or names a config, rank, task or model that cannot run."""
+    """A config names a model shape, config or rank that cannot be planned."""
 
 
-def load_grid(path: str | Path) -> dict:
-    """The grid file at ``path``, checked for its keys and filled with :data:`TRAINING_KEYS` defaults."""
-    p = Path(path)
-    if not p.is_file():
-        raise GridError(f"--plan {path}: no such grid file; see benchmarks/configs/paper.yaml for the format")
-    raw = yaml.safe_load(p.read_text()) or {}
-    unknown = set(raw) - TOP_KEYS
-    if unknown:
-        raise GridError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(TOP_KEYS))}")
-    for key in ("models", "tasks", "configs", "ranks"):
-        if not raw.get(key):
-            raise GridError(f"{path}: '{key}' is missing or empty")
-    for name, m in raw["models"].items():
-        if not isinstance(m, dict) or "shape" not in m:
-            raise GridError(f"{path}: models.{name} needs a 'shape' (e.g. llama2-7b or a config.json path) "
-                            "and a 'checkpoint' (your weights; may be empty for --plan)")
-    bad = set(raw.get("training", {})) - set(TRAINING_KEYS)
-    if bad:
-        raise GridError(f"{path}: unknown training key(s) {', '.join(sorted(bad))}; allowed: {', '.join(TRAINING_KEYS)}")
-    grid = {**raw, "seeds": raw.get("seeds") or [0], "training": {**TRAINING_KEYS, **raw.get("training", {})},
-            "gpu": {"name": "H100", "peak_tflops": 989.0, "mfu": 0.3, **(raw.get("gpu") or {})}, "lr": raw.get("lr") or {}}
-    grid["path"] = str(p)
-    return grid
+def cells(cfg: RunConfig) -> list[tuple[str, str, int]]:
+    """Every (task, config, rank) of the run: tasks x ranks x configs, then the ``also`` cells, task by task."""
+    out = []
+    for t in cfg.tasks:
+        out += [(t.name, c, r) for r in cfg.ranks for c in cfg.configs]
+        out += [(t.name, c, r) for a in cfg.also if t.name in a.tasks for r in a.ranks for c in a.configs]
+    return list(dict.fromkeys(out))
 
 
-def plan_parts(grid: dict) -> list[dict]:
-    """One row per (model, task, config, rank, seed) with exact trainable counts from meta-device models.
+def dtype_of(cfg: RunConfig) -> str:
+    """The base's dtype: the config's, else bfloat16 on cuda and float32 elsewhere (docs/llm.md, precision)."""
+    device = cfg.model.device or "cpu"
+    return cfg.model.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
 
-    Raises :class:`GridError` naming the file, config and model for an unknown config or a rank that a
-    module cannot take.
-    """
+
+def parts(cfg: RunConfig) -> list[dict]:
+    """Every part, seed by seed (a stop leaves whole seeds); zero-shot once per task, at the first seed (greedy
+    decoding of a fixed test set is the same at every seed). A part holds what its row records."""
+    base = {"steps": cfg.steps, "n_train": cfg.n_train, "batch": cfg.batch, "model": cfg.model.name,
+            "dtype": dtype_of(cfg), "data": cfg.data, "max_len": cfg.max_len, "grad_accum": cfg.grad_accum,
+            "device": cfg.model.device or "cpu", "gradient_checkpointing": cfg.gradient_checkpointing,
+            "gen_batch": cfg.gen_batch}
+    out = []
+    for seed in cfg.seeds:
+        for t in cfg.tasks:
+            at = {**base, "n_test": cfg.n_test_of(t), "seed": seed, "task": t.name}
+            if t.name.endswith(".jsonl"):
+                at.update(metric=t.metric, max_new_tokens=t.max_new_tokens)
+            if seed == cfg.seeds[0]:
+                out.append({**at, "config": "zero-shot", "rank": 0})
+            out += [{**at, "config": c, "rank": r} for task, c, r in cells(cfg) if task == t.name]
+    return out
+
+
+def part_name(p: dict) -> str:
+    """A part's file name: a .jsonl task's file name (not its path), a spec file's stem."""
+    return f"{Path(p['task']).name}-{Path(p['config']).stem}-r{p['rank']}-s{p['seed']}"
+
+
+def shard(cfg: RunConfig, items: list) -> list:
+    """This process's share: every N-th item from the K-th (``shard: K/N``); the N shares are disjoint and cover all."""
+    k, n = cfg.shards
+    return items[k - 1::n]
+
+
+def plan_rows(cfg: RunConfig) -> list[dict]:
+    """One row per trained part with its exact trainable count from a meta-device twin of ``model.shape`` (else of the
+    model's own config.json or built-in name); raises :class:`GridError` naming the config and rank that fail."""
     from tying.integrations.meta_models import meta_model
 
     import tying
 
     from .. import transformers as tx
 
-    t, gpu = grid["training"], grid["gpu"]
-    tokens = t["steps"] * t["batch"] * t["grad_accum"] * t["tokens_per_example"]
-    rows = []
-    for name, m in grid["models"].items():
-        try:
-            model = meta_model(str(m["shape"]))
-        except TyingError as e:
-            raise GridError(f"{grid['path']}: models.{name}.shape: {e}") from e
-        base = sum(p.numel() for p in model.parameters())
-        hours = 4 * base * tokens / (gpu["peak_tflops"] * 1e12 * gpu["mfu"]) / 3600
-        counts = {}
-        for config in grid["configs"]:
-            for rank in grid["ranks"]:
-                try:
-                    counts[config, rank] = tying.count(model, tx.spec(model, config, rank=rank)).trainable
-                except TyingError as e:
-                    raise GridError(f"{grid['path']}: config {config!r} at rank {rank} on models.{name}: {e}") from e
-        for task in grid["tasks"]:
-            for seed in grid["seeds"]:
-                for rank in grid["ranks"]:
-                    rows += [{"model": name, "task": task, "config": c, "rank": rank, "seed": seed,
-                              "trainable": counts[c, rank], "tokens": tokens, "gpu_hours": round(hours, 4)}
-                             for c in grid["configs"]]
-    return rows
+    shape = cfg.model.shape or cfg.model.name
+    if Path(shape).is_dir():
+        shape = str(Path(shape) / "config.json")
+    try:
+        model = meta_model(shape)
+    except TyingError as e:
+        raise GridError(f"model.shape {shape}: {e}; give a meta-model name (llama2-7b) or a config.json") from e
+    base = sum(p.numel() for p in model.parameters())
+    tokens = cfg.steps * cfg.batch * cfg.grad_accum * cfg.plan.tokens_per_example
+    hours = 4 * base * tokens / (cfg.plan.peak_tflops * 1e12 * cfg.plan.mfu) / 3600
+    counts = {}
+    for _, config, rank in cells(cfg):
+        if (config, rank) not in counts:
+            try:
+                counts[config, rank] = tying.count(model, tx.spec(model, config, rank=rank)).trainable
+            except TyingError as e:
+                raise GridError(f"config {config!r} at rank {rank} on {shape}: {e}") from e
+    return [{"model": Path(shape).stem if shape.endswith(".json") else shape, **{k: p[k] for k in
+             ("task", "config", "rank", "seed")}, "trainable": counts[p["config"], p["rank"]], "tokens": tokens,
+             "gpu_hours": round(hours, 4)} for p in parts(cfg) if p["config"] != "zero-shot"]
 
 
-def table(rows: list[dict], grid: dict) -> str:
-    """A readable summary of :func:`plan_parts`: one line per (model, config, rank), and the totals."""
+def table(rows: list[dict], cfg: RunConfig) -> str:
+    """A readable summary of :func:`plan_rows`: one line per (model, config, rank), and the totals."""
     seen, lines = {}, ["| model | config | rank | trainable | parts | tokens/part | GPU-h/part |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         seen.setdefault((r["model"], r["config"], r["rank"]), []).append(r)
@@ -101,6 +111,6 @@ def table(rows: list[dict], grid: dict) -> str:
         lines.append(f"| {model} | {config} | {rank} | {rs[0]['trainable']:,} | {len(rs)} | {rs[0]['tokens']:,} | "
                      f"{rs[0]['gpu_hours']:.3f} |")
     total = sum(r["gpu_hours"] for r in rows)
-    lines.append(f"\n{len(rows)} parts; about {total:.1f} GPU-hours on {grid['gpu']['name']} at "
-                 f"{grid['gpu']['mfu']:.0%} of {grid['gpu']['peak_tflops']:g} TFLOP/s (training only; an estimate)")
+    lines.append(f"\n{len(rows)} parts; about {total:.1f} GPU-hours on {cfg.plan.gpu} at {cfg.plan.mfu:.0%} of "
+                 f"{cfg.plan.peak_tflops:g} TFLOP/s (training only; an estimate)")
     return "\n".join(lines)

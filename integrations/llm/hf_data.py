@@ -1,6 +1,6 @@
 """The tasks from the Hugging Face ``datasets`` copies that papers use: the hub, or a local folder of the same files.
 
-``--data hf`` loads the hub dataset of each task; ``--data DIR`` loads ``DIR/<task>/`` (or
+``data: hf`` loads the hub dataset of each task; ``data: DIR`` loads ``DIR/<task>/`` (or
 ``DIR/<the hub id's last part>/``), a folder of split files such as ``train.json``, ``test.parquet``
 or ``validation.jsonl``, as ``datasets.load_dataset(folder)`` reads them. Records become examples
 through the same builders as the packaged sources (:mod:`.tasks`), so prompts, answers and metrics do
@@ -71,7 +71,7 @@ def _datasets():
     try:
         import datasets
     except ImportError as e:
-        raise DataSourceError("--data needs the datasets package: pip install datasets (or 'tying[bench]')") from e
+        raise DataSourceError("data: hf or a folder needs the datasets package: pip install datasets (or 'tying[bench]')") from e
     return datasets
 
 
@@ -79,13 +79,13 @@ def folder_of(task: str, data: str) -> Path:
     """The local folder of ``task`` under ``data``: ``data/<task>`` or ``data/<last part of the hub id>``."""
     root = Path(data).expanduser()
     if not root.is_dir():
-        raise DataSourceError(f"--data {data!r}: no such folder; give 'hf' (the hub) or a folder holding "
+        raise DataSourceError(f"data {data!r}: no such folder; give 'hf' (the hub) or a folder holding "
                               f"one sub-folder per task ({', '.join(SOURCES)})")
     names = dict.fromkeys([task, SOURCES[task].hub.rsplit("/", 1)[-1]])
     for name in names:
         if (root / name).is_dir():
             return root / name
-    raise DataSourceError(f"--data {data!r}: no folder {' or '.join(str(root / n) for n in names)} for task "
+    raise DataSourceError(f"data {data!r}: no folder {' or '.join(str(root / n) for n in names)} for task "
                           f"{task!r}; write its split files ({', '.join(SOURCES[task].splits)}) there as json or parquet")
 
 
@@ -93,22 +93,22 @@ def load_splits(task: str, data: str) -> dict:
     """``{split: datasets.Dataset}`` of ``task``'s train and test splits from the hub or a local folder,
     checked for the splits and fields the task reads (:class:`DataSourceError` names what is missing)."""
     if task not in SOURCES:
-        raise DataSourceError(f"--tasks {task!r}: no Hugging Face source; choose from {', '.join(SOURCES)}")
+        raise DataSourceError(f"tasks {task!r}: no Hugging Face source; choose from {', '.join(SOURCES)}")
     src, ds = SOURCES[task], _datasets()
     where = src.hub if data == "hf" else str(folder_of(task, data))
     try:
         loaded = ds.load_dataset(src.hub, src.config) if data == "hf" else ds.load_dataset(where)
     except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
-        raise DataSourceError(f"--data {data} for task {task!r}: {where} could not be loaded "
+        raise DataSourceError(f"data {data} for task {task!r}: {where} could not be loaded "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     out = {}
     for split in src.splits:
         if split not in loaded:
-            raise DataSourceError(f"--data {data} for task {task!r}: {where} has no {split!r} split (found "
+            raise DataSourceError(f"data {data} for task {task!r}: {where} has no {split!r} split (found "
                                   f"{', '.join(loaded) or 'none'}); add a {split}.json or {split}.parquet file")
         missing = [f for f in src.fields if f not in loaded[split].column_names]
         if missing:
-            raise DataSourceError(f"--data {data} for task {task!r}: the {split!r} split of {where} lacks the "
+            raise DataSourceError(f"data {data} for task {task!r}: the {split!r} split of {where} lacks the "
                                   f"field(s) {', '.join(missing)} (has {', '.join(loaded[split].column_names)}); "
                                   f"each record needs {', '.join(src.fields)}")
         out[split] = loaded[split]
@@ -140,7 +140,7 @@ def load(task: str, data: str, n_train: int | None = 1000, n_test: int | None = 
 def task(base: T.Task, data: str) -> T.Task:
     """``base`` (a :data:`.tasks.TASKS` entry) reading its examples from ``data`` instead of its packaged source."""
     if base.name not in SOURCES:
-        raise DataSourceError(f"--tasks {base.name!r}: no Hugging Face source; choose from {', '.join(SOURCES)}")
+        raise DataSourceError(f"tasks {base.name!r}: no Hugging Face source; choose from {', '.join(SOURCES)}")
 
     def load_(n_train=1000, n_test=200, seed=0):
         return load(base.name, data, n_train, n_test, seed)

@@ -1,6 +1,7 @@
-"""Offline metrics for the five task types: each ``score(predictions, references) -> dict`` (0-100 scale),
-with ``per_example``: the headline metric of each example (0-100), the unit that seeds and bootstrap
-intervals resample (:mod:`.stats`). BLEU is a corpus metric: its ``per_example`` is sentence BLEU.
+"""Offline metrics for the five task types and for a user's own tasks: each ``score(predictions, references) -> dict``
+(0-100 scale), with ``per_example``: the headline metric of each example (0-100), the unit that seeds and bootstrap
+intervals resample (:mod:`.stats`). BLEU and chrF are corpus metrics: their ``per_example`` is the sentence score.
+:data:`METRICS` names the metrics a JSONL task can choose (``metric:`` in a run config).
 
 ``references`` is a list with one entry per prediction: a string, or a list of acceptable strings
 (SQuAD's several annotator answers); multi-reference metrics take the best match.
@@ -40,15 +41,20 @@ def _f1(pred: str, ref: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def squad_score(predictions, references) -> dict:
-    """SQuAD v1.1 exact match and token F1 (max over references), in percent."""
+def squad_score(predictions, references, per_example: str = "exact_match") -> dict:
+    """SQuAD v1.1 exact match and token F1 (max over references), in percent; ``per_example`` holds the one named."""
     _check(predictions, references)
     refs = _refs(references)
     em = [max(normalize_answer(p) == normalize_answer(r) for r in rs) for p, rs in zip(predictions, refs)]
     f1 = [max(_f1(p, r) for r in rs) for p, rs in zip(predictions, refs)]
     n = max(len(predictions), 1)
     return {"exact_match": 100 * sum(em) / n, "f1": 100 * sum(f1) / n, "n": len(predictions),
-            "per_example": [100.0 * e for e in em]}
+            "per_example": [100.0 * e for e in (em if per_example == "exact_match" else f1)]}
+
+
+def f1_score(predictions, references) -> dict:
+    """Token F1 as the headline (SQuAD's, max over references; exact match reported beside it)."""
+    return squad_score(predictions, references, per_example="f1")
 
 
 def rouge_score(predictions, references) -> dict:
@@ -80,16 +86,42 @@ def _hits(name: str, hits: list[bool]) -> dict:
     return {name: 100 * sum(hits) / max(len(hits), 1), "n": len(hits), "per_example": [100.0 * h for h in hits]}
 
 
-def bleu_score(predictions, references) -> dict:
-    """Corpus sacreBLEU (default 13a tokenisation) against one reference per example."""
+def _sacrebleu(name: str, corpus: str, sentence: str, predictions, references) -> dict:
+    """sacreBLEU's ``corpus`` score against one reference per example, ``per_example`` its ``sentence`` score."""
     _check(predictions, references)
     try:
         import sacrebleu
     except ImportError as e:
-        raise ImportError("BLEU needs sacrebleu: pip install 'tying[bench]'") from e
+        raise ImportError(f"{name} needs sacrebleu: pip install 'tying[bench]'") from e
     refs = [rs[0] for rs in _refs(references)]
-    return {"bleu": sacrebleu.corpus_bleu(list(predictions), [refs]).score, "n": len(refs),
-            "per_example": [sacrebleu.sentence_bleu(p, [r]).score for p, r in zip(predictions, refs)]}
+    return {name.lower(): getattr(sacrebleu, corpus)(list(predictions), [refs]).score, "n": len(refs),
+            "per_example": [getattr(sacrebleu, sentence)(p, [r]).score for p, r in zip(predictions, refs)]}
+
+
+def bleu_score(predictions, references) -> dict:
+    """Corpus sacreBLEU (default 13a tokenisation) against one reference per example."""
+    return _sacrebleu("BLEU", "corpus_bleu", "sentence_bleu", predictions, references)
+
+
+def chrf_score(predictions, references) -> dict:
+    """Corpus chrF (sacreBLEU's chrF2, character n-grams: fair to long answers and to any language) against one
+    reference per example; ``per_example`` is sentence chrF."""
+    return _sacrebleu("chrF", "corpus_chrf", "sentence_chrf", predictions, references)
+
+
+def label_score(predictions, references) -> dict:
+    """Accuracy of a classification task: a prediction's label is the first of the task's labels (the distinct
+    references, normalized as SQuAD does) that it names as whole words; a hit when that is its reference."""
+    _check(predictions, references)
+    refs = [normalize_answer(rs[0]) for rs in _refs(references)]
+    labels = sorted({r for r in refs if r}, key=len, reverse=True)  # at one position the longer label wins
+
+    def label(text: str) -> str | None:
+        text = normalize_answer(text)
+        found = [(m.start(), i) for i, lab in enumerate(labels) if (m := re.search(rf"\b{re.escape(lab)}\b", text))]
+        return labels[min(found)[1]] if found else None
+
+    return _hits("accuracy", [label(p) == r for p, r in zip(predictions, refs)])
 
 
 def final_number(text: str) -> float | None:
@@ -120,3 +152,8 @@ def choice_score(predictions, references) -> dict:
     first = [re.search(r"\d+", p) for p in predictions]
     hits = [m is not None and m.group() == (r if isinstance(r, str) else r[0]).strip() for m, r in zip(first, references)]
     return _hits("accuracy", hits)
+
+
+# a JSONL task's ``metric:`` -> (score function, the headline key of its dict)
+METRICS = {"exact_match": (squad_score, "exact_match"), "f1": (f1_score, "f1"), "bleu": (bleu_score, "bleu"),
+           "chrf": (chrf_score, "chrf"), "rouge": (rouge_score, "rougeL"), "accuracy": (label_score, "accuracy")}

@@ -64,25 +64,25 @@ def resolve(name: str, local_files_only: bool = False) -> ModelSource:
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
-            raise ModelSourceError(f"--model {name!r}: no such GGUF file; give the path of an existing .gguf file")
+            raise ModelSourceError(f"model.name {name!r}: no such GGUF file; give the path of an existing .gguf file")
         for pkg in ("gguf", "accelerate"):
             if importlib.util.find_spec(pkg) is None:
-                raise ModelSourceError(f"--model {name!r}: reading a GGUF file needs the {pkg!r} package: "
+                raise ModelSourceError(f"model.name {name!r}: reading a GGUF file needs the {pkg!r} package: "
                                        "pip install gguf accelerate (or 'tying[hf]')")
         return ModelSource(str(path), "gguf", f"{path.name} (GGUF, dequantized)")
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelSourceError(f"--model {name!r}: the folder has no config.json; give a folder written by "
+            raise ModelSourceError(f"model.name {name!r}: the folder has no config.json; give a folder written by "
                                    "save_pretrained (model and tokenizer)")
         return ModelSource(str(path), "folder", path.name)
     if not _HUB_ID.match(name) or path.exists():
-        raise ModelSourceError(f"--model {name!r}: no such model folder or .gguf file, and not a built-in name "
+        raise ModelSourceError(f"model.name {name!r}: no such model folder or .gguf file, and not a built-in name "
                                f"({', '.join(BUILTIN)}) or a hub id (owner/name); give one of those, e.g. a folder "
                                "written by save_pretrained")
     try:
         _transformers().AutoConfig.from_pretrained(name, local_files_only=local_files_only)
     except (OSError, ValueError) as e:
-        raise ModelSourceError(f"--model {name!r}: the hub id could not be loaded ({str(e).splitlines()[0]}); "
+        raise ModelSourceError(f"model.name {name!r}: the hub id could not be loaded ({str(e).splitlines()[0]}); "
                                "check the id and the network, or download it and pass the local folder") from e
     return ModelSource(name, "hub", name)
 
@@ -93,19 +93,19 @@ def check_device(device: str, dtype: torch.dtype) -> None:
     try:
         kind = torch.device(device).type
     except RuntimeError as e:
-        raise PrecisionError(f"--device {device!r}: not a device; use cpu, cuda (or cuda:N) or mps") from e
+        raise PrecisionError(f"model.device {device!r}: not a device; use cpu, cuda (or cuda:N) or mps") from e
     if kind == "cuda" and not torch.cuda.is_available():
-        raise PrecisionError(f"--device {device}: CUDA is not available here; use --device cpu")
+        raise PrecisionError(f"model.device {device}: CUDA is not available here; use cpu")
     if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise PrecisionError(f"--device {device}: MPS is not available here; use --device cpu")
+        raise PrecisionError(f"model.device {device}: MPS is not available here; use cpu")
     name = str(dtype).removeprefix("torch.")
     try:
         lin = torch.nn.Linear(8, 8, device=device, dtype=dtype)
         x = torch.randn(2, 8, device=device, dtype=dtype, requires_grad=True)
         lin(x).float().sum().backward()
     except (RuntimeError, TypeError) as e:
-        raise PrecisionError(f"--dtype {name} on --device {device}: this machine cannot run it "
-                             f"({str(e).splitlines()[0]}); use --dtype float32 or bfloat16") from e
+        raise PrecisionError(f"model.dtype {name} on model.device {device}: this machine cannot run it "
+                             f"({str(e).splitlines()[0]}); use float32 or bfloat16") from e
 
 
 def targets_hint(model) -> str:
@@ -114,7 +114,7 @@ def targets_hint(model) -> str:
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     return (f"its first layer's linear modules are {', '.join(names[:12]) or 'none'}; write a spec YAML with "
             f"targets such as [{{select: \"**.{{layer:#}}.<attention module>.{{proj:{'|'.join(leaves[:3]) or 'q|k|v'}}}\"}}] "
-            "(tying.load_spec's selector grammar) and pass its path to --configs")
+            "(tying.load_spec's selector grammar) and name its path in configs")
 
 
 def default_device() -> str:
@@ -137,6 +137,18 @@ def _gguf(path: Path, dtype: torch.dtype):
     if quantizer is not None and str(quantizer.quantization_config.quant_method).lower().endswith("gguf"):
         quantizer.remove_quantization_config(model)
     return model, tok
+
+
+def load_tokenizer(name: str, local_files_only: bool = False, cache_dir: str | os.PathLike | None = None):
+    """The tokenizer of :func:`load_model`'s model, without its weights (to size a task's answers before a run)."""
+    src, tf = resolve(name, local_files_only=local_files_only), _transformers()
+    if src.kind == "gguf":
+        path = Path(src.name)
+        return tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    if src.kind == "builtin":
+        from .smollm import smollm2_path
+        return tf.AutoTokenizer.from_pretrained(str(smollm2_path(cache_dir)), local_files_only=True)
+    return tf.AutoTokenizer.from_pretrained(src.name, local_files_only=local_files_only or src.kind == "folder")
 
 
 def load_model(name: str = "smollm2-135m", *, dtype: torch.dtype | str = torch.float32, device: str = "cpu",

@@ -13,6 +13,8 @@ use into ``<cache>/data/<task>/``, see :mod:`.fetch`):
 - ``translation``: German -> English sentence pairs from Debian ``dict-de-en`` (see :func:`sentence_pair`).
 - ``gsm8k``: GSM8K-style problems from reasoning-gym ``gsm_symbolic``; answers are the worked
   solution ending in ``#### n``; train and test use different generator seeds.
+- a ``.jsonl`` file of ``{"prompt", "answer"}`` lines: a user's own task, scored by the metric it names
+  (:func:`get_task`, :func:`default_metric`).
 
 Render prompts with the chat template and train on answer tokens only: :func:`encode_example`, :func:`collate`.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import random
 import re
 from collections.abc import Callable
@@ -34,6 +37,7 @@ from .fetch import apt_files, cache_dir, pip_files, pip_sdist_tree
 
 Example = dict  # {"prompt": str, "answer": str, optionally "references": list[str]}
 TEST_SEED = 0  # fixes every train/test split
+SHORT_ANSWER_WORDS = 3  # a JSONL task whose answers are longer is not scored by exact match unless it says so
 
 
 def _data(task: str, cache=None) -> Path:
@@ -309,7 +313,7 @@ class Task:
     load: Callable
     score: Callable
     postprocess: Callable[[str], str] = clean_answer
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = 32  # None: sized to the task's answers (a JSONL task, :func:`default_max_new_tokens`)
     metric: str = ""  # the headline key of score()'s dict
     extra: dict = field(default_factory=dict)
 
@@ -325,35 +329,62 @@ TASKS = {
     "translation": Task("translation", load_translation, metrics.bleu_score, max_new_tokens=48, metric="bleu"),
     "gsm8k": Task("gsm8k", load_gsm8k, metrics.gsm_score, postprocess=str.strip, max_new_tokens=160,
                   metric="exact_match"),
-    # only from Hugging Face datasets (--data hf or a local folder), see .hf_data
+    # only from Hugging Face datasets (data: hf or a local folder), see .hf_data
     "dialogsum": Task("dialogsum", None, metrics.rouge_score, max_new_tokens=48, metric="rougeL"),
     "hellaswag": Task("hellaswag", None, metrics.choice_score, max_new_tokens=4, metric="accuracy"),
 }
 
 
-def get_task(name: str, data: str | None = None) -> Task:
-    """A task from :data:`TASKS`, or a ``jsonl`` task for a path ending in ``.jsonl`` (scored by SQuAD EM/F1).
+def default_metric(answers: list[str]) -> tuple[str, str]:
+    """The metric of a JSONL task that names none, and a note saying why: exact match only where nine answers in
+    ten have at most :data:`SHORT_ANSWER_WORDS` words, else chrF (exact match would score long answers 0)."""
+    words = sorted(len(a.split()) for a in answers) or [0]
+    p90 = words[int(0.9 * (len(words) - 1))]
+    if p90 <= SHORT_ANSWER_WORDS:
+        return "exact_match", f"answers are short (90 % have at most {p90} word{'s' * (p90 != 1)}): exact_match, with f1 beside it"
+    return "chrf", (f"answers are long (90 % have up to {p90} words): chrf, not exact match (which would score them 0); "
+                    "set metric: f1 for extracted spans, bleu or rouge for translations or summaries")
 
-    ``data`` picks the source: None for the packaged offline one, ``"hf"`` for the Hugging Face hub
-    datasets or a local folder of the same files (:mod:`.hf_data`); prompts, answers and metrics are
-    the same whichever source. Raises :class:`.hf_data.DataSourceError` for an unknown task.
+
+def default_max_new_tokens(tokenizer, answers: list[str]) -> int:
+    """Room for the longest answer of a JSONL task in ``tokenizer``'s tokens, with a quarter to spare (at most 1024)."""
+    longest = max((len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers), default=1)
+    return min(1024, math.ceil(1.25 * longest) + 8)
+
+
+def get_task(name: str, data: str | None = None, metric: str | None = None,
+             max_new_tokens: int | None = None) -> Task:
+    """A task from :data:`TASKS`, or a ``jsonl`` task for a path ending in ``.jsonl``.
+
+    A JSONL task is scored by ``metric`` (a :data:`.metrics.METRICS` name; default :func:`default_metric`) and
+    generates up to ``max_new_tokens`` (default None: the caller sizes it with :func:`default_max_new_tokens`);
+    multi-line answers are compared whole, others by their first line. ``data`` picks a built-in task's source:
+    None for the packaged offline one, ``"hf"`` for the Hugging Face hub datasets or a local folder of the same
+    files (:mod:`.hf_data`); prompts, answers and metrics are the same whichever source. Raises
+    :class:`.hf_data.DataSourceError` for an unknown task.
     """
     from . import hf_data
 
     if name.endswith(".jsonl"):
         if not Path(name).is_file():
-            raise hf_data.DataSourceError(f"--tasks {name!r}: no such file; give an existing JSONL file with "
+            raise hf_data.DataSourceError(f"tasks {name!r}: no such file; give an existing JSONL file with "
                                           "'prompt' and 'answer' fields on each line")
-        return Task(name, lambda n_train=None, n_test=100, seed=0: load_jsonl(name, n_train, n_test, seed),
-                    metrics.squad_score, metric="exact_match")
+        answers = [e["answer"] for e in load_jsonl_examples(name)]
+        metric = metric or default_metric(answers)[0]
+        if metric not in metrics.METRICS:
+            raise hf_data.DataSourceError(f"{name}: unknown metric {metric!r}; choose from {', '.join(metrics.METRICS)}")
+        score, key = metrics.METRICS[metric]
+        whole = any("\n" in a.strip() for a in answers)
+        return Task(name, lambda n_train=None, n_test=100, seed=0: load_jsonl(name, n_train, n_test, seed), score,
+                    postprocess=str.strip if whole else clean_answer, max_new_tokens=max_new_tokens, metric=key)
     if name not in TASKS:
-        raise hf_data.DataSourceError(f"--tasks {name!r}: unknown task; choose from {', '.join(TASKS)} "
+        raise hf_data.DataSourceError(f"tasks {name!r}: unknown task; choose from {', '.join(TASKS)} "
                                       "or give a .jsonl file")
     if data is not None:
         return hf_data.task(TASKS[name], data)
     if TASKS[name].load is None:
-        raise hf_data.DataSourceError(f"--tasks {name}: no packaged offline source; add --data hf (the hub) or "
-                                      "--data DIR (a local folder of the Hugging Face files)")
+        raise hf_data.DataSourceError(f"tasks {name}: no packaged offline source; set data: hf (the hub) or "
+                                      "data: DIR (a local folder of the Hugging Face files)")
     return TASKS[name]
 
 

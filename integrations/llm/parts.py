@@ -1,0 +1,196 @@
+"""One part of an experiment (load -> adapt -> train -> evaluate -> row), the checks before a run, and the run:
+a shard's parts written one by one to ``<out>/parts/``, finished ones reused (resume).
+
+    cfg = prepare(load_config("my.yaml"))   # every input checked, defaults filled; nothing written
+    run(cfg, rates.Rates(cfg))              # this shard's parts
+    row = run_part(grid.parts(cfg)[1], Path(cfg.out), lr=1e-2)   # or one part by hand
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import tying
+
+from ...errors import SelectorError, TyingError
+from .. import transformers as tx
+from . import grid, hf_data
+from .finetune import finetune, generate_answers
+from .models import BUILTIN, DTYPES, check_device, default_device, load_model, load_tokenizer, resolve, targets_hint
+from .runconfig import ConfigError, RunConfig
+from .tasks import default_max_new_tokens, default_metric, get_task, load_jsonl_examples
+
+LEGACY = {"model": "smollm2-135m", "dtype": "float32", "data": None, "max_len": 256, "grad_accum": 1,
+          "metric": "exact_match", "max_new_tokens": 32}  # what rows written before these keys existed ran at
+
+
+def adapt(model, config: str, rank: int, seed: int):
+    """Apply ``config`` at ``rank`` (q/k/v; prefix kinds: the attention modules), factors in float32
+    whatever the base's dtype (master weights). Presets whose random init has no seed of its own
+    (LoRA's A, bottleneck A) draw from torch's global RNG, so seed it here: otherwise "seed 0" would
+    give a different LoRA init in every process."""
+    torch.manual_seed(seed)
+    return tying.apply_(model, spec_of(model, config, rank), dtype=torch.float32)
+
+
+def spec_of(model, config: str, rank: int):
+    """A preset retargeted to this model's q/k/v (its family's names), or a YAML spec with its own targets as written."""
+    if config.endswith((".yaml", ".yml")):
+        return tying.load_spec(config, rank=rank)
+    try:
+        return tx.spec(model, config, rank=rank)
+    except SelectorError as e:
+        if "no known attention naming" not in str(e):
+            raise
+        raise SelectorError(f"{e}: {targets_hint(model)}") from e
+
+
+def evaluate(model, tok, task, test, batch_size: int = 16) -> dict:
+    """Greedy answers to ``test`` scored by ``task``'s metric; with its first five answers."""
+    length = task.max_new_tokens or default_max_new_tokens(tok, [e["answer"] for e in test])
+    preds = generate_answers(model, tok, [e["prompt"] for e in test], max_new_tokens=length,
+                             batch_size=batch_size, postprocess=task.postprocess, threads=1)  # a 2nd thread
+    # gains little when decoding small batches and made decoding 10x slower here while another process held a core
+    return {**task.score(preds, task.references(test)), "examples": [p for p in preds[:5]]}
+
+
+def data_of(part: dict, task, val: int = 0) -> tuple[list, list]:
+    """A part's (train, test) examples; with ``val``, (train, ``val`` held-out *training* examples) for the rate
+    sweep. The test split is fixed by the run's ``n_test`` either way, so held-out examples are never test examples."""
+    train, test = task.load(n_train=part["n_train"] + val, n_test=part["n_test"], seed=part["seed"])
+    return (train[:part["n_train"]], train[part["n_train"]:]) if val else (train, test)
+
+
+def run_part(part: dict, out: Path, lr: float | None = None, val: int = 0) -> dict:
+    """Fine-tune (or not, for zero-shot) one config on one task and score it on the test split (or, with ``val``,
+    on that many held-out training examples, for the rate sweep); the row is the part plus what it measured."""
+    task = get_task(part["task"], part.get("data"), part.get("metric"), part.get("max_new_tokens"))
+    train, test = data_of(part, task, val)
+    model, tok = load_model(part["model"], dtype=part["dtype"], device=part["device"])
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    row = {**part, "model_name": resolve(part["model"]).description, "cpus": cpus}
+    if part["config"] == "zero-shot":
+        row.update(trainable=0, seconds=0.0)
+    else:
+        if lr is None:
+            raise ValueError(f"{grid.part_name(part)}: no learning rate given")
+        counts = adapt(model, part["config"], part["rank"], part["seed"])
+        hist = finetune(model, train, tok, steps=part["steps"], lr=lr, batch_size=part["batch"], seed=part["seed"],
+                        schedule="linear", warmup=max(1, part["steps"] // 10), max_len=part["max_len"],
+                        grad_accum=part["grad_accum"], gradient_checkpointing=part["gradient_checkpointing"],
+                        progress=sys.stderr.isatty())
+        if not val:
+            tying.save_adapter(model, out / "adapters" / grid.part_name(part))
+        row.update(trainable=counts.trainable, lr=lr, seconds=hist["seconds"], tokens=hist["tokens"],
+                   loss_first=sum(hist["loss"][:5]) / 5, loss_last=sum(hist["loss"][-5:]) / 5,
+                   loss=[round(x, 4) for x in hist["loss"]])
+    start = time.perf_counter()
+    row["metrics"] = evaluate(model, tok, task, test, part.get("gen_batch", 16))
+    row["eval_seconds"] = time.perf_counter() - start
+    row["score"] = row["metrics"][task.metric]
+    return row
+
+
+def is_current(row: dict, cfg: RunConfig, rates) -> bool:
+    """Whether a finished part belongs to this run: its task and seed are the run's, its settings the run's, and
+    (trained) its rate is the one ``rates`` gives its cell today. Zero-shot does not train: only its model, test set
+    and scoring matter."""
+    task = cfg.task(row.get("task"))
+    if task is None or row.get("seed") not in cfg.seeds or row.get("n_test") != cfg.n_test_of(task):
+        return False
+    row = {**LEGACY, **row}
+    if row["model"] == BUILTIN["smollm2-135m"]:  # rows from before the model was configurable
+        row["model"] = "smollm2-135m"
+    want = grid.parts(cfg.model_copy(update={"tasks": [task], "seeds": [row["seed"]]}))[0]
+    keys = ["model", "dtype", "data", *(["metric", "max_new_tokens"] if task.name.endswith(".jsonl") else [])]
+    if any(row[k] != want[k] for k in keys):
+        return False
+    if row["config"] == "zero-shot":
+        return True
+    return all(row[k] == want[k] for k in grid.TRAINING) and row.get("lr") == rates(task.name, row["config"],
+                                                                                  row["rank"])[0]
+
+
+def run(cfg: RunConfig, rates) -> None:
+    """Run this shard's parts into ``<out>/parts/``, each written as soon as it finishes; with ``resume`` a part
+    already there at these settings and rate is skipped."""
+    out = Path(cfg.out)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for part in grid.shard(cfg, grid.parts(cfg)):
+        f = out / "parts" / f"{grid.part_name(part)}.json"
+        if cfg.resume and f.exists() and is_current(json.loads(f.read_text()), cfg, rates):
+            print(f"done already: {f.name}")
+            continue
+        print(f"== {grid.part_name(part)}", flush=True)
+        lr = None if part["config"] == "zero-shot" else rates(part["task"], part["config"], part["rank"])[0]
+        row = run_part(part, out, lr=lr)
+        tmp = f.with_name(f".{f.name}.tmp")
+        tmp.write_text(json.dumps(row, indent=1))
+        tmp.replace(f)
+        print(f"   score = {row['score']:.2f}  ({time.perf_counter() - t0:.0f} s so far)", flush=True)
+
+
+def prepare(cfg: RunConfig) -> RunConfig:
+    """Every input that could fail later, checked before anything is written or trained (the output folder, the
+    model, device and dtype, each task and its data, each config at each rank on the model's meta-device twin where
+    its config is readable); returns ``cfg`` with the device, dtype and each JSONL task's metric and generation
+    length filled in, printing a note for each default it chose."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out {out} is a file; give a folder for the results")
+    device = cfg.model.device or default_device()
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # one process per GPU under torchrun
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": device})})
+    dtype = grid.dtype_of(cfg)
+    src = resolve(cfg.model.name)
+    check_device(device, DTYPES[dtype])
+    tasks, tok = [], None
+    for t in cfg.tasks:
+        get_task(t.name, cfg.data, t.metric)
+        if t.name.endswith(".jsonl"):
+            examples, n_test = load_jsonl_examples(t.name), cfg.n_test_of(t)
+            trained = any(task == t.name for task, _, _ in grid.cells(cfg))
+            if len(examples) < n_test + trained:  # a malformed line fails above, a short file here
+                raise ConfigError(f"{t.name}: {len(examples)} usable lines, but n_test {n_test} takes that many for the "
+                                  f"test set{' and training needs at least one more' if trained else ''}; give more "
+                                  "lines or a smaller n_test")
+            answers = [e["answer"] for e in examples]
+            if t.metric is None:
+                metric, why = default_metric(answers)
+                print(f"note: {t.name}: no metric given; {why}", flush=True)
+                t = t.model_copy(update={"metric": metric})
+            if t.max_new_tokens is None:
+                tok = tok or load_tokenizer(cfg.model.name)
+                length = default_max_new_tokens(tok, answers)
+                print(f"note: {t.name}: no max_new_tokens given; {length}, room for its longest answer", flush=True)
+                t = t.model_copy(update={"max_new_tokens": length})
+        elif cfg.data is not None:
+            hf_data.load_splits(t.name, cfg.data)
+        tasks.append(t)
+    meta = _meta(src)
+    for config, rank in dict.fromkeys((c, r) for _, c, r in grid.cells(cfg)):
+        try:
+            spec = spec_of(meta, config, rank) if meta is not None else tying.load_spec(config, rank=rank)
+            if meta is not None:
+                tying.count(meta, spec)
+        except TyingError as e:
+            raise TyingError(f"configs {config} at rank {rank} on {cfg.model.name}: {e}") from e
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype}), "tasks": tasks})
+
+
+def _meta(src):
+    """The model on the meta device (no weights) for checks, or None where its config is not at hand (GGUF)."""
+    from tying.integrations.meta_models import meta_model
+    if src.kind == "builtin":
+        return meta_model(src.name)
+    if src.kind == "folder":
+        return meta_model(str(Path(src.name) / "config.json"))
+    return None
