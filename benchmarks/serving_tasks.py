@@ -171,7 +171,7 @@ def table(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", type=int, nargs="+", default=[1, 16, 256, 1024])
     ap.add_argument("--rows", type=int, default=1024)
@@ -184,7 +184,7 @@ def main() -> None:
     ap.add_argument("--peft", type=int, nargs="*", default=[16, 256], help="distinct LoRAs in PEFT's mixed batch")
     ap.add_argument("--quick", action="store_true", help="a smoke size: 1 and 16 tasks, 32 rows, PEFT 16, 2 reps")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving-tasks")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.quick:
         args.tasks, args.rows, args.peft, args.reps = [1, 16], 32, [16], 2
     if 1 not in args.tasks:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("transformers")
+import torch
 import yaml
 
 import tying
@@ -65,9 +66,30 @@ def test_joint_against_separate_on_two_jsonl_tasks(tmp_path, capsys):
     # bad input stops before anything is written
     (tmp_path / "-x.jsonl").write_text(twice.read_text())  # its name cannot name a task of a spec
     for bad, match in [(["configs=[lora]"], "lack tl6 r8 for"), (["rates.lr={lora: 0.01}", "rates.sweep=null"],
-                                                                  "no tl6 r8 rate for .*add.jsonl"),
+                                                                  r"rate for .*add.jsonl/tl6"),
                        ([f"tasks=[{add}, {tmp_path / '-x.jsonl'}]", "rates.lr={tl6: 0.01, lora: 0.01}"],
                         r"tasks\.1: String should match pattern")]:
         with pytest.raises(SystemExit, match=match):
             llm_tasks.main([str(config), f"out={tmp_path / 'never'}", *bad])
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("frozen_a", [False, True])
+def test_finetune_routes_task_rows_and_gives_each_parameter_its_rate(tmp_path, frozen_a):
+    """finetune on examples with a task column trains that task's own factors (and the shared ones); lr_of sets a
+    parameter's rate (0 leaves it as it was)."""
+    from test_llm_models import tiny_llm_folder
+    from tying.integrations import transformers as tx
+    from tying.integrations.llm.finetune import finetune
+    from tying.integrations.llm.models import load_model
+    model, tok = load_model(str(tiny_llm_folder(tmp_path / "m")), dtype="float32", device="cpu")
+    tying.apply_(model, tx.spec(model, "tl6", rank=4, tasks=["a", "b"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    examples = [{"prompt": f"q{i}", "answer": f"a{i}", "task": "a"} for i in range(8)]
+    finetune(model, examples, tok, steps=2, lr=0.05, batch_size=4, progress=False,
+             lr_of=(lambda n: 0.0 if n.startswith("tying_bank.u") and n.endswith("#a") else 0.05) if frozen_a else None)
+    moved = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    assert any(n.startswith("tying_bank.A") for n in moved)  # shared: trained by task a's rows
+    assert not any(n.endswith("#b") for n in moved)  # no row of task b: its copies get no gradient
+    assert any(n.startswith("tying_bank.v") and n.endswith("#a") for n in moved)
+    assert any(n.startswith("tying_bank.u") and n.endswith("#a") for n in moved) != frozen_a  # rate 0: as it was
