@@ -152,8 +152,8 @@ def report(cfg, rates, joint: dict[int, dict], out: Path) -> str:
         (f"Trainable parameters: joint {one['trainable']:,} in all, one more task adds {one['per_task']:,}; separate "
          f"TL6 {trainable[CONFIG]:,} in all ({len(sep[CONFIG])} adapters), separate LoRA {trainable['lora']:,} "
          f"({len(sep['lora'])} adapters)."),
-        f"The joint runs took {hours:.2f} CPU-hours of process time in all ({len(seeds)} seeds, training and "
-        "evaluation).", ""])
+        (f"The joint runs took {hours:.2f} CPU-hours of process time in all ({len(seeds)} seeds, training and "
+        "evaluation)."), ""])
     (out / "llm_tasks.md").write_text(text)
     (out / "llm_tasks.json").write_text(json.dumps({"seeds": seeds, "summary": summary, "trainable": one["trainable"],
                                                     "per_task": one["per_task"], "separate_trainable": trainable,
