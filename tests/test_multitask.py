@@ -347,7 +347,7 @@ def test_count_on_the_command_line_gives_the_cost_of_one_more_task(capsys):
     assert out["trainable"] == 4 * d * r + 5 * L * (r + 3 * d)  # A and B once (the paper's TL5 count), u, v x 5
 
 
-def test_trainer_needs_the_task_column():
+def test_trainer_needs_the_task_column(tmp_path):
     transformers = pytest.importorskip("transformers")
     datasets = pytest.importorskip("datasets")
     from tying.integrations.transformers import TyingTrainer
@@ -355,7 +355,7 @@ def test_trainer_needs_the_task_column():
     model = tiny_llama(layers=2)
     tying.apply_(model, CONTRACT)
     ids = [[1, 2, 3, 4]] * 4
-    args = transformers.TrainingArguments("unused", max_steps=1, report_to=[], use_cpu=True,
+    args = transformers.TrainingArguments(str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True,
                                           per_device_train_batch_size=2, save_strategy="no")
     snap = snapshot(model)
     trainer = TyingTrainer(model=model, args=args,
