@@ -2,9 +2,12 @@
 v per layer, module and task) on mixed batches, against a separate TL6 and a separate LoRA per task (the seeded
 comparison's committed parts, same model, data, seeds and step budget). Small-scale reproduction.
 
-    python benchmarks/llm_tasks.py                           # seeds 0-2 of configs/seeded.yaml (~25 min a seed)
+    python benchmarks/llm_tasks.py "tasks=[{name: nli, n_test: 500}, squad, translation, gsm8k]"   # committed run
     python benchmarks/llm_tasks.py seeds=[0] & python benchmarks/llm_tasks.py seeds=[1]   # side by side
     python benchmarks/llm_tasks.py --report                  # the report from the finished seeds
+
+Without ``tasks=`` it takes configs/seeded.yaml's five tasks, seeds 0-2 (about 45 min a seed on one thread of a
+shared 2-core CPU); XSum's source package is no longer on the registry, so a fresh cache needs the line above.
 
 Any run config (docs/llm.md) and ``key=value`` overrides: ``python benchmarks/llm_tasks.py CONFIG.yaml out=DIR``.
 The joint run sees what the separate runs see together: every task's ``n_train`` training examples of that seed,
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"== joint {CONFIG} r{RANK} seed {seed}: {', '.join(want['lr'])}", flush=True)
             start = time.process_time()
-            row = {**joint_part(cfg, want, seed, out), "cpu_seconds": 0.0}
+            row = joint_part(cfg, want, seed, out)
             row["cpu_seconds"] = time.process_time() - start
             tmp = f.with_name(f".{f.name}.tmp")
             tmp.write_text(json.dumps(row, indent=1))
