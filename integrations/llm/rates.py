@@ -77,21 +77,20 @@ def sweep_settings(cfg: RunConfig) -> dict:
             "batch": s.batch or cfg.batch, "model": cfg.model.name, "dtype": grid.dtype_of(cfg), "data": cfg.data}
 
 
-def _other_settings(cfg: RunConfig) -> dict | None:
-    """The settings of the sweep file when they are not this sweep's (None: no file, or the same settings)."""
+def _stored(cfg: RunConfig) -> tuple[dict, list[dict]] | None:
+    """(settings, results) in the sweep file, or None without one (or with the sweep off)."""
     if cfg.rates.sweep is None or not sweep_file(cfg).exists():
         return None
-    old = json.loads(sweep_file(cfg).read_text()).get("settings", {})
+    old = json.loads(sweep_file(cfg).read_text())
     legacy = {"model": "smollm2-135m", "dtype": "float32", "data": None}  # files from before these were recorded
-    theirs = {k: old.get(k, legacy.get(k)) for k in sweep_settings(cfg)}
-    return None if theirs == sweep_settings(cfg) else theirs
+    return ({k: old.get("settings", {}).get(k, legacy.get(k)) for k in sweep_settings(cfg)},
+            old.get("results", []))
 
 
 def sweep_results(cfg: RunConfig) -> list[dict]:
     """The finished sweep runs at this sweep's settings (read afresh: sweeps side by side add up)."""
-    if cfg.rates.sweep is None or not sweep_file(cfg).exists() or _other_settings(cfg) is not None:
-        return []
-    return json.loads(sweep_file(cfg).read_text()).get("results", [])
+    stored = _stored(cfg)
+    return stored[1] if stored and stored[0] == sweep_settings(cfg) else []
 
 
 def scores_of(results: list[dict], task: str, config: str, rank: int) -> dict[float, float]:
@@ -156,10 +155,10 @@ class Rates:
             print(f"warning: {task}: the rates of {', '.join(which)} come from the table {cfg.rates.table}, swept on "
                   f"{', '.join(self.table.swept_on)}, not on {task}; they may be far from {task}'s best (a sweep: "
                   "set rates.sweep)", flush=True)
-        theirs = _other_settings(cfg)
-        if theirs is not None and cfg.stage in ("all", "sweep") and any(src == "sweep" and lr is None
-                                                                       for lr, src in sources.values()):
-            mine = sweep_settings(cfg)
+        stored = _stored(cfg)
+        if stored and stored[0] != (mine := sweep_settings(cfg)) and cfg.stage in ("all", "sweep") and any(
+                src == "sweep" and lr is None for lr, src in sources.values()):
+            theirs = stored[0]
             differ = ", ".join(f"{k} {theirs[k]} there, {mine[k]} here" for k in mine if theirs[k] != mine[k])
             raise ConfigError(f"rates.sweep.file {sweep_file(cfg)} holds a sweep at other settings ({differ}); this "
                               "sweep would replace it: give this run its own file (rates.sweep.file="
