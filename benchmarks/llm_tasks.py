@@ -41,6 +41,7 @@ from tying.errors import TyingError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG, RANK = "tl6", 8
+SEPARATE = ("lora", CONFIG)  # the separate runs the joint one is compared with
 
 
 def wanted(cfg, rates) -> dict:
@@ -121,7 +122,7 @@ def report(cfg, rates, joint: dict[int, dict], out: Path) -> str:
     """Markdown: per task, separate LoRA, separate TL6 and joint TL6 over seeds; joint - separate with a paired
     bootstrap interval over test examples and seeds, and the verdict on "joint within 10 % of separate"."""
     seeds, names = sorted(joint), [t.name for t in cfg.tasks]
-    sep = {c: separate_cells(cfg, rates, c) for c in ("lora", CONFIG)}
+    sep = {c: separate_cells(cfg, rates, c) for c in SEPARATE}
     for c, cells in sep.items():
         for name in names:
             if set(seeds) - set(cells.get(name, {})):
@@ -132,7 +133,7 @@ def report(cfg, rates, joint: dict[int, dict], out: Path) -> str:
     summary = {}
     for name in names:
         mine = {s: joint[s]["tasks"][name]["metrics"]["per_example"] for s in seeds}
-        got = summary[name] = {c: versus(mine, sep[c].get(name, {})) for c in ("lora", CONFIG)}
+        got = summary[name] = {c: versus(mine, sep[c].get(name, {})) for c in SEPARATE}
         cells = [(f"{g['mean']:.1f}", f"{g['diff']:+.1f} [{g['lo']:+.1f}, {g['hi']:+.1f}]", g["within_10"]) if g
                  else ("—", "—", "—") for g in (got["lora"], got[CONFIG])]
         metric = joint[seeds[0]]["tasks"][name]["metric"]
@@ -141,7 +142,7 @@ def report(cfg, rates, joint: dict[int, dict], out: Path) -> str:
                      f"{mean_std([statistics.fmean(v) for v in mine.values()])[0]:.1f} | {cells[1][1]} | {cells[1][2]} | "
                      f"{cells[0][1]} | {cells[0][2]} |")
     one, hours = joint[seeds[0]], sum(r["cpu_seconds"] for r in joint.values()) / 3600
-    trainable = {c: sum(next(iter(r.values()))["trainable"] for r in sep[c].values()) for c in ("lora", CONFIG)}
+    trainable = {c: sum(next(iter(r.values()))["trainable"] for r in sep[c].values()) for c in SEPARATE}
     separate = Path(cfg.out).resolve()
     where = separate.relative_to(ROOT) if separate.is_relative_to(ROOT) else separate
     text = "\n".join([
