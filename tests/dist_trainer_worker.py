@@ -17,6 +17,7 @@ from torch.utils.data import SequentialSampler
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_llama
+from dist_worker import leave
 from tying.integrations.transformers import adapter_trainer
 
 import tying
@@ -58,6 +59,10 @@ def main(argv=None) -> None:
     trainer = Trainer(model=model, args=targs, train_dataset=data)
     trainer.train(resume_from_checkpoint=args.resume)
     trainer.save_model(str(Path(args.out) / "final"))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        leave()
 
 
 if __name__ == "__main__":

@@ -303,6 +303,46 @@ def test_merge_one_task_and_refusals():
         tying.unapply_(applied(), merge=True)
 
 
+def test_a_checkpoint_taken_while_one_task_is_merged_records_which():
+    """A state_dict taken while task b is merged, loaded into a fresh adapted model, knows b is merged: routing
+    to another task is refused (it used to give b's output silently) and unmerge_ takes b out."""
+    m = applied()
+    x = torch.randn(2, 3, 16)
+    with tying.adapters(m, "b"):
+        want_b = m(x)
+    with tying.adapters(m, "a"):
+        want_a = m(x)
+    tying.merge_(m, task="b")
+    f = applied(seed=7)
+    f.load_state_dict(m.state_dict())
+    with pytest.raises(NotMergeableError, match="task 'b' is merged"), tying.adapters(f, "a"):
+        pass
+    with pytest.raises(NotMergeableError, match="task 'b' is merged already"):
+        tying.merge_(f, task="a")
+    tying.unmerge_(f)
+    with tying.adapters(f, "a"):
+        torch.testing.assert_close(f(x), want_a, atol=1e-5, rtol=0)
+    with tying.adapters(f, "b"):
+        torch.testing.assert_close(f(x), want_b, atol=1e-5, rtol=0)
+    h = applied(spec(tasks=["c", "b", "a"]), seed=7)  # the task is recorded by name, not by its place in the list
+    h.load_state_dict(m.state_dict())
+    with pytest.raises(NotMergeableError, match="task 'b' is merged"), tying.adapters(h, "a"):
+        pass
+    tying.unmerge_(h)
+    with tying.adapters(h, "a"):
+        torch.testing.assert_close(h(x), want_a, atol=1e-5, rtol=0)
+    unknown = m.state_dict()  # a record of merged sites that does not say which task
+    del unknown["tying_bank.merged_task"]
+    g = applied(seed=7)
+    g.load_state_dict(unknown)
+    snap = snapshot(g)
+    with pytest.raises(NotMergeableError, match="does not say which task"), tying.adapters(g, "a"):
+        pass
+    with pytest.raises(NotMergeableError, match="does not say which task"):
+        tying.unmerge_(g)
+    assert same_state(g, snap)
+
+
 # ---- serving ----------------------------------------------------------------------------------------------------
 
 def test_serving_a_multi_task_folder_stores_shared_factors_once(tmp_path):

@@ -80,6 +80,7 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
 
 
 MERGED_KEY = f"{BANK_ATTR}.merged"  # in the state_dict of a model with merged sites: which ones (plan order)
+MERGED_TASK_KEY = f"{BANK_ATTR}.merged_task"  # and, for a multi-task adapter, whose update: its name, UTF-8
 
 
 def _record_merge(model, state_dict, prefix, local_metadata) -> None:
@@ -88,18 +89,25 @@ def _record_merge(model, state_dict, prefix, local_metadata) -> None:
     sites = [w for _, w in wrappers(model)]
     if any(w.merged for w in sites):
         state_dict[prefix + MERGED_KEY] = torch.tensor([w.merged for w in sites], dtype=torch.uint8)
+        bank = bank_of(model)
+        if bank.merged_task is not None:
+            state_dict[prefix + MERGED_TASK_KEY] = torch.tensor(list(bank.merged_task.encode()), dtype=torch.uint8)
 
 
 def _read_merge_record(model, state_dict, prefix, *args) -> None:
     """load_state_dict pre-hook of an adapted root: each site whose base weight the checkpoint holds will be
     merged exactly when the checkpoint says so (a plain checkpoint holds unmerged weights)."""
     record = state_dict.pop(prefix + MERGED_KEY, None)
+    task = state_dict.pop(prefix + MERGED_TASK_KEY, None)
+    bank = bank_of(model)
     names = [n for n, _ in wrappers(model)]
     flags = [False] * len(names) if record is None else [bool(f) for f in record.tolist()]
     if len(flags) != len(names):
         flags = [False] * len(names)  # a record of another adapter: its weights cannot be told apart; unmerged
-    bank_of(model).pending_merged = {n: f for n, f in zip(names, flags)
-                                     if any(prefix + n + k in state_dict for k in (".weight", ".base.weight"))}
+    bank.pending_merged = {n: f for n, f in zip(names, flags)
+                           if any(prefix + n + k in state_dict for k in (".weight", ".base.weight"))}
+    task = bytes(task.tolist()).decode(errors="replace") if task is not None and task.dim() == 1 else None
+    bank.pending_task = task if task in (bank.spec.tasks or ()) else None  # unknown: merged_task_of refuses to guess
 
 
 def _accept_plain_checkpoint(model, incompatible) -> None:
@@ -109,9 +117,12 @@ def _accept_plain_checkpoint(model, incompatible) -> None:
     bank = getattr(model, BANK_ATTR, None)
     if not isinstance(bank, FactorBank):
         return
-    for name, merged in getattr(bank, "pending_merged", {}).items():  # the load succeeded: the record holds
+    pending = getattr(bank, "pending_merged", {})
+    for name, merged in pending.items():  # the load succeeded: the record holds
         model.get_submodule(name).merged = merged
-    bank.pending_merged = {}
+    if pending:
+        bank.merged_task = getattr(bank, "pending_task", None) if any(w.merged for _, w in wrappers(model)) else None
+    bank.pending_merged, bank.pending_task = {}, None
     ours = {k for k in incompatible.missing_keys if f"{BANK_ATTR}." in k}
     if len(ours) == len(bank.state_dict()):
         incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in ours]
@@ -132,24 +143,37 @@ def wrappers(model: nn.Module) -> Iterator[tuple[str, SiteAdapter]]:
             yield name, m
 
 
-def _merge_task(bank: FactorBank, sign: int, task: str | None) -> str | None:
+def merged_task_of(model: nn.Module) -> str | None:
+    """The task whose update is merged into the base weights (None: no task merged). Sites loaded merged from a
+    checkpoint that does not say which task's update they hold are a clear error, never a guess."""
+    bank = bank_of(model)
+    if bank.spec.tasks and bank.merged_task is None and any(w.merged for _, w in wrappers(model)):
+        raise NotMergeableError(
+            "the base weights hold a merged task update, but the checkpoint they were loaded from does not say which "
+            f"task's (tasks: {', '.join(map(repr, bank.spec.tasks))}), so it can be neither taken out nor routed "
+            "around; load base weights saved unmerged (or saved by this version of tying, which records the task)")
+    return bank.merged_task
+
+
+def _merge_task(model: nn.Module, sign: int, task: str | None) -> str | None:
     """The task whose update merge_ (sign 1) folds in or unmerge_ takes out; None for a single-task adapter."""
-    tasks = bank.spec.tasks
+    tasks = bank_of(model).spec.tasks
     if not tasks:
         if task is not None:
             raise TyingError(f"task={task!r}: the adapter has no tasks; merge it without task=")
         return None
-    if sign < 0 and bank.merged_task is None:
+    merged = merged_task_of(model)
+    if sign < 0 and merged is None:
         return None  # nothing merged: nothing to take out
     if sign < 0:
-        if task not in (None, bank.merged_task):
-            raise NotMergeableError(f"the update of task {bank.merged_task!r} is merged, not {task!r}; "
+        if task not in (None, merged):
+            raise NotMergeableError(f"the update of task {merged!r} is merged, not {task!r}; "
                                     "tying.unmerge_(model) takes it out")
-        return bank.merged_task
-    if bank.merged_task is not None:
-        if task in (None, bank.merged_task):
-            return bank.merged_task  # merged already: nothing to do
-        raise NotMergeableError(f"task {bank.merged_task!r} is merged already; tying.unmerge_(model) first, then "
+        return merged
+    if merged is not None:
+        if task in (None, merged):
+            return merged  # merged already: nothing to do
+        raise NotMergeableError(f"task {merged!r} is merged already; tying.unmerge_(model) first, then "
                                 f"merge task {task!r}")
     if task not in tasks:
         what = "which task's update to fold in: pass task=" if task is None else f"unknown task {task!r}; tasks:"
@@ -163,7 +187,7 @@ def _merge_all(model: nn.Module, sign: int, dequantize: bool = False, task: str 
     bank = bank_of(model)
     if bank.rows is not None or bank.task is not None:
         raise NotMergeableError("merge_/unmerge_ inside a tying.adapters block: leave the block first")
-    task = _merge_task(bank, sign, task)
+    task = _merge_task(model, sign, task)
     facts = bank.spec.adapter.facts
     todo = [(name, w) for name, w in wrappers(model) if w.merged != (sign > 0)]
     for name, w in todo:

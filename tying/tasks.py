@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .engine import bank_of, wrappers
+from .engine import bank_of, merged_task_of, wrappers
 from .errors import AdapterFileError, NotMergeableError, ServingError
 from .planner import Plan
 from .spec import TyingSpec
@@ -64,7 +64,7 @@ def route(model: nn.Module, names: str | Sequence[str]) -> Iterator[None]:
         raise ServingError("the model's adapter has no tasks, so it applies to every row: tying.adapters routes rows "
                            "of a multi-task adapter (a spec with tasks: [...]) or of adapters loaded with "
                            "tying.load_adapters_")
-    if bank.merged_task is not None:
+    if merged_task_of(model) is not None:
         raise NotMergeableError(f"the update of task {bank.merged_task!r} is merged into the base weights, so every "
                                 "row gets it; call tying.unmerge_(model) before routing rows to tasks")
     count = None if isinstance(names, str) else len(names)  # a list names each row: the batch must match it
