@@ -29,6 +29,7 @@ from ..errors import AdapterFileError
 from ..planner import plan
 from ..spec import load_spec
 from ..state import _atomic_write, _want, check_tensors, read_adapter
+from ..tasks import check_task, multi_want
 
 PREFIX = "base_model.model."
 _SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
@@ -38,18 +39,24 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values 
 
 
 def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.PathLike | None = None,
-                base_model_name_or_path: str | None = None, pad_rank: bool = True) -> Path:
+                base_model_name_or_path: str | None = None, pad_rank: bool = True, task: str | None = None) -> Path:
     """Write a PEFT LoRA adapter for ``model``'s tying adapter (or for the adapter folder ``adapter``,
     planned on ``model``, which may then be a meta-device model).
 
     The factors are exact (``lora_A = G diag(u) A``, ``lora_B = scale diag(v) B``, never an SVD). With ``pad_rank``
     (the default) the rank is padded with zeros to the next one vLLM and SGLang serve (1, 8, 16, ..., 512; the same
     function); ``target_modules`` are the modules' last names (``q_proj``, as vLLM maps them) where those select
-    exactly the adapted modules, else their full names."""
+    exactly the adapted modules, else their full names. A multi-task adapter exports one task, named by ``task``."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise AdapterFileError(f"{out_dir} is a file: export_peft writes a folder (adapter_config.json + "
                                "adapter_model.safetensors); give the path of a folder")
     spec, tensors = (bank_of(model).spec, None) if adapter is None else read_adapter(adapter)
+    where = "the model's adapter" if adapter is None else str(adapter)
+    if spec.tasks and task is None:
+        raise AdapterFileError(f"{where} is a multi-task adapter (tasks: {', '.join(spec.tasks)}); a PEFT LoRA holds "
+                               f"one task: export_peft(model, out_dir, task={spec.tasks[0]!r})")
+    if task is not None:
+        check_task(spec, task, where)
     kind = kinds.get(spec.adapter.kind)
     if not kind.facts.exportable or spec.train_modules:
         raise AdapterFileError(f"only adapters of a kind with a PEFT export (lora, dora) and without train_modules "
@@ -61,8 +68,9 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
         modules = {n: getattr(m, "base", m) for n, m in model.named_modules()}
         merged = {n for n, m in model.named_modules() if getattr(m, "merged", False)}
     else:
-        p = plan(model, spec)
-        check_tensors(adapter, tensors, _want(p, model))
+        p = plan(model, spec.single_task() if task else spec)
+        want = _want(p, model)
+        check_tensors(adapter, tensors, multi_want(spec, p, want) if task else want)
         modules = dict(model.named_modules())
     out, scale, r = Path(out_dir), spec.adapter.scale, spec.adapter.rank
     padded = next((v for v in VLLM_RANKS if v >= r), r) if pad_rank else r
@@ -72,7 +80,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
         if mt.peft is None:
             raise AdapterFileError(f"module {site.name!r} is a {mt.name}, which has no PEFT layout; it cannot be "
                                    "exported to PEFT")
-        factors = {f: tensors[f"{f}.{key}"].float() for f, key in site.keys.items()}
+        factors = {f: tensors[f"{f}.{key}{spec.task_suffix(f, task) if task else ''}"].float()
+                   for f, key in site.keys.items()}
         weight = functools.partial(_base_weight, mt, module, site.name, site.name in merged)  # only dora calls it
         down, up, extra = kind.export(factors, scale, weight)
         down = torch.cat([down, down.new_zeros(padded - r, down.shape[1])])  # zero rows and columns: the same update

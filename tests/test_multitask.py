@@ -187,7 +187,9 @@ def test_forward_without_a_task_and_bad_rows_are_clear_errors():
 
 def test_a_kind_without_row_routing_takes_one_task_per_batch():
     s = {"tasks": ["a", "b"], "targets": [{"select": "layers.{layer:#}.{proj:q|k|v}"}],
-         "adapter": {"kind": "ia3", "rank": 1, "factors": {"v": {"tie": [], "init": "ones"}}}}
+         "adapter": {"kind": "dora", "rank": 2, "factors": {
+             "A": {"tie": ["layer", "task"], "init": {"kind": "kaiming_uniform", "seed": 0}},
+             "B": {"tie": ["layer", "task"], "init": "zeros"}, "m": {"tie": [], "init": "ones"}}}}
     m = Net()
     tying.apply_(m, s)
     x = torch.randn(2, 3, 16)
@@ -195,6 +197,53 @@ def test_a_kind_without_row_routing_takes_one_task_per_batch():
         m(x)
     with pytest.raises(ServingError, match="cannot mix tasks row by row"), tying.adapters(m, ["a", "b"]):
         pass
+
+
+class Convs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)])
+
+    def forward(self, x):
+        return self.layers[1](torch.tanh(self.layers[0](x)))
+
+
+@pytest.mark.parametrize("net, select, shape", [(Net, "layers.{layer:#}.{proj:q|k|v}", (4, 3, 16)),
+                                                (Convs, "layers.{layer:#}", (4, 3, 5, 5))])
+def test_ia3_mixes_tasks_row_by_row(net, select, shape):
+    """IA3 across tasks (v per task, u shared where the module type has it): each row of a mixed batch equals that
+    row alone on its task, on Linear and on Conv2d; v of each task gets the gradient of its own rows only."""
+    factors = {"v": {"tie": [], "init": "ones"}}
+    if net is Net:
+        factors["u"] = {"tie": ["task"], "init": "ones"}
+    m = net()
+    tying.apply_(m, {"tasks": ["a", "b", "c"], "targets": [{"select": select}],
+                     "adapter": {"kind": "ia3", "rank": 1, "factors": factors}})
+    randomize_bank(m, 3)
+    x = torch.randn(*shape)
+    with tying.adapters(m, NAMES):
+        mixed = m(x)
+    with tying.adapters(m, "c"):  # row 0 is a's: task c gives another output
+        assert not torch.allclose(m(x[:1])[0], mixed[0], atol=1e-3)
+    for i, n in enumerate(NAMES):
+        with tying.adapters(m, n):
+            torch.testing.assert_close(m(x[i:i + 1])[0], mixed[i], atol=1e-6, rtol=0)
+    with tying.adapters(m, NAMES):
+        m(x).pow(2).sum().backward()
+    want = {}
+    for t in "abc":
+        m.zero_grad()
+        with tying.adapters(m, t):
+            m(x[[i for i, n in enumerate(NAMES) if n == t]]).pow(2).sum().backward()
+        want.update({k: p.grad.clone() for k, p in m.tying_bank.named_parameters() if k.endswith(f"#{t}")})
+    m2 = net()
+    tying.apply_(m2, m.tying_bank.spec)
+    m2.tying_bank.load_state_dict(m.tying_bank.state_dict())
+    with tying.adapters(m2, NAMES):
+        m2(x).pow(2).sum().backward()
+    for k, g in want.items():
+        torch.testing.assert_close(dict(m2.tying_bank.named_parameters())[k].grad, g, atol=1e-5, rtol=1e-5)
 
 
 def test_a_single_task_adapter_refuses_task_routing():
@@ -227,6 +276,31 @@ def test_save_writes_shared_factors_once_and_loads_whole_or_per_task(tmp_path):
         torch.testing.assert_close(plain(x), m(x))
 
 
+def test_export_peft_writes_one_task_and_refuses_to_guess_which(tmp_path):
+    """export_peft of a multi-task adapter (applied, or a folder) needs task=: the export of task b equals the export
+    of the plain adapter load_adapter(task="b") gives; without a task, or with an unknown one, nothing is written."""
+    from safetensors.torch import load_file
+    from tying.integrations.peft import export_peft
+
+    m = applied()
+    tying.save_adapter(m, tmp_path / "multi")
+    plain = Net()
+    tying.load_adapter(plain, tmp_path / "multi", task="b")
+    want = load_file(str(export_peft(plain, tmp_path / "plain") / "adapter_model.safetensors"))
+    for src in (None, tmp_path / "multi"):  # the applied adapter, and the folder planned on a bare model
+        model = m if src is None else Net()
+        for task, words in ((None, r"tasks: a, b, c\); a PEFT LoRA holds one task: export_peft\(.*task="),
+                            ("z", "no task 'z'; its tasks: a, b, c")):
+            with pytest.raises(AdapterFileError, match=words):
+                export_peft(model, tmp_path / "refused", adapter=src, task=task)
+            assert not (tmp_path / "refused").exists()
+        got = load_file(str(export_peft(model, tmp_path / "b", adapter=src, task="b") / "adapter_model.safetensors"))
+        assert sorted(got) == sorted(want)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(AdapterFileError, match="single-task adapter; leave out task="):
+        export_peft(plain, tmp_path / "refused", task="b")
+
+
 def test_train_modules_are_one_copy_shared_by_every_task(tmp_path):
     m = applied(spec(train_modules=["head"]))
     with torch.no_grad():
@@ -253,7 +327,7 @@ def test_bad_task_loads_change_nothing(tmp_path):
     snap = snapshot(fresh)
     with pytest.raises(AdapterFileError, match=r"no task 'z'; its tasks: a, b, c"):
         tying.load_adapter(fresh, tmp_path / "multi", task="z")
-    with pytest.raises(AdapterFileError, match="single-task adapter; load it without task="):
+    with pytest.raises(AdapterFileError, match="single-task adapter; leave out task="):
         tying.load_adapter(fresh, tmp_path / "single", task="a")
     assert not hasattr(fresh, "tying_bank") and same_state(fresh, snap)
     with pytest.raises(AlreadyAppliedError, match=r"holds tasks \['a', 'b', 'c'\]: load one of them with task="):

@@ -100,6 +100,24 @@ def test_cli_export_from_adapter_folder_on_a_meta_model(tmp_path, tokens):
         assert (served(tokens).logits - ref).abs().max() < 1e-4
 
 
+def test_cli_exports_one_task_of_a_multi_task_folder(tmp_path, tokens, capsys):
+    model = tiny_llama()
+    tying.apply_(model, tying.load_spec("tl6", rank=4, tasks=["a", "b"]))
+    randomize_bank(model)
+    with torch.no_grad(), tying.adapters(model, "b"):
+        ref = model(tokens).logits
+    tying.save_adapter(model, tmp_path / "tied")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(model.config.to_json_string())
+    args = ["export-peft", "--model", str(cfg), "--adapter", str(tmp_path / "tied"), "--out", str(tmp_path / "peft")]
+    assert main(args) == 2 and "a PEFT LoRA holds one task" in capsys.readouterr().err
+    assert not (tmp_path / "peft").exists()
+    assert main([*args, "--task", "b"]) == 0
+    served = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft").eval()
+    with torch.no_grad():
+        assert (served(tokens).logits - ref).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_import_peft_adapter(tmp_path, tokens, rslora):
     pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=16, use_rslora=rslora,

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .errors import NotMergeableError
+from .errors import NotMergeableError, ServingError
 from .modtypes import ModuleType
 
 
@@ -95,7 +95,6 @@ class SiteAdapter(nn.Module):
         self.register_load_state_dict_pre_hook(_base_keys_in)
 
     tying_site = True  # marks wrappers for the planner, which imports no runtime class
-    routes_rows = False  # a kind whose forward mixes the tasks of a multi-task adapter row by row (``routed``)
     shares_down = True  # a kind whose sites read ``h`` of project() may share it between siblings
     no_merge = "this adapter kind has no merged form; keep it unmerged"  # the reason, for kinds without merge()
 
@@ -115,6 +114,20 @@ class SiteAdapter(nn.Module):
         """Whether the forward is the base module's alone: the update is merged into its weight, or disabled. A
         kind's forward returns the base output when it is set."""
         return self.merged or self.disabled
+
+    def routes_rows(self) -> bool:
+        """Whether this site's forward mixes the tasks of a multi-task adapter row by row (a kind that can says so
+        for the module types it can); otherwise every row of a batch takes one task."""
+        return False
+
+    def mixed_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each row's position in the spec's tasks while a mixed batch is routed (None: one task for the batch); a
+        clear error when the batch ``x`` has another number of rows."""
+        rows = self.bank.rows if self.task_keys else None
+        if rows is not None and x.shape[0] != rows.shape[0]:
+            raise ServingError(f"a batch of {x.shape[0]} rows, but tying.adapters was given {rows.shape[0]} task "
+                               "names; give one name per row (with generate(num_beams=k), repeat each name k times)")
+        return rows
 
     def factor(self, name: str) -> torch.Tensor | None:
         """The factor ``name`` of this site (of the batch's task, for a multi-task adapter), or None when the spec

@@ -109,7 +109,8 @@ def _budget(args) -> None:
 def _export_peft(args) -> None:
     from .integrations.peft import export_peft
 
-    out = export_peft(meta_model(args.model), args.out, adapter=args.adapter, base_model_name_or_path=args.base_model)
+    out = export_peft(meta_model(args.model), args.out, adapter=args.adapter, base_model_name_or_path=args.base_model,
+                      task=args.task)
     print(f"wrote a PEFT LoRA adapter to {out}")
 
 
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", required=True, help="folder written by tying.save_adapter")
     p.add_argument("--out", required=True, help="folder for adapter_config.json + adapter_model.safetensors")
     p.add_argument("--base-model", default=None, help="base_model_name_or_path to record in adapter_config.json")
+    p.add_argument("--task", default=None, help="of a multi-task adapter, the one task to export")
     p.set_defaults(run=_export_peft)
     args = parser.parse_args(argv)
     try:

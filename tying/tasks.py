@@ -11,7 +11,8 @@ know each row's task:
 
 A factor shared by the rows' tasks is one dense product for the batch; a per-task factor is gathered per row, so
 a shared factor receives the sum of its tasks' gradients. Row-by-row mixing needs a kind whose wrapper routes rows
-(``SiteAdapter.routes_rows``: the LoRA family) on Linear-like modules; every kind takes one task per batch.
+(``SiteAdapter.routes_rows``: IA3, and the LoRA family on Linear-like modules); every kind takes one task per
+batch.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .spec import TyingSpec
 def check_task(spec: TyingSpec, task: str, where: str) -> None:
     """``task`` is one of the spec's tasks; a clear error naming them otherwise."""
     if not spec.tasks:
-        raise AdapterFileError(f"{where} holds a single-task adapter; load it without task=")
+        raise AdapterFileError(f"{where} holds a single-task adapter; leave out task=")
     if task not in spec.tasks:
         raise AdapterFileError(f"{where} has no task {task!r}; its tasks: {', '.join(spec.tasks)}")
 
@@ -78,11 +79,12 @@ def route(model: nn.Module, names: str | Sequence[str]) -> Iterator[None]:
     names = list(names)
     task, rows = (names[0], None) if len(set(names)) == 1 else (None, torch.tensor([tasks.index(n) for n in names]))
     if rows is not None:
-        odd = [n for n, w in wrappers(model) if not (w.routes_rows and w.mtype.has("linear"))]
+        odd = [n for n, w in wrappers(model) if not w.routes_rows()]
         if odd:
             raise ServingError(f"module {odd[0]!r} ({len(odd)} in all) cannot mix tasks row by row (a "
                                f"{bank.spec.adapter.kind} adapter on a {dict(wrappers(model))[odd[0]].mtype.name}: "
-                               "mixing needs the LoRA family on Linear-like modules); give one task per batch")
+                               "mixing needs a kind that routes rows: IA3, or the LoRA family on Linear-like modules); give one task "
+                               "per batch")
     before = bank.task, bank.rows, bank.row_count
     bank.task, bank.rows, bank.row_count = task, rows, count
 

@@ -32,7 +32,9 @@ def _magnitude(m, W, dW) -> torch.Tensor:
 class DoRA(LoRA):
     """The magnitude-scaled LoRA update on modules with features on the last axis and a readable weight."""
 
-    routes_rows = False  # the output scale depends on each row's factors and the base weight: one task per batch
+    def routes_rows(self) -> bool:
+        return False  # the output scale depends on each row's factors and the base weight: one task per batch
+
     applied = None  # the per-row scale a merge applied (None: not merged here, e.g. merged in a loaded checkpoint)
 
     def magnitude(self) -> torch.Tensor:

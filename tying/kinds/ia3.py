@@ -11,10 +11,13 @@ from ..errors import NotMergeableError
 from . import register_kind
 
 
-def along(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
-    """``t`` shaped to broadcast along ``axis`` (counted from the end) of an ``ndim``-dim tensor."""
+def along(t: torch.Tensor, ndim: int, axis: int, rows: bool = False) -> torch.Tensor:
+    """``t`` shaped to broadcast along ``axis`` (counted from the end) of an ``ndim``-dim tensor; with ``rows``,
+    ``t`` has one vector per row of the batch (the tensor's first axis)."""
     shape = [1] * ndim
     shape[axis] = -1
+    if rows:
+        shape[0] = t.shape[0]
     return t.view(shape)
 
 
@@ -23,12 +26,18 @@ class IA3(SiteAdapter):
 
     shares_down = False
 
+    def routes_rows(self) -> bool:
+        return True  # element-wise: row i scaled by its task's vectors, on every module type with batch-first data
+
     def forward(self, x, *args, **kwargs):
         if self.bypass:
             return self.base(x, *args, **kwargs)
-        u, v = self.factor("u"), self.factor("v")
-        out = self.base(x if u is None else x * u.to(x.dtype), *args, **kwargs)
-        return out if v is None else out * along(v.to(out.dtype), out.ndim, self.mtype.out_axis)
+        rows = self.mixed_rows(x)
+        u, v = (self.factor(n) if rows is None else self.task_rows(n, rows) for n in "uv")
+        if u is not None:
+            x = x * along(u.to(x.dtype), x.ndim, -1, u.dim() == 2)
+        out = self.base(x, *args, **kwargs)
+        return out if v is None else out * along(v.to(out.dtype), out.ndim, self.mtype.out_axis, v.dim() == 2)
 
     def check_merge(self, sign: int, dequantize: bool = False) -> None:
         super().check_merge(sign, dequantize)

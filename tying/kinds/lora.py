@@ -5,30 +5,23 @@ from __future__ import annotations
 
 from .. import update
 from ..adapter import SiteAdapter
-from ..errors import ServingError
 from . import register_kind
 
 
 class LoRA(SiteAdapter):
     """The low-rank update on any module type with down/up products (Linear, Conv1D, Conv, Embedding, quantized)."""
 
-    routes_rows = True
+    def routes_rows(self) -> bool:
+        return self.mtype.has("linear")  # routed_add works in the Linear layout (features on the last axis)
 
     def forward(self, x, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
         if self.bypass:
             return out
-        if self.task_keys and self.bank.rows is not None:
-            return self.routed(x, out)
+        rows = self.mixed_rows(x)
+        if rows is not None:  # a mixed batch of a multi-task adapter: row i takes the factors of its own task
+            return update.routed_add(out, self.drop(x), *(self.task_rows(n, rows) for n in "ABuvG"), self.scale)
         return self.up(out, self.down(x))
-
-    def routed(self, x, out):
-        """A mixed batch of a multi-task adapter: row i takes the factors of its own task (Linear-like types)."""
-        rows = self.bank.rows
-        if x.shape[0] != rows.shape[0]:
-            raise ServingError(f"a batch of {x.shape[0]} rows, but tying.adapters was given {rows.shape[0]} task "
-                               "names; give one name per row (with generate(num_beams=k), repeat each name k times)")
-        return update.routed_add(out, self.drop(x), *(self.task_rows(n, rows) for n in "ABuvG"), self.scale)
 
     def delta(self):
         """The update as a dense (d_out, d_in) matrix."""
