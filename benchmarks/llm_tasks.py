@@ -31,6 +31,7 @@ import torch
 from tying.integrations.llm import experiment, grid, parts
 from tying.integrations.llm.finetune import finetune
 from tying.integrations.llm.models import load_model
+from tying.integrations.llm.rates import write_text
 from tying.integrations.llm.report import compare
 from tying.integrations.llm.runconfig import ConfigError, load_config
 from tying.integrations.llm.stats import MARGIN, mean_std, verdict
@@ -208,9 +209,7 @@ def main(argv: list[str] | None = None) -> None:
             start = time.process_time()
             row = joint_part(cfg, want, seed, out)
             row["cpu_seconds"] = time.process_time() - start
-            tmp = f.with_name(f".{f.name}.tmp")
-            tmp.write_text(json.dumps(row, indent=1))
-            tmp.replace(f)
+            write_text(f, json.dumps(row, indent=1))
         joint[seed] = json.loads(f.read_text())
     if not joint:
         sys.exit(f"error: no finished joint seed at these settings under {out / 'parts'}")

@@ -16,6 +16,7 @@ import tying
 pytest.importorskip("transformers")
 from tying.integrations.llm import grid, parts, rates
 from tying.integrations.llm.runconfig import load_config
+from tying.integrations.meta_models import meta_model
 
 ROOT = Path(__file__).parents[1]
 _spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
@@ -206,6 +207,19 @@ def test_plan_prints_the_papers_grid_with_exact_counts(capsys):
     reproduce.main([str(PAPER), "stage=plan"])  # loads no weights: the checkpoint need not exist
     assert "| llama2-7b | tl6 | 8 | 524,544 | 5 |" in capsys.readouterr().out
 
+
+
+def test_plan_counts_a_spec_file_with_its_own_targets(tmp_path):
+    """A spec-file config is planned as it is trained (parts.spec_of: its own targets), not retargeted to q/k/v:
+    a q_proj-only TL6 counts what it trains."""
+    spec = yaml.safe_load((ROOT / "examples" / "llm_tl6.yaml").read_text())
+    spec["targets"][0]["select"] = "model.layers.{layer:#}.self_attn.{proj:q_proj}"
+    (tmp_path / "q_only.yaml").write_text(yaml.safe_dump(spec))
+    cfg = load_config(PAPER, [f"configs=[{tmp_path / 'q_only.yaml'}]", "ranks=[8]"])
+    model = meta_model("llama2-7b")
+    want = tying.count(model, tying.load_spec(str(tmp_path / "q_only.yaml"), rank=8)).trainable
+    assert {r["trainable"] for r in grid.plan_rows(cfg)} == {want}
+    assert want < tying.count(model, tying.load_spec(str(ROOT / "examples" / "llm_tl6.yaml"), rank=8)).trainable
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):

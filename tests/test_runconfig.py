@@ -236,3 +236,17 @@ def test_a_sweep_file_at_other_settings_is_not_replaced(tmp_path):
     same = load_config(CONFIGS / "seeded.yaml", [f"out={tmp_path / 'o'}", f"rates.sweep.file={shared}"])
     Rates(same).check(same)  # at its own settings the file is this sweep's: every cell has its pick
     assert Rates(same)("squad", "tl6", 8) == (0.03, "sweep")
+
+
+def test_the_sweep_table_of_paper_yaml_names_metrics_without_loading_data(tmp_path, capsys):
+    """paper.yaml (data: hf) sweeps dialogsum and hellaswag, which have no offline source: the sweep's table names
+    each task's metric from the task table, not by loading the task (that raised DataSourceError at the end of
+    every sweep, so training never started)."""
+    cfg = load_config(CONFIGS / "paper.yaml", [f"out={tmp_path}", f"rates.sweep.file={tmp_path / 'lr_sweep.json'}"])
+    results = [{"task": t, "config": "lora", "rank": 8, "lr": lr, "score": s}
+               for t in ("dialogsum", "hellaswag") for lr, s in ((1e-4, 10.0), (3e-4, 20.0))]
+    sweep_table(cfg, results)
+    table = (tmp_path / "lr_sweep.md").read_text()
+    assert f"| dialogsum ({tasks.TASKS['dialogsum'].metric}) | lora | 8 |" in table
+    assert f"| hellaswag ({tasks.TASKS['hellaswag'].metric}) | lora | 8 |" in table
+    capsys.readouterr()

@@ -19,7 +19,6 @@ from ...errors import TyingError
 from .runconfig import RunConfig
 
 TRAINING = ("steps", "n_train", "batch", "max_len", "grad_accum")  # a trained part is reused only where these match
-RUNTIME = ("device", "gradient_checkpointing", "gen_batch")  # how a part ran, not what: never compared
 
 
 class GridError(TyingError, ValueError):
@@ -78,7 +77,7 @@ def plan_rows(cfg: RunConfig) -> list[dict]:
 
     import tying
 
-    from .. import transformers as tx
+    from .parts import spec_of  # as a run adapts: presets on q/k/v, a spec file with its own targets
 
     shape = cfg.model.shape or cfg.model.name
     if Path(shape).is_dir():
@@ -94,7 +93,7 @@ def plan_rows(cfg: RunConfig) -> list[dict]:
     for _, config, rank in cells(cfg):
         if (config, rank) not in counts:
             try:
-                counts[config, rank] = tying.count(model, tx.spec(model, config, rank=rank)).trainable
+                counts[config, rank] = tying.count(model, spec_of(model, config, rank)).trainable
             except TyingError as e:
                 raise GridError(f"config {config!r} at rank {rank} on {shape}: {e}") from e
     return [{"model": Path(shape).stem if shape.endswith(".json") else shape, **{k: p[k] for k in

@@ -23,6 +23,7 @@ from .. import transformers as tx
 from . import grid, hf_data
 from .finetune import finetune, generate_answers
 from .models import BUILTIN, DTYPES, check_device, default_device, load_model, load_tokenizer, resolve, targets_hint
+from .rates import write_text
 from .runconfig import ConfigError, RunConfig
 from .tasks import default_max_new_tokens, default_metric, get_task, load_jsonl_examples
 
@@ -131,9 +132,7 @@ def run(cfg: RunConfig, rates) -> None:
         print(f"== {grid.part_name(part)}", flush=True)
         lr = None if part["config"] == "zero-shot" else rates(part["task"], part["config"], part["rank"])[0]
         row = run_part(part, out, lr=lr)
-        tmp = f.with_name(f".{f.name}.tmp")
-        tmp.write_text(json.dumps(row, indent=1))
-        tmp.replace(f)
+        write_text(f, json.dumps(row, indent=1))
         print(f"   score = {row['score']:.2f}  ({time.perf_counter() - t0:.0f} s so far)", flush=True)
 
 

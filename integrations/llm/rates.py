@@ -17,10 +17,11 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError
 
+from ...state import _atomic_write
 from . import grid
 from .runconfig import ConfigError, Rate, RunConfig, _Spec, rate_key_parts
 from .stats import next_rate
-from .tasks import get_task, load_jsonl_examples
+from .tasks import TASKS, load_jsonl_examples
 
 
 class RateTable(_Spec):
@@ -206,7 +207,7 @@ def sweep(cfg: RunConfig, rates: Rates) -> None:
                 print(new, flush=True)
                 results = [r for r in sweep_results(cfg) if (r["task"], r["config"], r.get("rank", 8), r["lr"])
                            != (task, config, rank, lr)]
-                _write(f, json.dumps({"settings": settings, "results": [*results, new]}, indent=1))
+                write_text(f, json.dumps({"settings": settings, "results": [*results, new]}, indent=1))
             scores = scores_of(sweep_results(cfg), task, config, rank)
             beyond = next_rate(best_lr(scores), up=best_lr(scores) == max(scores))
             grid_ = [beyond] if spec.extend and at_edge(scores) and not no_signal(scores) and 1e-5 <= beyond <= 1 else []
@@ -223,16 +224,14 @@ def sweep_table(cfg: RunConfig, results: list[dict]) -> None:
              "|---|---|---|" + "---|" * (len(rates) + 1)]
     for task, config, rank in dict.fromkeys((r["task"], r["config"], r.get("rank", 8)) for r in results):
         scores = scores_of(results, task, config, rank)
-        metric = get_task(task).metric if not task.endswith(".jsonl") else getattr(cfg.task(task), "metric", "score")
+        metric = TASKS[task].metric if task in TASKS else getattr(cfg.task(task), "metric", "score")
         best = "none (no signal)" if no_signal(scores) else f"{best_lr(scores):g}" + (" (edge: extend)" if at_edge(scores) else "")
         lines.append(f"| {task} ({metric}) | {config} | {rank} | " + " | ".join(
             f"{scores[lr]:.1f}" if lr in scores else "—" for lr in rates) + f" | {best} |")
-    _write(sweep_file(cfg).with_name("lr_sweep.md"), "\n".join(lines) + "\n")
+    write_text(sweep_file(cfg).with_name("lr_sweep.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def _write(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
     """Write whole or not at all (a shard reading it meanwhile sees the old file or the new one)."""
-    tmp = path.with_name(f".{path.name}.{id(text)}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ...state import _atomic_write
 from . import grid
 from .metrics import METRICS
 from .models import BUILTIN
 from .parts import is_current
-from .rates import _write, sweep_file
+from .rates import sweep_file, write_text
 from .runconfig import RunConfig
 from .stats import MARGIN, mean_std, paired_bootstrap, verdict
 from .tasks import TASKS
@@ -66,7 +67,7 @@ def write(cfg: RunConfig, rates, plots: bool = True) -> list[dict]:
     """reproduce.json, reproduce.md (score, trainable, % of LoRA, seeds, losses, budget) and the plots; the rows."""
     out, found = Path(cfg.out), rows(cfg, rates)
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "reproduce.json", json.dumps({"settings": cfg.model_dump(mode="json"), "rows": found}, indent=1))
+    write_text(out / "reproduce.json", json.dumps({"settings": cfg.model_dump(mode="json"), "rows": found}, indent=1))
     lora = {(r["task"], r["rank"]): r["trainable"] for r in found if r["config"] == "lora"}
     lines = [header(cfg, found), "",
              "| task | metric | config | rank | seed | score | trainable | % of LoRA | LR | train s |",
@@ -78,7 +79,7 @@ def write(cfg: RunConfig, rates, plots: bool = True) -> list[dict]:
                      f"{r['seconds']:.0f} |")
     swept = cfg.rates.sweep is not None and any(rates(*c)[1] == "sweep" for c in grid.cells(cfg))
     lines += seed_table(found) + loss_table(found) + hours_table(found, sweep_file(cfg) if swept else None)
-    _write(out / "reproduce.md", "\n".join(lines) + "\n")
+    write_text(out / "reproduce.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     if plots:
         plot(found, cfg)
@@ -147,9 +148,7 @@ def save(fig, title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
