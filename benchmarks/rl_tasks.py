@@ -36,6 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import rl  # benchmarks/ is not a package: rl.py's pretrained policy, environments and evaluation
 from tying.integrations import gymnasium as tg
+from tying.integrations.llm.stats import verdict
 
 import tying
 
@@ -117,16 +118,13 @@ def report(result: dict) -> str:
     lo, hi = bootstrap(diffs)
     margin = 0.1 * result["max_return"]
 
-    def verdict(low_ok: bool, high_bad: bool) -> str:
-        return "supported" if low_ok else "refuted" if high_bad else "undecided at this scale"
-
     lines += ["", (f"Trainable parameters (adapter factors and heads): separate {sep_params:,} in all "
                    f"({sep_params // len(names):,} per environment); joint {s0['joint']['trainable']:,} in all, one more "
                    f"environment adds {s0['joint']['per_task']:,}."),
               (f"Joint - separate, mean over {len(diffs)} (seed, environment) pairs: {statistics.mean(diffs):+.1f} "
               f"return, 95 % bootstrap interval [{lo:+.1f}, {hi:+.1f}]. \"Joint is no worse than separate by more than "
-              f"10 % of the maximum return ({margin:.0f})\": **{verdict(lo > -margin, hi < -margin)}**; \"joint is "
-              f"better than separate\": **{verdict(lo > 0, hi < 0)}**."),
+              f"10 % of the maximum return ({margin:.0f})\": **{verdict(lo, hi, margin)}**; \"joint is "
+              f"better than separate\": **{verdict(lo, hi)}**."),
               ("Returns of PPO adaptation vary from seed to seed far more than between methods (one seed reaches 500 "
               "where another stays at the pretrained policy's 17-22), and they change with the number of threads: "
               "the separate TL6 on the 2 m pole scored 494, 88, 225 for seeds 0-2 in benchmarks/results/rl.md "

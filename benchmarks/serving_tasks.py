@@ -40,8 +40,7 @@ from serving import MODEL, build_model, machine, summary, time_one  # benchmarks
 import tying
 from tying.bank import FactorBank
 from tying.serving import resident_bytes
-from tying.state import read_adapter, write_adapter
-from tying.tasks import task_tensors
+from tying.state import write_adapter
 
 
 def write_multitask(model, tasks: list[str], rank: int, out: Path) -> Path:
@@ -82,14 +81,7 @@ def run(args) -> dict:
     peft = None
     if peft_n:
         base = build_model()
-        spec, tensors = read_adapter(folder)
-        single_spec = spec.single_task()
-        p1 = tying.plan(base, single_spec)
-        dirs = []
-        for name in tasks[:peft_n]:  # each task as a plain LoRA, through its single-task adapter folder
-            single = write_adapter(tmp / "single" / name, single_spec,
-                                   task_tensors(spec, p1, tensors, name, {f"{g.factor}.{g.key}" for g in p1.groups}))
-            dirs.append(export_peft(base, tmp / "peft" / name, adapter=single))
+        dirs = [export_peft(base, tmp / "peft" / name, adapter=folder, task=name) for name in tasks[:peft_n]]
         peft = PeftModel.from_pretrained(base, str(dirs[0]), adapter_name=tasks[0]).eval()
         for name, d in zip(tasks[1:peft_n], dirs[1:]):
             peft.load_adapter(str(d), adapter_name=name)

@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import vision  # benchmarks/ is not a package: vision.py's backbone, data, training loop and scoring
 from tying.integrations import timm as tt
+from tying.integrations.llm.stats import verdict
 
 import tying
 
@@ -100,6 +101,11 @@ def paired_interval(a: list[str], b: list[str], n: int = 10_000) -> tuple[float,
     return 100 * d.mean(), 100 * np.percentile(means, 2.5), 100 * np.percentile(means, 97.5)
 
 
+def acc(hits: list[str]) -> list[float]:
+    """Accuracy (%) of each seed's per-image hit string."""
+    return [100 * h.count("1") / len(h) for h in hits]
+
+
 def report(result: dict) -> str:
     seeds = sorted(result["seeds"], key=int)
     rows = result["seeds"]
@@ -109,16 +115,11 @@ def report(result: dict) -> str:
     for name in SPLITS:
         sep = [rows[s]["separate"][name]["hits"] for s in seeds]
         joi = [rows[s]["joint"][name]["hits"] for s in seeds]
-
-        def acc(hs):
-            return [100 * h.count("1") / len(h) for h in hs]
-
         mean, lo, hi = paired_interval(joi, sep)
         margin = 0.1 * statistics.mean(acc(sep))
-        verdict = "supported" if lo > -margin else "refuted" if hi < -margin else "undecided at this scale"
         lines.append(f"| {name} | {statistics.mean(acc(sep)):.1f} ({', '.join(f'{a:.1f}' for a in acc(sep))}) | "
                      f"{statistics.mean(acc(joi)):.1f} ({', '.join(f'{a:.1f}' for a in acc(joi))}) | "
-                     f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}] | {verdict} |")
+                     f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}] | {verdict(lo, hi, margin)} |")
     s0 = rows[seeds[0]]
     sep_params = sum(s0["separate"][n]["trainable"] for n in SPLITS)
     lines += ["", (f"Trainable parameters (adapter factors and the 325 of a head): separate {sep_params:,} in all; "

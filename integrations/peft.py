@@ -29,7 +29,7 @@ from ..errors import AdapterFileError
 from ..planner import plan
 from ..spec import load_spec
 from ..state import _atomic_write, _want, check_tensors, read_adapter
-from ..tasks import check_task, multi_want
+from ..tasks import check_task
 
 PREFIX = "base_model.model."
 _SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
@@ -68,9 +68,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
         modules = {n: getattr(m, "base", m) for n, m in model.named_modules()}
         merged = {n for n, m in model.named_modules() if getattr(m, "merged", False)}
     else:
-        p = plan(model, spec.single_task() if task else spec)
-        want = _want(p, model)
-        check_tensors(adapter, tensors, multi_want(spec, p, want) if task else want)
+        p = plan(model, spec)
+        check_tensors(adapter, tensors, _want(p, model))
         modules = dict(model.named_modules())
     out, scale, r = Path(out_dir), spec.adapter.scale, spec.adapter.rank
     padded = next((v for v in VLLM_RANKS if v >= r), r) if pad_rank else r
@@ -80,8 +79,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
         if mt.peft is None:
             raise AdapterFileError(f"module {site.name!r} is a {mt.name}, which has no PEFT layout; it cannot be "
                                    "exported to PEFT")
-        factors = {f: tensors[f"{f}.{key}{spec.task_suffix(f, task) if task else ''}"].float()
-                   for f, key in site.keys.items()}
+        keys = site.task_keys[task] if task else site.keys
+        factors = {f: tensors[f"{f}.{key}"].float() for f, key in keys.items()}
         weight = functools.partial(_base_weight, mt, module, site.name, site.name in merged)  # only dora calls it
         down, up, extra = kind.export(factors, scale, weight)
         down = torch.cat([down, down.new_zeros(padded - r, down.shape[1])])  # zero rows and columns: the same update

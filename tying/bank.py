@@ -57,6 +57,7 @@ class FactorBank(nn.ModuleDict):
         self.rows: torch.Tensor | None = None  # (rows,) positions in spec.tasks
         self.row_count: int | None = None  # the rows a batch must have (a list of names was given)
         self.merged_task: str | None = None  # the task whose update merge_ folded into the base weights
+        self.merged_unknown = False  # sites loaded merged from a checkpoint that does not say which task's update
 
     def current_task(self) -> str:
         """The task every row of this forward uses; a clear error when none (or one per row) was named."""

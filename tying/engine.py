@@ -121,7 +121,9 @@ def _accept_plain_checkpoint(model, incompatible) -> None:
     for name, merged in pending.items():  # the load succeeded: the record holds
         model.get_submodule(name).merged = merged
     if pending:
-        bank.merged_task = getattr(bank, "pending_task", None) if any(w.merged for _, w in wrappers(model)) else None
+        merged = any(w.merged for _, w in wrappers(model))
+        bank.merged_task = getattr(bank, "pending_task", None) if merged else None
+        bank.merged_unknown = bool(bank.spec.tasks) and merged and bank.merged_task is None
     bank.pending_merged, bank.pending_task = {}, None
     ours = {k for k in incompatible.missing_keys if f"{BANK_ATTR}." in k}
     if len(ours) == len(bank.state_dict()):
@@ -147,7 +149,7 @@ def merged_task_of(model: nn.Module) -> str | None:
     """The task whose update is merged into the base weights (None: no task merged). Sites loaded merged from a
     checkpoint that does not say which task's update they hold are a clear error, never a guess."""
     bank = bank_of(model)
-    if bank.spec.tasks and bank.merged_task is None and any(w.merged for _, w in wrappers(model)):
+    if bank.merged_unknown:  # set by a load (_accept_plain_checkpoint), the one way to get there
         raise NotMergeableError(
             "the base weights hold a merged task update, but the checkpoint they were loaded from does not say which "
             f"task's (tasks: {', '.join(map(repr, bank.spec.tasks))}), so it can be neither taken out nor routed "

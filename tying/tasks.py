@@ -83,8 +83,7 @@ def route(model: nn.Module, names: str | Sequence[str]) -> Iterator[None]:
         if odd:
             raise ServingError(f"module {odd[0]!r} ({len(odd)} in all) cannot mix tasks row by row (a "
                                f"{bank.spec.adapter.kind} adapter on a {dict(wrappers(model))[odd[0]].mtype.name}: "
-                               "mixing needs a kind that routes rows: IA3, or the LoRA family on Linear-like modules); give one task "
-                               "per batch")
+                               "the kind does not route rows there, see its routes_rows()); give one task per batch")
     before = bank.task, bank.rows, bank.row_count
     bank.task, bank.rows, bank.row_count = task, rows, count
 
