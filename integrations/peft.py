@@ -16,7 +16,6 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from safetensors import SafetensorError
@@ -163,17 +162,8 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> None:
 
 
 # ---- a PEFT-native config: peft.get_peft_model(model, TyingConfig(spec="tl6", rank=8)) ----------------------------
-#
-# PEFT looks its methods up in tables keyed by the config's `peft_type`. Its `register_peft_method` accepts only the
-# names of its own enum, but the tables take any string, so `register()` puts "TYING" into them (tying.hooks calls it
-# once peft is imported, so `import tying` is enough). The tuner applies the spec with tying.apply_, so PeftModel's
-# verbs (print_trainable_parameters, save_pretrained, from_pretrained, merge_adapter, merge_and_unload,
-# disable_adapter, ...) act on a tied adapter, and its saved state dict holds each tied factor once. PEFT < 0.21
-# hard-wires its list of methods where it saves and loads state dicts, so the path needs 0.21 or newer. The tuner's
-# layers are tying's wrappers, not PEFT layers, so the config takes PeftModel's path for methods that manage their
-# own modules (``is_adaption_prompt``): disabling, adding and loading then go through the tuner.
+# lives in tying.integrations.peft_method (it imports peft); these names stay importable from here.
 
-PEFT_TYPE = "TYING"
 MIN_PEFT = (0, 21)
 
 
@@ -184,184 +174,28 @@ def _peft_version() -> tuple[int, ...]:
 
 
 def register() -> bool:
-    """Teach PEFT the TYING method (config, tuner, prefix); False (nothing done) on PEFT older than 0.21."""
+    """Teach PEFT the TYING method; False (nothing done) on PEFT older than 0.21."""
     if _peft_version() < MIN_PEFT:
         return False
-    from peft import mapping
+    import sys
 
-    config_cls, tuner_cls = _classes()
-    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = config_cls
-    mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = tuner_cls
-    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = tuner_cls.prefix
-    return True
+    module = sys.modules.get(f"{__package__}.peft_method")
+    if module is not None and not hasattr(module, "register"):
+        return True  # it is being imported (it imported peft, which called us): it registers itself when done
+    from . import peft_method
+
+    return peft_method.register()
 
 
 def __getattr__(name: str):
-    """``TyingConfig`` and ``TyingTuner``, built on first use (PEFT is an optional dependency)."""
+    """``TyingConfig`` and ``TyingTuner`` (PEFT is an optional dependency)."""
     if name in ("TyingConfig", "TyingTuner"):
         if _peft_version() < MIN_PEFT:
             raise ImportError(f"TyingConfig needs peft >= {'.'.join(map(str, MIN_PEFT))} (older versions hard-wire "
                               "their methods where they save and load); with older PEFT use tying.save_adapter and "
                               "export_peft")
-        register()
-        return globals()[name]
+        from . import peft_method
+
+        peft_method.register()
+        return getattr(peft_method, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _classes():
-    if "TyingTuner" in globals():
-        return globals()["TyingConfig"], globals()["TyingTuner"]
-    from contextlib import contextmanager
-    from dataclasses import dataclass, field
-    from typing import Any
-
-    from peft import PeftConfig
-    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-
-    from ..engine import adapters_disabled, merge_, unapply_, unmerge_
-    from ..errors import TyingError
-    from ..spec import load_spec
-
-    @dataclass
-    class TyingConfig(PeftConfig):
-        """A tied adapter as a PEFT config: ``spec`` is a preset name, a YAML path or a dict (tying's spec grammar);
-        ``rank``, ``alpha``, ``dropout`` override it; ``target_set`` retargets a preset to a transformers model's
-        ``attn_qkv`` / ``attn`` / ``mlp`` / ``all_linear`` (None: the spec's own targets). Once applied, ``spec``
-        holds the resolved spec, so a saved ``adapter_config.json`` rebuilds exactly the same adapter."""
-
-        spec: str | dict[str, Any] = field(default="tl6", metadata={"help": "preset name, YAML path or dict"})
-        rank: int | None = field(default=None, metadata={"help": "overrides the spec's rank"})
-        alpha: float | None = field(default=None, metadata={"help": "overrides the spec's alpha"})
-        dropout: float | None = field(default=None, metadata={"help": "overrides the spec's dropout"})
-        target_set: str | None = field(default=None, metadata={"help": "attn_qkv, attn, mlp or all_linear"})
-
-        def __post_init__(self):
-            super().__post_init__()
-            self.peft_type = PEFT_TYPE
-            self.tying_spec()  # a bad spec fails here, with the spec's own message
-
-        @property
-        def is_adaption_prompt(self) -> bool:  # see the comment above _classes' caller: the tuner's own modules
-            return True
-
-        def tying_spec(self, model=None):
-            """The TyingSpec this config describes (retargeted to ``model`` when ``target_set`` is given)."""
-            over = {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout}
-            if self.target_set is not None and model is not None:
-                from .transformers import targets
-
-                over["targets"] = targets(model, self.target_set)
-            return load_spec(self.spec, **over)
-
-    class TyingTuner(BaseTuner):
-        """The tuner PEFT calls for a TyingConfig: tying.apply_ on the model, one adapter per model."""
-
-        prefix = "tying_bank"
-        tuner_layer_cls = BaseTunerLayer
-        target_module_mapping: ClassVar[dict] = {}
-
-        def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False,
-                           state_dict=None):
-            if hasattr(model, "tying_bank"):
-                raise TyingError(f"adapter {adapter_name!r}: the model carries a tying adapter already, and tying "
-                                 "holds one adapter per model; use another PeftModel, or tying.load_adapters_ to serve "
-                                 "several")
-            config = self.peft_config[adapter_name]
-            spec = config.tying_spec(model)
-            apply_(model, spec)
-            self.targeted_module_names = [s.name for s in bank_of(model).plan.sites]
-            # what adapter_config.json records: the exact spec, so that loading rebuilds this adapter
-            config.spec = spec.model_dump(mode="json", exclude_defaults=True)
-            config.rank = config.alpha = config.dropout = config.target_set = None
-            if config.inference_mode:
-                bank_of(model).requires_grad_(False)
-
-        def _create_and_replace(self, *args, **kwargs):  # PEFT's per-module injection: tying applies the whole spec
-            raise NotImplementedError
-
-        @staticmethod
-        def _check_target_module_exists(peft_config, key):
-            return False
-
-        def _prepare_adapter_config(self, peft_config, model_config):
-            return peft_config
-
-        def _mark_only_adapters_as_trainable(self, model):
-            pass  # tying.apply_ froze the base (spec.freeze_base) and set each factor's own train flag
-
-        def _cast_adapter_dtype(self, adapter_name, autocast_adapter_dtype=True):
-            if autocast_adapter_dtype:  # as PEFT: half-precision adapter weights train in float32
-                for p in bank_of(self.model).parameters():
-                    if p.dtype in (torch.float16, torch.bfloat16):
-                        p.data = p.data.float()
-
-        def set_requires_grad(self, adapter_names, requires_grad=True):
-            trains = {f"{g.factor}.{g.key}": g.train for g in bank_of(self.model).plan.groups}
-            for name, p in bank_of(self.model).named_parameters():
-                p.requires_grad_(requires_grad and trains[name])
-
-        def merge_adapter(self, adapter_names=None, safe_merge=False):
-            merge_(self.model)
-
-        def unmerge_adapter(self):
-            unmerge_(self.model)
-
-        def merge_and_unload(self, progressbar=False, safe_merge=False, adapter_names=None):
-            unapply_(self.model, merge=True)
-            return self.model
-
-        def unload(self):
-            unapply_(self.model)
-            return self.model
-
-        def disable_adapter_layers(self):
-            self._disabled = adapters_disabled(self.model)
-            self._disabled.__enter__()
-
-        def enable_adapter_layers(self):
-            disabled = self.__dict__.pop("_disabled", None)
-            if disabled is not None:
-                disabled.__exit__(None, None, None)
-
-        def add_adapter(self, adapter_name, peft_config):
-            raise TyingError(f"adapter {adapter_name!r}: tying holds one adapter per model; use another PeftModel, or "
-                             "tying.load_adapters_ to serve several")
-
-        @contextmanager
-        def _temporarily_active(self, adapter_name):
-            yield
-
-        def set_adapter(self, adapter_name, inference_mode=False):
-            if adapter_name not in self.peft_config:
-                raise ValueError(f"adapter {adapter_name!r} not found; this model holds {list(self.peft_config)}")
-            self.active_adapter = adapter_name
-
-        def delete_adapter(self, adapter_name):
-            unapply_(self.model)
-            del self.peft_config[adapter_name]
-
-        @classmethod
-        def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-            return {k: v for k, v in state_dict.items() if f"{cls.prefix}." in k}  # each tied factor once
-
-        @classmethod
-        def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-            """Loading: the checkpoint's factors must be exactly the model's (PEFT itself only warns about missing
-            keys, which would leave a freshly initialised adapter), finite, of the same shapes."""
-            def ours(sd):
-                return {k.removeprefix(PREFIX): v for k, v in sd.items() if f"{cls.prefix}." in k}
-            want, got = ours(model.state_dict()), ours(state_dict)
-            missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-            wrong = [f"{k}: file {tuple(got[k].shape)} vs model {tuple(want[k].shape)}" for k in set(want) & set(got)
-                     if got[k].shape != want[k].shape]
-            if missing or extra or wrong:
-                raise AdapterFileError(f"this tied PEFT adapter does not fit the model (was it saved from another "
-                                       f"architecture?): missing {missing[:3]}, unexpected {extra[:3]}, shapes {wrong[:3]}")
-            bad = [k for k, v in got.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-            if bad:
-                raise AdapterFileError(f"this tied PEFT adapter holds NaN or infinite values in {bad[:3]}")
-            return state_dict
-
-    TyingConfig.__module__ = TyingTuner.__module__ = __name__
-    globals().update(TyingConfig=TyingConfig, TyingTuner=TyingTuner)
-    return TyingConfig, TyingTuner

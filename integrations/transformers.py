@@ -35,9 +35,9 @@ from torch import nn
 from ..engine import bank_of
 from ..errors import SelectorError, ServingError, UnsupportedModuleError
 from ..modtypes import LINEAR_LIKE, register_module_type
+from ..serving import adapters
 from ..spec import TyingSpec, load_spec
 from ..state import SPEC_FILE, adapter_tensors, load_adapter, save_adapter, write_adapter
-from ..tasks import route
 
 # family -> (qkv, attention output, mlp input(s), mlp output); each a glob under "<prefix>.<layer>."
 FAMILIES: dict[str, tuple[str, str, str, str]] = {
@@ -134,7 +134,7 @@ class AdapterCheckpoints:
                                "column (the task's name or its position in the spec's tasks)")
         names = inputs.pop(TASK_COLUMN)
         names = [self.tasks[int(n)] if not isinstance(n, str) else n for n in names]
-        return route(self.accelerator.unwrap_model(model), names)
+        return adapters(self.accelerator.unwrap_model(model), names)
 
     def training_step(self, model, inputs, *args, **kwargs):  # forward and backward; also under a subclass's loss
         if not self.tasks:

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import tying
 
 
 def _transformers():
@@ -76,10 +77,12 @@ def lm_steps(model, ids, steps: int, lr: float) -> list[float]:
 
 
 def randomize_bank(model, seed: int = 1):
-    """Give every factor non-zero values so that merge tests compare a real update."""
+    """Give every factor (of the model's only adapter, or of the bank given) non-zero values so that merge tests
+    compare a real update."""
     g = torch.Generator().manual_seed(seed)
+    bank = model if isinstance(model, tying.bank.FactorBank) else tying.bank_of(model)
     with torch.no_grad():
-        for p in model.tying_bank.parameters():
+        for p in bank.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 

@@ -125,12 +125,13 @@ def test_train_modules_are_trained_counted_and_saved(tmp_path, net_and_input):
     spec = {"targets": [{"select": "tower.{layer:#}"}], "train_modules": ["seq", "conv*"],
             "adapter": {"rank": 2, "factors": {"A": {"tie": "all", "init": {"kind": "normal", "seed": 0}},
                                                "B": {"init": "zeros"}}}}
-    c = tying.apply_(net, spec)
     extra = sum(p.numel() for m in (net.seq, net.conv1, net.conv2) for p in m.parameters())
+    c = tying.apply_(net, spec)
     assert c.modules == extra and c.trainable == 2 * 16 + 6 * 16 * 2 + extra
-    assert all(p.requires_grad for p in net.seq.parameters()) and not net.emb.weight.requires_grad
+    assert all(p.requires_grad for p in net.seq.trained.parameters()) and not net.emb.weight.requires_grad
+    assert not any(p.requires_grad for p in net.seq.base.parameters())  # the base keeps its values: disabling is exact
     with torch.no_grad():
-        net.seq.weight.add_(1.0)
+        net.seq.trained.weight.add_(1.0)
         net.tying_bank["B"]["tower:0"].fill_(0.5)
         ref = net(x)
     tying.save_adapter(net, tmp_path)

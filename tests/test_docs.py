@@ -73,7 +73,10 @@ def test_readme_starts_with_the_two_ci_commands():
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
     assert len(blocks) >= 2
     setup, tests = blocks[0], blocks[1]
-    assert setup.startswith("python3 -m venv .venv") and 'pip install -e ".[all]"' in setup
+    assert setup.startswith("python3 -m venv .venv") and 'pip install -c constraints.txt -e ".[all]"' in setup
+    locked = {line.split("==")[0].lower() for line in (ROOT / "constraints.txt").read_text().splitlines()
+              if "==" in line and not line.startswith("#")}
+    assert {"torch", "torchvision", "peft", "transformers", "pydantic"} <= locked  # the set CI tested, pinned
     assert "benchmarks/paper_params.py" in setup and "benchmarks/reproduce.py benchmarks/configs/quick.yaml" in setup
     assert tests.strip() == ". .venv/bin/activate && python -m pytest -q"
 

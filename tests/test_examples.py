@@ -47,11 +47,11 @@ def check_applied(model, spec, forward, want_trainable: int, want_groups: dict[s
     assert counts.trainable == want_trainable
     with torch.no_grad():
         assert torch.equal(forward(model), before)  # every example starts as the base model
-    bank = dict(tying.bank_of(model).named_parameters())
-    trained_modules = [p for n in spec.train_modules for p in model.get_submodule(n).parameters()]
+    bank = dict(tying.bank_of(model).named_parameters())  # the factors and the copies of the train_modules
+    assert {k.split(".")[1] for k in bank if k.startswith("trained.")} == {n.replace(".", ":") for n in spec.train_modules}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert trainable == {id(p) for p in bank.values()} | {id(p) for p in trained_modules}
-    assert sum(p.numel() for p in bank.values()) + sum(p.numel() for p in trained_modules) == want_trainable
+    assert trainable == {id(p) for p in bank.values()}
+    assert sum(p.numel() for p in bank.values()) == want_trainable
     with torch.no_grad():  # give the zero factors a value, so every factor's gradient is non-zero
         for p in bank.values():
             if not p.any():

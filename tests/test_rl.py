@@ -102,7 +102,8 @@ def test_unknown_part_and_missing_body():
 def test_plain_policy_trains_and_merges():
     model, x = ActorCritic(), torch.randn(32, 5)
     tying.apply_(model, tg.spec(model, "tl6", "both", rank=R))
-    assert all(p.requires_grad for p in model.actor[6].parameters())  # heads trained whole
+    assert all(p.requires_grad for p in model.actor[6].trained.parameters())  # heads trained whole (a copy)
+    assert not any(p.requires_grad for p in model.actor[6].base.parameters())
     assert not model.actor[0].base.weight.requires_grad
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     target = torch.randn(32, 3)

@@ -13,10 +13,11 @@ Layers, from the bottom: vocab (names and facts, no torch) -> spec -> module typ
 -> kinds (wrappers) -> engine -> tasks (routing rows of a multi-task adapter) -> state -> serving.
 """
 
+import _tying_bridges
+
 from . import errors, vocab
 from .count import count
 from .engine import adapters_disabled, apply_, bank_of, merge_, unapply_, unmerge_
-from .hooks import when_imported
 from .kinds import Kind, register_kind, unregister_kind
 from .modtypes import ModuleType, register_module_type, unregister_module_type
 from .planner import Counts, Plan, plan
@@ -24,7 +25,7 @@ from .serving import adapters, load_adapters_, unload_adapter_
 from .spec import TyingSpec, load_spec, preset_names
 from .state import load_adapter, save_adapter
 
-when_imported("peft", "tying.integrations.peft:register")  # PEFT learns the TYING method (TyingConfig) on its import
+_tying_bridges.autoload()  # PEFT learns the TYING method on its import (also done at start-up: tying-bridges.pth)
 
 __version__ = "0.1.0"
 

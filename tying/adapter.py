@@ -27,8 +27,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .errors import NotMergeableError, ServingError
+from . import route, view
+from .errors import NotMergeableError
 from .modtypes import ModuleType
+from .route import Selection
 
 
 def _identity(x):
@@ -89,12 +91,13 @@ class SiteAdapter(nn.Module):
         object.__setattr__(self, "drop", self.dropout or _identity)  # a plain alias: no branch per call
         self.share: SharedDown | None = None  # set by link_shared_down
         self.merged = False
-        self.disabled = False  # set by tying.adapters_disabled (PEFT's disable_adapter): the base alone
+        self.disabled = False  # this site computes its base alone (PEFT's per-layer enable_adapters(False))
         # checkpoints see the unchanged base: ``q_proj.weight``, never ``q_proj.base.weight``
         self.register_state_dict_post_hook(_base_keys_out)
         self.register_load_state_dict_pre_hook(_base_keys_in)
 
-    tying_site = True  # marks wrappers for the planner, which imports no runtime class
+    tying_site = True  # marks site wrappers for code that imports no runtime class
+    tying_wraps = True  # wraps its child ``base`` (tying.view)
     shares_down = True  # a kind whose sites read ``h`` of project() may share it between siblings
     no_merge = "this adapter kind has no merged form; keep it unmerged"  # the reason, for kinds without merge()
 
@@ -109,25 +112,90 @@ class SiteAdapter(nn.Module):
                 raise
             return getattr(base, name)
 
+    def selection(self, x: torch.Tensor | None = None) -> Selection | None:
+        """What this forward computes: None for the base alone (the update is merged, the adapter disabled, or the
+        call's route leaves it out), else a :class:`~tying.route.Selection`: ``route.ALL`` (every row, the adapter's
+        one task) or, for a kind that :meth:`routes_rows`, some rows or a task per row. A batch ``x`` whose rows do not
+        fit the route is a clear error."""
+        sel = route.current(self.bank)
+        if sel is None:
+            return None if self.merged or self.disabled or not self.bank.active else route.ALL
+        if sel.off:
+            return None
+        if x is not None and sel.count is not None:
+            route.check_rows(sel, x.shape[0])
+        return sel
+
     @property
     def bypass(self) -> bool:
-        """Whether the forward is the base module's alone: the update is merged into its weight, or disabled. A
-        kind's forward returns the base output when it is set."""
-        return self.merged or self.disabled
+        """Whether the forward is the base module's alone (see :meth:`selection`). A kind's forward returns the base
+        output when it is set."""
+        return self.selection() is None
+
+    # PEFT's BaseTunerLayer protocol (tying.integrations.peft_method registers SiteAdapter as one), so that PEFT's and
+    # transformers' status, checks and switches see a tying site as one layer of its adapter
+    adapter_layer_names = other_param_names = ()  # the factors live in the bank, never in a layer
+
+    # (active, merged and available adapters are the model's: PEFT sets and reads them for every layer alike)
+    @property
+    def active_adapters(self) -> list[str]:
+        return [n for n, b in self.bank.family().items() if b.active]
+
+    @property
+    def active_adapter(self) -> list[str]:
+        return self.active_adapters
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self.disabled
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return [n for n, b in self.bank.family().items() if b.merged]
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.bank.family())
+
+    _all_available_adapter_names = _get_available_adapters
+
+    @property
+    def in_features(self) -> int:
+        return self.mtype.dims(view.unwrap(self))[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.mtype.dims(view.unwrap(self))[1]
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if not enabled and self.merged:  # its weight holds the update: disabled, it would not be the base
+            raise NotMergeableError("this site's update is merged into its weight; unmerge the adapter before "
+                                    "disabling it")
+        self.disabled = not enabled
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        self.bank.active = self.bank.name in ([adapter_names] if isinstance(adapter_names, str) else adapter_names)
+
+    def get_base_layer(self) -> nn.Module:
+        """The base module under this and any other wrappers."""
+        return view.unwrap(self)
 
     def routes_rows(self) -> bool:
-        """Whether this site's forward mixes the tasks of a multi-task adapter row by row (a kind that can says so
-        for the module types it can); otherwise every row of a batch takes one task."""
+        """Whether this site's forward can take a mixed selection (some rows of the batch only, or the tasks of a
+        multi-task adapter row by row); otherwise every row of a batch takes the adapter and one task."""
         return False
 
-    def mixed_rows(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Each row's position in the spec's tasks while a mixed batch is routed (None: one task for the batch); a
-        clear error when the batch ``x`` has another number of rows."""
-        rows = self.bank.rows if self.task_keys else None
-        if rows is not None and x.shape[0] != rows.shape[0]:
-            raise ServingError(f"a batch of {x.shape[0]} rows, but tying.adapters was given {rows.shape[0]} task "
-                               "names; give one name per row (with generate(num_beams=k), repeat each name k times)")
-        return rows
+    def per_row(self, name: str, sel: Selection, n: int, fill: float) -> torch.Tensor | None:
+        """The factor ``name`` for a forward of ``n`` rows: the one tensor where every row takes the same, else one
+        per row (a leading row axis) gathered with gradients to each task's copy; rows the selection leaves out get
+        ``fill`` (the factor's neutral value)."""
+        if not sel.mixed:
+            return self.factor(name)
+        f = self.factor(name) if sel.tasks is None else self.task_rows(name, sel.tasks)
+        if f is None or sel.rows is None:
+            return f
+        rows = sel.on(sel.rows, f.device)
+        f = f.expand(rows.shape[0], *f.shape) if sel.tasks is None else f
+        return f.new_full((n, *f.shape[1:]), fill).index_copy(0, rows, f)
 
     def factor(self, name: str) -> torch.Tensor | None:
         """The factor ``name`` of this site (of the batch's task, for a multi-task adapter), or None when the spec
@@ -184,6 +252,13 @@ class SiteAdapter(nn.Module):
                 f"the base is a quantized {self.mtype.name}: merging decodes its weight, adds the update and "
                 "re-encodes it, which loses precision (docs/quantized.md measures how much). Keep the adapter "
                 "unmerged, or ask for it explicitly: tying.merge_(model, dequantize=True)")
+
+    def merged_preview(self, sign: int = 1) -> list[torch.Tensor]:
+        """What ``merge(sign)`` would write (the weight, and anything else the kind changes), computed aside, for a
+        safe merge to check first. The LoRA family's: the weight plus the dense delta; a kind with another merge
+        overrides it."""
+        weight = self.mtype.weight(self.base).detach().float()
+        return [weight + sign * self.delta().detach().float()]
 
     def merge(self, sign: int = 1) -> None:
         """Fold (sign=1) or unfold (sign=-1) the update into the base weight; a kind that merges defines it."""

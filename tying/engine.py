@@ -1,8 +1,15 @@
 """The only mutation: ``apply_`` swaps wrappers in and attaches the bank; ``merge_``, ``unmerge_`` and
-``unapply_`` undo or fold it. All checks happen in :func:`tying.planner.plan` first."""
+``unapply_`` undo or fold it. All checks happen in :func:`tying.planner.plan` first.
+
+A model may carry several adapters: the unnamed one (``apply_(model, spec)``, factors under ``tying_bank``) and named
+ones (``apply_(model, spec, name="b")``, factors under ``tying_adapters.b``). Each has its own bank and wrappers; a
+second adapter on a module wraps the first one's wrapper (:mod:`tying.view`), so their updates add up. Every verb
+takes ``name=``; without it, it acts on the model's only adapter.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Union
@@ -10,14 +17,17 @@ from typing import Union
 import torch
 from torch import nn
 
-from . import kinds, modtypes
+from . import kinds, modtypes, route
 from .adapter import SiteAdapter, link_shared_down
-from .bank import FactorBank
+from .bank import AdapterBanks, FactorBank
 from .errors import AlreadyAppliedError, NotAppliedError, NotMergeableError, TyingError
-from .planner import BANK_ATTR, SERVING_ATTR, Counts, Plan, plan
+from .planner import Counts, Plan, plan
 from .spec import TyingSpec, load_spec
+from .trained import TrainedModule
+from .view import ADAPTERS_ATTR, BANK_ATTR, SERVING_ATTR, named_base_modules, occupant, remove_wrapper, slot, unwrap
 
 SpecLike = Union[TyingSpec, dict, str]
+_ONLY = object()  # name= left out: the model's only adapter
 
 
 def _as_plan(model: nn.Module, spec: SpecLike | Plan) -> Plan:
@@ -29,126 +39,200 @@ def _as_plan(model: nn.Module, spec: SpecLike | Plan) -> Plan:
     return fresh
 
 
+def banks(model: nn.Module) -> dict[str | None, FactorBank]:
+    """Every adapter the model carries: name (None: the unnamed one) -> its bank."""
+    out = {}
+    bank = getattr(model, BANK_ATTR, None)
+    if isinstance(bank, FactorBank):
+        out[None] = bank
+    named = getattr(model, ADAPTERS_ATTR, None)
+    if named is not None:
+        out.update(named.items())
+    return out
+
+
+def bank_of(model: nn.Module, name: str | None = _ONLY) -> FactorBank:  # type: ignore[assignment]
+    """The bank of the adapter ``name`` (None: the unnamed one; left out: the model's only adapter), or a clear
+    error (NotAppliedError when the model carries none)."""
+    have = banks(model)
+    if name is _ONLY:
+        if len(have) == 1:
+            return next(iter(have.values()))
+        if not have:
+            raise NotAppliedError("the model carries no tying adapter; call tying.apply_(model, spec) first")
+        raise TyingError(f"the model carries several adapters ({_names(have)}); say which: name=...")
+    if name not in have:
+        which = "the unnamed adapter" if name is None else f"adapter {name!r}"
+        raise NotAppliedError(f"the model carries no {which}; it carries {_names(have) or 'none'}")
+    return have[name]
+
+
+def _names(have) -> str:
+    return ", ".join("the unnamed one" if n is None else repr(n) for n in have)
+
+
+def wrappers(model: nn.Module, bank: FactorBank | None = None) -> Iterator[tuple[str, SiteAdapter]]:
+    """(site name, wrapper) for every adapted site of ``bank``'s adapter (of the model's only adapter when
+    ``bank`` is None)."""
+    bank = bank_of(model) if bank is None else bank
+    for site in bank.plan.sites:
+        module = occupant(model, site.name)
+        while module is not None and getattr(module, "bank", None) is not bank:
+            module = module._modules.get("base") if getattr(type(module), "tying_wraps", False) else None
+        if module is not None:
+            yield site.name, module
+
+
+def _trained(model: nn.Module, bank: FactorBank) -> Iterator[tuple[str, TrainedModule]]:
+    """(name, wrapper) of every module ``bank``'s adapter trains whole."""
+    for name in bank.plan.train_modules:
+        module = occupant(model, name)
+        while getattr(module, "bank", None) is not bank:
+            module = module._modules["base"]
+        yield name, module
+
+
+def _check_room(model: nn.Module, p: Plan, name: str | None) -> None:
+    """A new adapter ``name`` fits beside the ones the model carries: a free name, and no module that one adapter
+    trains whole is adapted or trained by another."""
+    if getattr(model, SERVING_ATTR, None) is not None:
+        raise AlreadyAppliedError("the model serves adapters (tying.load_adapters_): their rows would get this "
+                                  "adapter's update too. Unload them first (tying.unload_adapter_), or apply to "
+                                  "another copy of the base")
+    have = banks(model)
+    if name in have:
+        raise AlreadyAppliedError("the model already carries a tying adapter; call tying.unapply_(model) first"
+                                  if name is None else f"the model carries an adapter named {name!r} already; "
+                                  f"unapply it first (tying.unapply_(model, name={name!r})) or choose another name")
+    if name is not None and (not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name)):
+        raise TyingError(f"an adapter name is a non-empty string without dots that is not an attribute of a module "
+                         f"(such as 'training' or 'keys'); got {name!r}")
+    for other, bank in have.items():  # a module trained whole copies its insides: no other adapter's site there
+        for mine, theirs in ((p.train_modules, [s.name for s in bank.plan.sites]),
+                             ([s.name for s in p.sites], bank.plan.train_modules)):
+            clash = [m for m in mine for t in theirs if m == t or m.startswith(t + ".") or t.startswith(m + ".")]
+            if clash:
+                raise AlreadyAppliedError(
+                    f"module {clash[0]!r} is trained whole by one adapter and adapted (or holds a site adapted) by "
+                    f"another ({'the unnamed one' if other is None else repr(other)}); train it whole in both, or "
+                    "adapt it in both")
+
+
 def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | str | None = None,
-           dtype: torch.dtype | None = None) -> Counts:
+           dtype: torch.dtype | None = None, name: str | None = None) -> Counts:
     """Adapt ``model`` in place from a spec (or a plan made for this model); return the counts.
 
     Factors live on the device of their first member and in the dtype its module type gives factors (the
     weight's; float32 on quantized bases) unless ``device``/``dtype`` are given. With ``spec.freeze_base`` (the
     default) every base parameter is frozen, except those of ``spec.train_modules``; ``unapply_`` restores the
-    original ``requires_grad`` flags and the train_modules' values.
+    original ``requires_grad`` flags and the train_modules' values. ``name`` adds a named adapter beside the ones
+    the model carries (its updates add to theirs while both are enabled; ``tying.adapters`` routes rows to one).
     """
-    if getattr(model, SERVING_ATTR, None) is not None:
-        raise AlreadyAppliedError("the model serves adapters (tying.load_adapters_): their rows would get this "
-                                  "adapter's update too. Unload them first (tying.unload_adapter_), or apply to "
-                                  "another copy of the base")
     p = _as_plan(model, spec)
-    modules = dict(model.named_modules())
+    _check_room(model, p, name)
+    bases = dict(named_base_modules(model))
     types = {s.name: modtypes.module_type(s.kind) for s in p.sites}
     first = {}
     for site in p.sites:
-        module = modules[site.name]
+        module = bases[site.name]
         place = (torch.device(device) if device else next(module.parameters()).device,
                  dtype or types[site.name].factor_dtype(module))
         for keys in (site.keys, *site.task_keys.values()):
             for factor, key in keys.items():
                 first.setdefault((factor, key), place)
-    bank = FactorBank(p, first)  # allocation may fail; the model is still untouched
-    bank.modules_before = {n: {k: v.detach().clone() for k, v in model.get_submodule(n).state_dict().items()}
-                           for n in p.train_modules}  # unapply_ puts their values back
+    bank = FactorBank(p, first, name, {n: bases[n] for n in p.train_modules})  # may fail: the model is untouched
     a = p.spec.adapter
     wrapper = kinds.get(a.kind).wrapper
-    wrappers = {s.name: wrapper(modules[s.name], bank, s.keys, a.scale, a.dropout, types[s.name]) for s in p.sites}
+    wrappers_ = {s.name: wrapper(occupant(model, s.name), bank, s.keys, a.scale, a.dropout, types[s.name])
+                 for s in p.sites}
     for s in p.sites if p.spec.tasks else ():
-        wrappers[s.name].set_task_keys(s.task_keys)
+        wrappers_[s.name].set_task_keys(s.task_keys)
+    trained = {n: TrainedModule(occupant(model, n), bank, n) for n in p.train_modules}
+    bank.mixes_rows = tuple(n for n, w in wrappers_.items() if not w.routes_rows())
     # From here on nothing can fail: mutate.
-    bank.requires_grad_before = {n: q.requires_grad for n, q in model.named_parameters()}
+    bank.requires_grad_before = {n: q.requires_grad for n, q in named_base_parameters(model)}
     if p.spec.freeze_base:
-        for q in model.parameters():
+        for _, q in named_base_parameters(model):
             q.requires_grad_(False)
-    for name in p.train_modules:
-        model.get_submodule(name).requires_grad_(True)
-    setattr(model, BANK_ATTR, bank)
-    for name, w in wrappers.items():
-        model.set_submodule(name, w)
+    for n, t in trained.items():
+        setattr(*slot(model, n), t)
+    if name is None:
+        setattr(model, BANK_ATTR, bank)
+    else:
+        if getattr(model, ADAPTERS_ATTR, None) is None:
+            setattr(model, ADAPTERS_ATTR, AdapterBanks())
+        getattr(model, ADAPTERS_ATTR)[name] = bank
+    for n, w in wrappers_.items():
+        setattr(*slot(model, n), w)
         w.attach()
-    bank.hooks = [model.register_state_dict_post_hook(_record_merge),
-                  model.register_load_state_dict_pre_hook(_read_merge_record),
-                  model.register_load_state_dict_post_hook(_accept_plain_checkpoint),
-                  *link_shared_down(model, wrappers)]  # q, k, v with one A and one input: A x once per forward
+    bank.hooks = [model.register_state_dict_post_hook(functools.partial(_record_merge, name)),
+                  model.register_load_state_dict_pre_hook(functools.partial(_read_merge_record, name)),
+                  model.register_load_state_dict_post_hook(functools.partial(_accept_plain_checkpoint, name)),
+                  model.register_forward_pre_hook(route.RowCheck(bank), with_kwargs=True),
+                  *link_shared_down(model, wrappers_)]  # q, k, v with one A and one input: A x once per forward
     return p.counts
 
 
-MERGED_KEY = f"{BANK_ATTR}.merged"  # in the state_dict of a model with merged sites: which ones (plan order)
-MERGED_TASK_KEY = f"{BANK_ATTR}.merged_task"  # and, for a multi-task adapter, whose update: its name, UTF-8
+RECORD = ("merged", "merged_task")  # the merge record's keys under a bank's path in the model's state_dict
 
 
-def _record_merge(model, state_dict, prefix, local_metadata) -> None:
-    """state_dict post-hook of an adapted root: while sites are merged, their base weights hold the update; record
-    which, so that loading the checkpoint into an adapted model marks them merged instead of adding it twice."""
-    sites = [w for _, w in wrappers(model)]
-    if any(w.merged for w in sites):
-        state_dict[prefix + MERGED_KEY] = torch.tensor([w.merged for w in sites], dtype=torch.uint8)
-        bank = bank_of(model)
-        if bank.merged_task is not None:
-            state_dict[prefix + MERGED_TASK_KEY] = torch.tensor(list(bank.merged_task.encode()), dtype=torch.uint8)
+def _record_merge(name, model, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook of an adapted root: the merge record. Merged sites' base weights hold the update; the
+    record says which (``<bank>.merged``, one flag per site) and whose (``<bank>.merged_task``, a multi-task
+    adapter's task name in UTF-8, empty for none), so that loading the checkpoint into an adapted model marks them
+    merged instead of adding the update twice. Always present, so merging does not change the state_dict's keys."""
+    bank = banks(model).get(name)
+    if bank is None:
+        return
+    flags = [w.merged for _, w in wrappers(model, bank)]
+    device = next(iter(bank.parameters())).device  # where the model is: its state_dict's tensors all are there
+    state_dict[f"{prefix}{bank.path}.merged"] = torch.tensor(flags, dtype=torch.uint8, device=device)
+    task = list((bank.merged_task or "").encode()) if any(flags) else []
+    state_dict[f"{prefix}{bank.path}.merged_task"] = torch.tensor(task, dtype=torch.uint8, device=device)
 
 
-def _read_merge_record(model, state_dict, prefix, *args) -> None:
+def _read_merge_record(name, model, state_dict, prefix, *args) -> None:
     """load_state_dict pre-hook of an adapted root: each site whose base weight the checkpoint holds will be
     merged exactly when the checkpoint says so (a plain checkpoint holds unmerged weights)."""
-    record = state_dict.pop(prefix + MERGED_KEY, None)
-    task = state_dict.pop(prefix + MERGED_TASK_KEY, None)
-    bank = bank_of(model)
-    names = [n for n, _ in wrappers(model)]
+    bank = banks(model).get(name)
+    if bank is None:
+        return
+    record = state_dict.pop(f"{prefix}{bank.path}.merged", None)
+    task = state_dict.pop(f"{prefix}{bank.path}.merged_task", None)
+    names = [n for n, _ in wrappers(model, bank)]
     flags = [False] * len(names) if record is None else [bool(f) for f in record.tolist()]
     if len(flags) != len(names):
         flags = [False] * len(names)  # a record of another adapter: its weights cannot be told apart; unmerged
-    bank.pending_merged = {n: f for n, f in zip(names, flags)
-                           if any(prefix + n + k in state_dict for k in (".weight", ".base.weight"))}
-    task = bytes(task.tolist()).decode(errors="replace") if task is not None and task.dim() == 1 else None
-    bank.pending_task = task if task in (bank.spec.tasks or ()) else None  # unknown: merged_task_of refuses to guess
+    pending = {n: f for n, f in zip(names, flags) if any(prefix + n + k in state_dict for k in (".weight", ".base.weight"))}
+    task = bytes(task.tolist()).decode(errors="replace") if task is not None and task.numel() else None
+    bank.pending = (pending, task if task in (bank.spec.tasks or ()) else None)  # unknown: merged_task_of refuses
 
 
-def _accept_plain_checkpoint(model, incompatible) -> None:
+def _accept_plain_checkpoint(name, model, incompatible) -> None:
     """load_state_dict post-hook of an adapted root: a checkpoint without any factor (a plain base checkpoint)
     loads with the factors kept as they are and not reported missing; one with only some factors reports
     the others. (A missing base key stays torch's own error.)"""
-    bank = getattr(model, BANK_ATTR, None)
-    if not isinstance(bank, FactorBank):
+    bank = banks(model).get(name)
+    if bank is None:
         return
-    pending = getattr(bank, "pending_merged", {})
-    for name, merged in pending.items():  # the load succeeded: the record holds
-        model.get_submodule(name).merged = merged
+    pending, task = bank.pending
+    found = dict(wrappers(model, bank))
+    for site, merged in pending.items():  # the load succeeded: the record holds
+        found[site].merged = merged
     if pending:
-        merged = any(w.merged for _, w in wrappers(model))
-        bank.merged_task = getattr(bank, "pending_task", None) if merged else None
+        merged = bank.merged = any(w.merged for w in found.values())
+        bank.merged_task = task if merged else None
         bank.merged_unknown = bool(bank.spec.tasks) and merged and bank.merged_task is None
-    bank.pending_merged, bank.pending_task = {}, None
-    ours = {k for k in incompatible.missing_keys if f"{BANK_ATTR}." in k}
+    bank.pending = ({}, None)
+    ours = {k for k in incompatible.missing_keys if k.startswith(bank.path + ".") or f".{bank.path}." in k}
     if len(ours) == len(bank.state_dict()):
         incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in ours]
 
 
-def bank_of(model: nn.Module) -> FactorBank:
-    """The model's FactorBank, or NotAppliedError."""
-    bank = getattr(model, BANK_ATTR, None)
-    if not isinstance(bank, FactorBank):
-        raise NotAppliedError("the model carries no tying adapter; call tying.apply_(model, spec) first")
-    return bank
-
-
-def wrappers(model: nn.Module) -> Iterator[tuple[str, SiteAdapter]]:
-    """(name, wrapper) for every adapted site of the model."""
-    for name, m in model.named_modules():
-        if isinstance(m, SiteAdapter):
-            yield name, m
-
-
-def merged_task_of(model: nn.Module) -> str | None:
+def merged_task_of(model: nn.Module, name: str | None = _ONLY) -> str | None:  # type: ignore[assignment]
     """The task whose update is merged into the base weights (None: no task merged). Sites loaded merged from a
     checkpoint that does not say which task's update they hold are a clear error, never a guess."""
-    bank = bank_of(model)
+    bank = bank_of(model, name)
     if bank.merged_unknown:  # set by a load (_accept_plain_checkpoint), the one way to get there
         raise NotMergeableError(
             "the base weights hold a merged task update, but the checkpoint they were loaded from does not say which "
@@ -157,14 +241,19 @@ def merged_task_of(model: nn.Module) -> str | None:
     return bank.merged_task
 
 
-def _merge_task(model: nn.Module, sign: int, task: str | None) -> str | None:
+def is_merged(model: nn.Module, bank: FactorBank) -> bool:
+    """Whether ``bank``'s adapter is merged into the base weights."""
+    return bank.merged
+
+
+def _merge_task(model: nn.Module, bank: FactorBank, sign: int, task: str | None) -> str | None:
     """The task whose update merge_ (sign 1) folds in or unmerge_ takes out; None for a single-task adapter."""
-    tasks = bank_of(model).spec.tasks
+    tasks = bank.spec.tasks
     if not tasks:
         if task is not None:
             raise TyingError(f"task={task!r}: the adapter has no tasks; merge it without task=")
         return None
-    merged = merged_task_of(model)
+    merged = merged_task_of(model, bank.name)
     if sign < 0 and merged is None:
         return None  # nothing merged: nothing to take out
     if sign < 0:
@@ -184,14 +273,14 @@ def _merge_task(model: nn.Module, sign: int, task: str | None) -> str | None:
     return task
 
 
-def _merge_all(model: nn.Module, sign: int, dequantize: bool = False, task: str | None = None) -> None:
+def _merge_all(model: nn.Module, bank: FactorBank, sign: int, dequantize: bool = False, task: str | None = None,
+               safe: bool = False) -> None:
     """merge_ / unmerge_: every site is checked first, so a refusal changes no weight."""
-    bank = bank_of(model)
-    if bank.rows is not None or bank.task is not None:
+    if route.is_routed(bank):
         raise NotMergeableError("merge_/unmerge_ inside a tying.adapters block: leave the block first")
-    task = _merge_task(model, sign, task)
+    task = _merge_task(model, bank, sign, task)
     facts = bank.spec.adapter.facts
-    todo = [(name, w) for name, w in wrappers(model) if w.merged != (sign > 0)]
+    todo = [(name, w) for name, w in wrappers(model, bank) if w.merged != (sign > 0)]
     for name, w in todo:
         if not facts.mergeable:
             raise NotMergeableError(f"module {name!r}: {w.no_merge}")
@@ -200,70 +289,96 @@ def _merge_all(model: nn.Module, sign: int, dequantize: bool = False, task: str 
         except NotMergeableError as e:
             raise NotMergeableError(f"module {name!r}: {e}") from None
     owners: dict[int, list[str]] = {}  # parameter -> every name it has in the model (tied weights: several)
-    for pname, q in model.named_parameters(remove_duplicate=False):
+    for pname, q in named_base_parameters(model):
         owners.setdefault(id(q), []).append(pname)
     for name, w in todo:
-        weight = getattr(w.base, "weight", None)
+        weight = getattr(w, "weight", None)
         others = [o for o in owners.get(id(weight), []) if not o.startswith(f"{name}.")]
         if others:
             raise NotMergeableError(
                 f"module {name!r} shares its weight with {others[:3]} (tied weights, e.g. input embeddings and "
                 "lm_head): merging would change them too. Keep the adapter unmerged, or untie the weights first")
-    bank.task = task  # factor() of a multi-task site reads it
-    try:
+    with route.routed({bank: route.Selection(task=task)}):  # factor() of a multi-task site reads the task
+        if safe:
+            _check_finite(todo, sign)
         for _, w in todo:
             w.merge(sign)
-    finally:
-        bank.task = None
+    bank.merged = sign > 0
     bank.merged_task = task if sign > 0 else None
+
+
+def _check_finite(todo, sign: int) -> None:
+    """A safe merge: every merged weight would be finite (PEFT's ``safe_merge``), checked on a copy first."""
+    for name, w in todo:
+        if not all(torch.isfinite(t).all() for t in w.merged_preview(sign)):
+            raise NotMergeableError(f"module {name!r}: merging would give NaN or infinite weights (the adapter's "
+                                    "factors, the base's bias or the sum hold such values); nothing was merged")
+
+
+def named_base_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(logical name, parameter) of the base model, every name of a shared parameter included."""
+    for mname, module in named_base_modules(model, remove_duplicate=False):
+        for pname, q in module._parameters.items():
+            if q is not None:
+                yield (f"{mname}.{pname}" if mname else pname), q
 
 
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Within the block the model computes its base alone (the adapter stays applied, its factors untouched), as
-    PEFT's ``disable_adapter()``; a merged adapter cannot be disabled (its update is in the weights)."""
-    sites = [w for _, w in wrappers(model)] if bank_of(model) is not None else []
-    if any(w.merged for w in sites):
-        raise NotMergeableError("the adapter is merged into the base weights, so it cannot be disabled; call "
-                                "tying.unmerge_(model) first")
-    before = [w.disabled for w in sites]
-    for w in sites:
-        w.disabled = True
-    try:
+    """Within the block the model computes its base alone (the adapters stay applied, their factors untouched; the
+    modules a spec trains whole answer with their original values), as PEFT's ``disable_adapter()``. It belongs to
+    the call (other threads are not affected). A merged adapter cannot be disabled (its update is in the weights)."""
+    have = banks(model)
+    for name, bank in have.items():
+        if is_merged(model, bank):
+            raise NotMergeableError(f"the adapter{'' if name is None else f' {name!r}'} is merged into the base "
+                                    "weights, so it cannot be disabled; call tying.unmerge_(model) first")
+    with route.routed(dict.fromkeys(have.values(), route.OFF)):
         yield
-    finally:
-        for w, d in zip(sites, before):
-            w.disabled = d
 
 
-def merge_(model: nn.Module, *, dequantize: bool = False, task: str | None = None) -> None:
+def merge_(model: nn.Module, *, dequantize: bool = False, task: str | None = None, name: str | None = _ONLY,
+           safe: bool = False) -> None:  # type: ignore[assignment]
     """Fold every site's update into its base weight in place; forward then skips the adapter.
     Kinds without a merged form (bottleneck, prefix) raise NotMergeableError before any weight changes, and so
     does a quantized base unless ``dequantize=True`` (decode the weight, add, re-encode: lossy). A multi-task
-    adapter folds in the update of one ``task``."""
-    _merge_all(model, +1, dequantize, task)
+    adapter folds in the update of one ``task``. ``safe=True`` first checks that every merged weight is finite."""
+    _merge_all(model, bank_of(model, name), +1, dequantize, task, safe)
 
 
-def unmerge_(model: nn.Module, *, dequantize: bool = False, task: str | None = None) -> None:
+def unmerge_(model: nn.Module, *, dequantize: bool = False, task: str | None = None,
+             name: str | None = _ONLY) -> None:  # type: ignore[assignment]
     """Subtract what ``merge_`` added (with the factors as they are now)."""
-    _merge_all(model, -1, dequantize, task)
+    _merge_all(model, bank_of(model, name), -1, dequantize, task)
 
 
-def unapply_(model: nn.Module, merge: bool = False, *, dequantize: bool = False, task: str | None = None) -> None:
+def unapply_(model: nn.Module, merge: bool = False, *, dequantize: bool = False, task: str | None = None,
+             name: str | None = _ONLY) -> None:  # type: ignore[assignment]
     """Put the original modules back and remove the bank. With ``merge=True`` the update is kept,
     folded into the base weights (of one ``task``, for a multi-task adapter); otherwise the base weights are as
     before ``apply_``."""
-    bank = bank_of(model)
-    (merge_ if merge else unmerge_)(model, dequantize=dequantize, task=task)
-    for name, w in list(wrappers(model)):
+    bank = bank_of(model, name)
+    _merge_all(model, bank, +1 if merge else -1, dequantize, task)
+    for site, w in list(wrappers(model, bank)):
         w.detach()
-        model.set_submodule(name, w.base)
-    if not merge:  # the train_modules' values as before apply_ (a loaded adapter may have replaced them)
-        for name, state in bank.modules_before.items():
-            model.get_submodule(name).load_state_dict(state)
-    delattr(model, BANK_ATTR)
+        remove_wrapper(model, site, w)
+    for n, t in list(_trained(model, bank)):
+        if merge:  # the trained copy's values become the module's
+            with torch.no_grad():
+                for (_, b), (_, c) in zip(unwrap(t).state_dict(keep_vars=True).items(),
+                                          t.trained.state_dict(keep_vars=True).items()):
+                    b.copy_(c)
+        remove_wrapper(model, n, t)
+        t.attached = False
+    if bank.name is None:
+        delattr(model, BANK_ATTR)
+    else:
+        named = getattr(model, ADAPTERS_ATTR)
+        del named[bank.name]
+        if not len(named):
+            delattr(model, ADAPTERS_ATTR)
     for hook in bank.hooks:
         hook.remove()
-    for n, q in model.named_parameters():
+    for n, q in named_base_parameters(model):
         if n in bank.requires_grad_before:
             q.requires_grad_(bank.requires_grad_before[n])

@@ -217,8 +217,8 @@ def _conv(module):
 
 def _conv_down(module, x, A, u, G):
     A = update.fold_down(A, u, G).to(x.dtype)
-    return _conv(module)(x, A.view(A.shape[0], module.in_channels, *module.kernel_size), None,
-                         module.stride, module.padding, module.dilation)
+    # the base's own convolution (stride, padding and its mode, dilation) with A as its kernel
+    return module._conv_forward(x, A.view(A.shape[0], module.in_channels, *module.kernel_size), None)
 
 
 def _conv_up(module, out, h, B, v, scale):
@@ -227,10 +227,10 @@ def _conv_up(module, out, h, B, v, scale):
 
 
 def _conv_check(name, module):
-    if module.groups != 1 or module.padding_mode != "zeros":
+    if module.groups != 1:
         raise UnsupportedModuleError(
-            f"module {name!r} ({type(module).__name__}) has groups={module.groups}, padding_mode="
-            f"{module.padding_mode!r}; tying adapts convolutions with groups=1 and zero padding only")
+            f"module {name!r} ({type(module).__name__}) has groups={module.groups}; tying adapts convolutions with "
+            "groups=1 only")
 
 
 def _conv_weight(module):

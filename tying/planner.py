@@ -9,12 +9,10 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from . import modtypes, vocab
-from .errors import AlreadyAppliedError, ConflictError, SelectorError, SpecError, TieError, UnsupportedModuleError
+from .errors import ConflictError, SelectorError, SpecError, TieError, UnsupportedModuleError
 from .selectors import closest_names, compile_selector, fullmatch
 from .spec import Adapter, Factor, TyingSpec
-
-BANK_ATTR = "tying_bank"
-SERVING_ATTR = "tying_serving"  # the store of adapters served in mixed batches (tying.serving)
+from .view import BANK_ATTR, SERVING_ATTR, named_base_modules  # noqa: F401  (BANK_ATTR, SERVING_ATTR: re-exported)
 
 
 @dataclass(frozen=True)
@@ -180,18 +178,17 @@ def group_key(name: str, match, factor: Factor, shape: tuple[int, ...]) -> str:
 
 
 def plan(model: nn.Module, spec: TyingSpec) -> Plan:
-    """Select sites, resolve tie groups and check shapes; never modifies ``model``."""
-    if hasattr(model, BANK_ATTR) or any(getattr(type(m), "tying_site", False) for m in model.modules()):
-        raise AlreadyAppliedError("the model already carries a tying adapter; call tying.unapply_(model) first")
+    """Select sites, resolve tie groups and check shapes; never modifies ``model``. A model that carries adapters
+    already is planned as its base (:mod:`tying.view`): another adapter may stack on the same modules."""
     if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         raise UnsupportedModuleError(f"the root is an nn.{type(model).__name__}: the bank would become one of its "
                                      "layers; wrap it in an nn.Module first")
-    mha_children = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
-                    for c, _ in m.named_children()}
-    named = [(n, m) for n, m in model.named_modules() if n]
+    mha_children = {f"{n}.{c}" if n else c for n, m in named_base_modules(model)
+                    if isinstance(m, nn.MultiheadAttention) for c, _ in m.named_children()}
+    named = [(n, m) for n, m in named_base_modules(model) if n]
     names = [n for n, _ in named]
     aliases: dict[int, list[str]] = {}  # module -> every name it has (named_modules gives only the first)
-    for n, m in model.named_modules(remove_duplicate=False):
+    for n, m in named_base_modules(model, remove_duplicate=False):
         if n:
             aliases.setdefault(id(m), []).append(n)
     claimed: dict[str, int] = {}

@@ -29,12 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import modtypes, update
-from .errors import AlreadyAppliedError, NotAppliedError, ServingError, TyingError
-from .planner import BANK_ATTR, SERVING_ATTR, Plan, plan
+from . import modtypes, route, update
+from .engine import banks, is_merged, merged_task_of
+from .errors import AlreadyAppliedError, NotAppliedError, NotMergeableError, ServingError, TyingError
+from .planner import SERVING_ATTR, Plan, plan
 from .serving_bank import COL, NEUTRAL, ROLES, ServingBank, stack_key
 from .state import _want, check_tensors, read_adapter
-from .tasks import batch_rows, multi_want, route, task_tensors
+from .tasks import multi_want, task_tensors
 
 
 @dataclass
@@ -52,12 +53,19 @@ class _Route:
 
 
 class _Site:
-    """The two hooks of one served module. A plain object: the bank owns every tensor."""
+    """The two hooks of one served module. A plain object: the bank owns every tensor; the route belongs to the call
+    (:mod:`tying.route`)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, bank: ServingBank):
         self.name = name
-        self.route: _Route | None = None
+        self.bank = bank
         self.handles = []
+
+    @property
+    def route(self) -> _Route | None:
+        """This call's route of the site (None: outside any tying.adapters block, the base)."""
+        sel = route.current(self.bank)
+        return None if sel is None or sel.off else sel.data[1].get(self.name)
 
     def pre(self, module: nn.Module, args: tuple):
         r = self.route
@@ -98,7 +106,7 @@ def load_adapters_(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) 
     for mixed-batch serving. May be called again to add adapters. Every adapter must adapt the same modules
     as the others; every check runs before anything changes, so on an error the loaded adapters stay as they
     were. A multi-task folder serves each of its tasks as ``name/task``, the factors its tasks share stored once."""
-    if getattr(model, BANK_ATTR, None) is not None:
+    if banks(model):
         merged = any(getattr(m, "merged", False) for m in model.modules())
         raise AlreadyAppliedError(f"the model carries a tying adapter{' merged into its base weights' if merged else ''}"
                                   " (tying.apply_ / tying.load_adapter); serve adapters on a plain base model: call "
@@ -127,13 +135,13 @@ def load_adapters_(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) 
     if bank is None:
         bank = ServingBank(ref[0], *_placement(model, next(iter(ref[0]))))
         for site in bank.sites:
-            hooks = bank.hooked[site] = _Site(site)
+            hooks = bank.hooked[site] = _Site(site, bank)
             module = model.get_submodule(site)
             hooks.handles = [module.register_forward_pre_hook(hooks.pre), module.register_forward_hook(hooks.post)]
+        bank.checks = model.register_forward_pre_hook(route.RowCheck(bank), with_kwargs=True)
         setattr(model, SERVING_ATTR, bank)
     bank.device, bank.dtype = _placement(model, next(iter(bank.sites)))  # the model may have moved since
     bank.add([(name, p, tensors) for name, (p, tensors) in read.items()])
-    _activate(bank, bank.active)
 
 
 def _placement(model: nn.Module, site: str) -> tuple[torch.device, torch.dtype]:
@@ -238,53 +246,105 @@ def _shared_route(r: _Route, bank: ServingBank, t: torch.Tensor, d_in: int, d_ou
     r.u = None if u is None else u.to(A.dtype)
 
 
-def _activate(bank: ServingBank, names: list[str | None] | None) -> None:
-    bank.active = names
-    routes = {} if names is None else _routes(bank, names)
-    for site, hooks in bank.hooked.items():
-        hooks.route = routes.get(site)
-
-
 @contextmanager
-def adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
-    """Route row i of every batch inside the block to adapter ``names[i]`` (None: the base model).
+def adapters(model: nn.Module, names: str | Sequence[str | None]) -> Iterator[None]:
+    """Route row i of every batch inside the block to ``names[i]``: an adapter loaded with
+    :func:`load_adapters_`, a named adapter applied with ``tying.apply_(..., name=)``, a task of an applied multi-task
+    adapter (``"task"``, or ``"adapter/task"`` for a named one), or None (the base model). One name (a string) routes
+    the whole batch, of any size. Applied adapters train through the block (gradients reach each adapter's factors
+    from its own rows only); served ones are inference only.
 
     Works with ``generate()`` and its KV cache: the rows stay the rows of the batch at every step. With
     ``num_beams=k`` or ``num_return_sequences=k``, generate() runs k rows per input: repeat each name k
-    times (``[n for n in names for _ in range(k)]``). Blocks nest; leaving one restores the outer routing.
-
-    On a model with an applied multi-task adapter (:mod:`tying.tasks`) the names are its tasks, trainable (with
-    gradients), and one name (a string) routes the whole batch.
+    times (``[n for n in names for _ in range(k)]``). The route belongs to the call: other threads are not
+    affected, and blocks nest (leave them innermost first).
     """
-    if getattr(model, BANK_ATTR, None) is not None:
-        with route(model, names):
-            yield
-        return
-    bank = _bank(model)
-    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+    with route.routed(_resolve(model, names)):
+        yield
+
+
+def _resolve(model: nn.Module, names) -> dict:
+    """The route's entries for ``names`` on ``model``: one per adapter the model carries. Checks everything."""
+    applied, bank = banks(model), getattr(model, SERVING_ATTR, None)
+    if not applied and bank is None:
+        raise NotAppliedError("the model serves no adapters; call tying.load_adapters_(model, {name: folder}) first, "
+                              "or tying.apply_ / tying.load_adapter")
+    whole = isinstance(names, str)
+    if whole and bank is not None:
         raise ServingError(f"tying.adapters takes a non-empty list with one adapter name (or None) per row of the "
                            f"batch; got {names!r}")
-    names = list(names)
+    rows = [names] if whole else names
+    if not isinstance(rows, Sequence) or isinstance(rows, (bytes, bytearray)) or not rows:
+        what = "adapter name (or None)" if bank is not None else "task name, adapter name or None"
+        raise ServingError(f"tying.adapters takes a name for the whole batch, or a non-empty list with one {what} per "
+                           f"row; got {names!r}")
+    count = None if whole else len(rows)
+    if bank is not None:
+        return {bank: _served_entry(bank, list(rows), count)}
+    picked = [None if n is None else _pick(applied, n, i) for i, n in enumerate(rows)]
+    return {b: _selection(model, b, [i for i, p in enumerate(picked) if p and p[0] is b],
+                          [p[1] for p in picked if p and p[0] is b], len(rows), count) for b in applied.values()}
+
+
+def _pick(applied: dict, n, i: int) -> tuple:
+    """(bank, task) that the row name ``n`` (row ``i``) names."""
+    if not isinstance(n, str):
+        raise ServingError(f"row {i}: a name is a string (or None for the base model); got {n!r}")
+    bank = applied.get(n) if n is not None else None
+    if bank is not None:
+        if bank.spec.tasks:
+            raise ServingError(f"row {i} names adapter {n!r}, which has tasks; name one: "
+                               f"{', '.join(f'{n}/{t}' for t in bank.spec.tasks)}")
+        return bank, None
+    head, _, tail = n.partition("/")
+    if tail and head in applied and tail in (applied[head].spec.tasks or ()):
+        return applied[head], tail
+    owners = [b for b in applied.values() if n in (b.spec.tasks or ())]
+    if len(owners) == 1:
+        return owners[0], n
+    if set(applied) == {None}:  # one unnamed adapter: its tasks are the names
+        tasks = applied[None].spec.tasks
+        if not tasks:
+            raise ServingError("the model's adapter has no tasks, so it applies to every row: tying.adapters routes "
+                               "rows of a multi-task adapter (a spec with tasks: [...]), of named adapters "
+                               "(tying.apply_(model, spec, name=...)) or of adapters loaded with tying.load_adapters_")
+        raise ServingError(f"row {i} names {n!r}, which is not a task of the adapter; tasks: {', '.join(tasks)}")
+    known = [repr(k) for k in applied if k is not None] + [
+        f"{'' if k is None else k + '/'}{t}" for k, b in applied.items() for t in (b.spec.tasks or ())]
+    raise ServingError(f"row {i} names {n!r}, which is {'ambiguous' if owners else 'unknown'}; the model's adapters "
+                       f"and tasks: {', '.join(known)}")
+
+
+def _selection(model: nn.Module, bank, rows: list[int], tasks: list[str | None], n: int, count) -> route.Selection:
+    """What ``bank``'s adapter computes when ``rows`` (with ``tasks``) of a batch of ``n`` take it."""
+    if not rows:
+        return route.OFF
+    if bank.spec.tasks and merged_task_of(model, bank.name) is not None:
+        raise NotMergeableError(f"the update of task {bank.merged_task!r} is merged into the base weights, so every "
+                                "row gets it; call tying.unmerge_(model) before routing rows to tasks")
+    if is_merged(model, bank):
+        raise NotMergeableError(f"the adapter {bank.name or ''} is merged into the base weights, so every row gets "
+                                "it; call tying.unmerge_(model) before routing rows")
+    task = tasks[0] if len(set(tasks)) == 1 else None
+    sel = route.Selection(rows=None if len(rows) == n else torch.tensor(rows), task=task, count=count,
+                          tasks=None if task is not None or not bank.spec.tasks else
+                          torch.tensor([bank.spec.tasks.index(t) for t in tasks]))
+    if sel.mixed and bank.mixes_rows:
+        odd = bank.mixes_rows
+        raise ServingError(f"module {odd[0]!r} ({len(odd)} in all) cannot mix rows (a {bank.spec.adapter.kind} adapter "
+                           "there; see its routes_rows()): give every row of the batch this adapter and one task, or "
+                           "split the batch (tasks cannot mix tasks row by row)")
+    return sel
+
+
+def _served_entry(bank: ServingBank, names: list, count: int) -> route.Selection:
     for i, n in enumerate(names):
         if n is not None and n not in bank.adapters:
             raise ServingError(f"adapter {n!r} (row {i}) is not loaded; loaded: {', '.join(bank.adapters) or 'none'}. "
                                f"Load it with tying.load_adapters_(model, {{{n!r}: folder}})")
-
-    def check(module, args, kwargs):  # before the forward pass: nothing has run yet
-        rows, want = batch_rows(args, kwargs), len(bank.active or ())
-        if rows is not None and rows != want:
-            raise ServingError(f"the batch has {rows} rows but tying.adapters was given {want} names; give one "
-                               "name per row (with num_beams=k or num_return_sequences=k, repeat each name k times)")
-
-    outer = bank.active
-    _activate(bank, names)
-    hook = model.register_forward_pre_hook(check, with_kwargs=True) if outer is None else None
-    try:
-        yield
-    finally:
-        if hook is not None:
-            hook.remove()
-        _activate(bank, outer if outer is None or all(n is None or n in bank.adapters for n in outer) else None)
+    if all(n is None for n in names):
+        return route.Selection(count=count, data=(names, {}))
+    return route.Selection(count=count, data=(names, _routes(bank, names)))
 
 
 def unload_adapter_(model: nn.Module, name: str) -> None:
@@ -297,12 +357,11 @@ def unload_adapter_(model: nn.Module, name: str) -> None:
         raise ServingError(f"adapter {name!r} serves rows of the active tying.adapters block; unload it after the block")
     bank.remove(name)
     if bank.adapters:
-        _activate(bank, bank.active)
         return
     for hooks in bank.hooked.values():
         for h in hooks.handles:
             h.remove()
-        hooks.route = None
+    bank.checks.remove()
     delattr(model, SERVING_ATTR)
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import route
+
 ROLES = ("A", "B", "u", "G", "v", "in", "out")
 COL = {r: i for i, r in enumerate(ROLES)}
 NEUTRAL = {"u", "G", "v", "in", "out"}  # roles whose entry 0 is "factor absent"
@@ -56,8 +58,14 @@ class ServingBank(nn.Module):
         self.adapters: dict[str, Served] = {}
         self.refs: dict[str, list[int]] = {}  # stack -> number of (adapter, group) references per entry
         self.frozen: dict[str, set[int]] = {}  # stack -> entries that may be shared by equal frozen factors
-        self.active = None  # the row names of the innermost tying.adapters block, or None
         self.hooked = {}  # site name -> its hooks (tying.serving._Site)
+        self.checks = None  # the root's hook that checks a routed batch's rows (tying.route.RowCheck)
+
+    @property
+    def active(self) -> list | None:
+        """The row names this call's innermost tying.adapters block gave (None: outside any block)."""
+        sel = route.current(self)
+        return None if sel is None else sel.data[0]
 
     def stack(self, key: str) -> torch.Tensor | None:
         """The stacked buffer ``key``, or None if no adapter uses it."""

@@ -24,11 +24,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .engine import apply_, bank_of, wrappers
+from .engine import _ONLY, apply_, bank_of, banks, is_merged
 from .errors import AdapterFileError, AlreadyAppliedError
-from .planner import BANK_ATTR, Plan, plan
+from .planner import Plan, plan
 from .spec import TyingSpec, load_spec, parse_spec
 from .tasks import check_task, multi_want, task_tensors
+from .trained import trained_key
+from .view import named_base_modules
 
 SPEC_FILE = "spec.yaml"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -64,21 +66,27 @@ def _clean_stale(folder: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the model's adapter (spec and factors) to ``directory``, replacing an adapter there atomically;
-    return the folder."""
-    bank = bank_of(model)
-    return write_adapter(directory, bank.spec, _adapter_state(model))
+def save_adapter(model: nn.Module, directory: str | os.PathLike, *, name: str | None = _ONLY) -> Path:  # type: ignore[assignment]
+    """Write the model's adapter (the one named ``name`` where it carries several; spec and factors) to
+    ``directory``, replacing an adapter there atomically; return the folder. The folder is an ordinary adapter
+    folder whatever the adapter's name on this model."""
+    bank = bank_of(model, name)
+    return write_adapter(directory, bank.spec, _adapter_state(model, bank))
 
 
 def adapter_tensors(bank, state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
     """The adapter file's tensors taken from a full ``state_dict`` of the adapted model (e.g. the one FSDP gathers
-    for a checkpoint): the bank's factors and the train_modules' state."""
-    out = {k: state_dict[f"{prefix}{BANK_ATTR}.{k}"] for k in bank.state_dict()}
-    for name in bank.plan.train_modules:
-        head = f"{prefix}{name}."
-        out.update({f"{MODULES}{name}.{k[len(head):]}": v for k, v in state_dict.items() if k.startswith(head)})
-    return out
+    for a checkpoint): the bank's factors and its trained copies of the train_modules."""
+    return {file_key(bank, k): state_dict[f"{prefix}{bank.path}.{k}"] for k in bank.state_dict()}
+
+
+def file_key(bank, key: str) -> str:
+    """The adapter file's key of the bank's state_dict key ``key``: a factor keeps its key, a trained module's
+    ``trained.<a:b>.<k>`` is ``modules.<a.b>.<k>``."""
+    if not key.startswith("trained."):
+        return key
+    name, _, k = key[len("trained."):].partition(".")
+    return f"{MODULES}{name.replace(':', '.')}.{k}"
 
 
 def write_adapter(directory: str | os.PathLike, spec: TyingSpec, tensors: dict[str, torch.Tensor]) -> Path:
@@ -103,21 +111,21 @@ def write_adapter(directory: str | os.PathLike, spec: TyingSpec, tensors: dict[s
 MODULES = "modules."  # key prefix of the spec's train_modules in the adapter file
 
 
-def _module_state(model: nn.Module, names) -> dict[str, torch.Tensor]:
-    """The live state of the train_modules ``names``; a tensor shared by two modules appears once."""
+def _module_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The live state of ``modules`` (name -> module) under the file's keys; a tensor shared by two appears once."""
     state, seen = {}, set()
-    for name in names:
-        for k, v in model.get_submodule(name).state_dict(keep_vars=True).items():
+    for name, module in modules.items():
+        for k, v in module.state_dict(keep_vars=True).items():
             if id(v) not in seen:
                 seen.add(id(v))
                 state[f"{MODULES}{name}.{k}"] = v
     return state
 
 
-def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The bank's factors plus the state of the spec's train_modules (live tensors)."""
-    bank = bank_of(model)
-    return {**bank.state_dict(keep_vars=True), **_module_state(model, bank.plan.train_modules)}
+def _adapter_state(model: nn.Module, bank) -> dict[str, torch.Tensor]:
+    """The bank's factors plus its trained copies of the spec's train_modules (live tensors), under the file's keys."""
+    factors = {k: v for k, v in bank.state_dict(keep_vars=True).items() if not k.startswith("trained.")}
+    return {**factors, **_module_state({n: bank.trained[trained_key(n)] for n in bank.plan.train_modules})}
 
 
 def read_adapter(src: str | os.PathLike) -> tuple[TyingSpec, dict[str, torch.Tensor]]:
@@ -170,7 +178,8 @@ def check_tensors(src, tensors: dict[str, torch.Tensor], want: dict[str, tuple[t
 def _want(p: Plan, model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """What an adapter file for plan ``p`` on ``model`` must hold: key -> (shape, dtype of the model's tensor)."""
     want = {f"{g.factor}.{g.key}": (g.shape, torch.float32) for g in p.groups}
-    want.update({k: (tuple(v.shape), v.dtype) for k, v in _module_state(model, p.train_modules).items()})
+    bases = dict(named_base_modules(model))
+    want.update({k: (tuple(v.shape), v.dtype) for k, v in _module_state({n: bases[n] for n in p.train_modules}).items()})
     return want
 
 
@@ -185,7 +194,7 @@ def _refuse_module_replacement(src: Path, p: Plan, model: nn.Module) -> None:
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modules: bool = False,
-                 task: str | None = None) -> None:
+                 task: str | None = None, name: str | None = None) -> None:
     """Apply the adapter saved in ``directory`` to ``model`` and load its factors.
 
     If the model already carries an adapter with the same spec, only the factors are loaded. Every check (spec,
@@ -194,7 +203,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modu
     whole (``train_modules``, e.g. a classification head) replaces those modules' weights: that needs
     ``replace_modules=True`` (``tying.unapply_`` puts the originals back). From a multi-task folder, ``task="x"``
     loads task x alone as a plain single-task adapter (merge, PEFT export, serving as usual); without it, the
-    multi-task adapter whole.
+    multi-task adapter whole. ``name`` loads it as the model's adapter of that name (None: the unnamed one), beside
+    any others the model carries.
     """
     src = Path(directory)
     spec, tensors = read_adapter(src)
@@ -202,9 +212,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modu
     if task is not None:
         check_task(spec, task, str(src))
         spec = spec.single_task()
-    applied = hasattr(model, BANK_ATTR)
+    applied = name in banks(model)
     if applied:
-        bank = bank_of(model)
+        bank = bank_of(model, name)
         if bank.spec != spec:
             mine, theirs = bank.spec.model_dump(), spec.model_dump()
             diff = [k for k in mine if mine[k] != theirs.get(k)]
@@ -214,7 +224,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modu
             raise AlreadyAppliedError(f"{src} holds an adapter whose spec differs from the model's (in {diff}); "
                                       "nothing was loaded. Load it into a model without an adapter, or call "
                                       "tying.unapply_(model) first." + hint)
-        if any(w.merged for _, w in wrappers(model)):
+        if is_merged(model, bank):
             raise AlreadyAppliedError("the model's adapter is merged; call tying.unmerge_(model) before loading "
                                       "new factors (the base weights hold the old update)")
         p = bank.plan
@@ -229,7 +239,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modu
         check_tensors(src, tensors, multi_want(whole, p, want))
         tensors = task_tensors(whole, p, tensors, task, want)
     if not applied:
-        apply_(model, p)
+        apply_(model, p, name=name)
     with torch.no_grad():
-        for k, t in _adapter_state(model).items():
+        for k, t in _adapter_state(model, bank_of(model, name)).items():
             t.copy_(tensors[k])

@@ -20,7 +20,7 @@ class Bottleneck(SiteAdapter):
 
     def forward(self, x, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
-        if self.disabled:
+        if self.selection(x) is None:
             return out
         A = self.factor("A")
         h = F.gelu(F.linear(self.drop(out.to(A.dtype)), A))

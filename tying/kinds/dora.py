@@ -43,7 +43,7 @@ class DoRA(LoRA):
 
     def forward(self, x, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
-        if self.bypass:
+        if self.selection(x) is None:
             return out
         bias = getattr(self.base, "bias", None)
         bias = None if bias is None else bias.to(out.dtype)

@@ -30,10 +30,10 @@ class IA3(SiteAdapter):
         return True  # element-wise: row i scaled by its task's vectors, on every module type with batch-first data
 
     def forward(self, x, *args, **kwargs):
-        if self.bypass:
+        sel = self.selection(x)
+        if sel is None:
             return self.base(x, *args, **kwargs)
-        rows = self.mixed_rows(x)
-        u, v = (self.factor(n) if rows is None else self.task_rows(n, rows) for n in "uv")
+        u, v = (self.per_row(n, sel, x.shape[0], 1.0) for n in "uv")  # rows left out: scaled by one
         if u is not None:
             x = x * along(u.to(x.dtype), x.ndim, -1, u.dim() == 2)
         out = self.base(x, *args, **kwargs)
@@ -43,6 +43,14 @@ class IA3(SiteAdapter):
         super().check_merge(sign, dequantize)
         if sign < 0 and any((f == 0).any() for f in (self.factor("u"), self.factor("v")) if f is not None):
             raise NotMergeableError("cannot unmerge an IA3 vector with zeros (the scaling is not invertible)")
+
+    def merged_preview(self, sign: int = 1) -> list[torch.Tensor]:
+        u, v = (None if f is None else (f if sign > 0 else 1.0 / f).float() for f in (self.factor("u"),
+                                                                                     self.factor("v")))
+        w = self.mtype.weight(self.base).detach().float()
+        w = w * (1.0 if u is None else u[None, :]) * (1.0 if v is None else v[:, None])
+        bias = getattr(self.base, "bias", None)
+        return [w] if bias is None or v is None else [w, bias.detach().float() * v]
 
     def merge(self, sign: int = 1) -> None:
         u, v = (None if f is None else (f if sign > 0 else 1.0 / f) for f in (self.factor("u"), self.factor("v")))

@@ -16,12 +16,17 @@ class LoRA(SiteAdapter):
 
     def forward(self, x, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
-        if self.bypass:
+        sel = self.selection(x)
+        if sel is None:
             return out
-        rows = self.mixed_rows(x)
-        if rows is not None:  # a mixed batch of a multi-task adapter: row i takes the factors of its own task
-            return update.routed_add(out, self.drop(x), *(self.task_rows(n, rows) for n in "ABuvG"), self.scale)
-        return self.up(out, self.down(x))
+        if not sel.mixed:
+            return self.up(out, self.down(x))
+        # a routed batch: the rows that take this adapter (all or some), each with its task's factors
+        rows = None if sel.rows is None else sel.on(sel.rows, x.device)
+        xs, base = (x, out) if rows is None else (x.index_select(0, rows), out.index_select(0, rows))
+        f = (self.factor(n) if sel.tasks is None else self.task_rows(n, sel.tasks) for n in "ABuvG")
+        y = update.routed_add(base, self.drop(xs), *f, self.scale)
+        return y if rows is None else out.index_copy(0, rows, y)
 
     def delta(self):
         """The update as a dense (d_out, d_in) matrix."""

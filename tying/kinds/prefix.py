@@ -17,7 +17,7 @@ class Prefix(SiteAdapter):
                 "keep it unmerged")
 
     def forward(self, *args, **kwargs):
-        if self.disabled:
+        if self.bypass:
             return self.base(*args, **kwargs)
         return self.mtype.caps["attention"].forward(self, self.factor("pk"), self.factor("pv"), *args, **kwargs)
 

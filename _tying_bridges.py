@@ -1,7 +1,12 @@
 """Bridges that wait for a library: ``when_imported("peft", "tying.integrations.peft:register")`` imports the bridge
-and calls its ``register`` as soon as ``peft`` has finished importing (at once if it already has). So ``import tying`` is all PEFT needs to know
-tying's method, in any order of imports, while tying itself never imports PEFT. A bridge that fails to import is
-reported as a warning; the library's own import is never broken."""
+and calls its ``register`` as soon as ``peft`` has finished importing (at once if it already has).
+
+This top-level module imports nothing but the standard library, so that ``tying-bridges.pth`` (installed into
+site-packages with tying) can run :func:`autoload` at every interpreter start-up for the cost of one small import:
+any process where tying is installed then knows tying's PEFT method the moment it imports ``peft``, without
+``import tying`` (``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM``, the lm-eval CLI with ``peft=``).
+tying itself never imports PEFT. A bridge that fails is reported as a warning; the library's own import is never
+broken."""
 
 from __future__ import annotations
 
@@ -11,6 +16,13 @@ import sys
 import warnings
 
 _WAITING: dict[str, str] = {}  # library -> bridge module
+BRIDGES = {"peft": "tying.integrations.peft:register"}  # what autoload() waits for
+
+
+def autoload() -> None:
+    """Wait for every library in :data:`BRIDGES` (tying-bridges.pth calls this at start-up)."""
+    for library, bridge in BRIDGES.items():
+        when_imported(library, bridge)
 
 
 def when_imported(library: str, bridge: str) -> None:
