@@ -23,7 +23,8 @@ from .. import transformers as tx
 from . import grid, hf_data
 from .finetune import finetune, generate_answers
 from .models import BUILTIN, DTYPES, check_device, default_device, load_model, load_tokenizer, resolve, targets_hint
-from .rates import write_text
+from .progress import Progress, clock
+from .rates import metric_of, write_text
 from .runconfig import ConfigError, RunConfig
 from .tasks import default_max_new_tokens, default_metric, get_task, load_jsonl_examples
 
@@ -52,11 +53,11 @@ def spec_of(model, config: str, rank: int):
         raise SelectorError(f"{e}: {targets_hint(model)}") from e
 
 
-def evaluate(model, tok, task, test, batch_size: int = 16) -> dict:
-    """Greedy answers to ``test`` scored by ``task``'s metric; with its first five answers."""
+def evaluate(model, tok, task, test, batch_size: int = 16, progress: bool = False) -> dict:
+    """Greedy answers to ``test`` scored by ``task``'s metric; with its first five answers (``progress``: a bar)."""
     length = task.max_new_tokens or default_max_new_tokens(tok, [e["answer"] for e in test])
-    preds = generate_answers(model, tok, [e["prompt"] for e in test], max_new_tokens=length,
-                             batch_size=batch_size, postprocess=task.postprocess, threads=1)  # a 2nd thread
+    preds = generate_answers(model, tok, [e["prompt"] for e in test], max_new_tokens=length, batch_size=batch_size,
+                             postprocess=task.postprocess, threads=1, progress=progress)  # a 2nd thread
     # gains little when decoding small batches and made decoding 10x slower here while another process held a core
     return {**task.score(preds, task.references(test)), "examples": [p for p in preds[:5]]}
 
@@ -92,7 +93,7 @@ def run_part(part: dict, out: Path, lr: float | None = None, val: int = 0) -> di
                    loss_first=sum(hist["loss"][:5]) / 5, loss_last=sum(hist["loss"][-5:]) / 5,
                    loss=[round(x, 4) for x in hist["loss"]])
     start = time.perf_counter()
-    row["metrics"] = evaluate(model, tok, task, test, part.get("gen_batch", 16))
+    row["metrics"] = evaluate(model, tok, task, test, part.get("gen_batch", 16), progress=sys.stderr.isatty())
     row["eval_seconds"] = time.perf_counter() - start
     row["score"] = row["metrics"][task.metric]
     return row
@@ -120,20 +121,31 @@ def is_current(row: dict, cfg: RunConfig, rates) -> bool:
 
 def run(cfg: RunConfig, rates) -> None:
     """Run this shard's parts into ``<out>/parts/``, each written as soon as it finishes; with ``resume`` a part
-    already there at these settings and rate is skipped."""
+    already there at these settings and rate is skipped. Prints one line per finished part with the time left
+    (:class:`.progress.Progress`; on a terminal also a bar)."""
     out = Path(cfg.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    todo = []
     for part in grid.shard(cfg, grid.parts(cfg)):
         f = out / "parts" / f"{grid.part_name(part)}.json"
         if cfg.resume and f.exists() and is_current(json.loads(f.read_text()), cfg, rates):
             print(f"done already: {f.name}")
-            continue
-        print(f"== {grid.part_name(part)}", flush=True)
-        lr = None if part["config"] == "zero-shot" else rates(part["task"], part["config"], part["rank"])[0]
-        row = run_part(part, out, lr=lr)
-        write_text(f, json.dumps(row, indent=1))
-        print(f"   score = {row['score']:.2f}  ({time.perf_counter() - t0:.0f} s so far)", flush=True)
+        else:
+            todo.append((part, f))
+    with Progress(len(todo), "parts") as bar:
+        for part, f in todo:
+            bar.begin(grid.part_name(part))
+            lr = None if part["config"] == "zero-shot" else rates(part["task"], part["config"], part["rank"])[0]
+            row = run_part(part, out, lr=lr)
+            write_text(f, json.dumps(row, indent=1))
+            bar.done(part_line(row, metric_of(cfg, part["task"])))
+
+
+def part_line(row: dict, metric: str) -> str:
+    """A finished part in one line: its name, score, rate and trainable count, and the time it took."""
+    trained = f", lr {row['lr']:g}, {row['trainable']:,} trainable" if row.get("lr") is not None else ""
+    took = row.get("seconds", 0.0) + row.get("eval_seconds", 0.0)
+    return f"{grid.part_name(row)}: {metric} {row['score']:.2f}{trained} ({clock(took)})"
 
 
 def prepare(cfg: RunConfig) -> RunConfig:
