@@ -309,6 +309,19 @@ def test_any_model_folder_in_bfloat16(tiny_run, tmp_path):
     assert (tmp_path / "out" / "adapters" / "add.jsonl-tl6-r8-s0" / "adapter.safetensors").exists()
 
 
+def test_a_run_off_a_terminal_logs_a_line_per_part_and_no_loading_bars(tiny_run, tmp_path, capsys):
+    """In a log (no terminal) each part is one line with the time left, and transformers' loading bars (a line of
+    carriage returns per part) stay out of it."""
+    folder, jsonl = tiny_run
+    run_cli(tiny_config(tmp_path / "c.yaml", folder, jsonl))
+    out, err = capsys.readouterr()
+    assert re.search(r"^\[1/2\] add\.jsonl-zero-shot-r0-s0: exact_match [\d.]+ \(\d+s\); \d+s elapsed, about \d+s left$",
+                     out, re.MULTILINE), out
+    assert re.search(r"^\[2/2\] add\.jsonl-tl6-r8-s0: exact_match [\d.]+, lr 0\.01, [\d,]+ trainable \(\d+s\); \d+s "
+                     r"elapsed$", out, re.MULTILINE), out
+    assert "Loading weights" not in err and "it/s]" not in err, err[-500:]
+
+
 def test_a_jsonl_task_with_chrf_on_a_saved_folder(tiny_run, tmp_path, capsys):
     """The issue's contract: a JSONL task naming metric chrf, run on a local save_pretrained folder, writes rows whose
     headline is chrF; without max_new_tokens the generation length is sized to the longest answer."""

@@ -8,6 +8,7 @@ a shard's parts written one by one to ``<out>/parts/``, finished ones reused (re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -74,7 +75,8 @@ def run_part(part: dict, out: Path, lr: float | None = None, val: int = 0) -> di
     on that many held-out training examples, for the rate sweep); the row is the part plus what it measured."""
     task = get_task(part["task"], part.get("data"), part.get("metric"), part.get("max_new_tokens"))
     train, test = data_of(part, task, val)
-    model, tok = load_model(part["model"], dtype=part["dtype"], device=part["device"])
+    with _loading_bars(sys.stderr.isatty()):
+        model, tok = load_model(part["model"], dtype=part["dtype"], device=part["device"])
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     row = {**part, "model_name": resolve(part["model"]).description, "cpus": cpus}
     if part["config"] == "zero-shot":
@@ -97,6 +99,22 @@ def run_part(part: dict, out: Path, lr: float | None = None, val: int = 0) -> di
     row["eval_seconds"] = time.perf_counter() - start
     row["score"] = row["metrics"][task.metric]
     return row
+
+
+@contextlib.contextmanager
+def _loading_bars(shown: bool):
+    """transformers' bars while loading a model (weights, GGUF tensors) only where ``shown``: in a log they are a
+    line of carriage returns per part. Restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    hide = hf_logging.is_progress_bar_enabled() and not shown
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
 
 
 def is_current(row: dict, cfg: RunConfig, rates) -> bool:
