@@ -3,7 +3,8 @@ counted by the engine on meta-device models (no weights allocated), at ranks 2-1
 
     python benchmarks/paper_params.py [--out benchmarks/results]
 
-Writes paper_params.json and paper_params.md (trainable count and percent of LoRA at the same rank).
+Writes paper_params.json and paper_params.md (trainable count and percent of LoRA at the same rank): the same bytes on
+every run (the time taken is printed, not written), so rerunning it leaves the committed results unchanged.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def main() -> None:
                 rows.append({"model": name, "rank": rank, "preset": preset, "trainable": c.trainable,
                              "frozen": c.frozen, "percent_of_lora": round(100 * c.trainable / lora, 2)})
     seconds = time.perf_counter() - t0
-    (out / "paper_params.json").write_text(json.dumps({"rows": rows, "seconds": seconds}, indent=1))
+    (out / "paper_params.json").write_text(json.dumps({"rows": rows}, indent=1))
     lines = []
     for name in MODELS:
         lines += [f"### {name}: trainable adapter parameters (percent of LoRA at the same rank)", "",

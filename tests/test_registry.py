@@ -264,3 +264,59 @@ def test_a_subclass_of_a_bridged_class_loads_the_bridge(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("['Conv1D']")
+
+
+QUIET = """
+import sys, torch, tying
+from torch import nn
+
+def loaded():  # quantization libraries and their bridge, as imported so far
+    return sorted(m for m in sys.modules if m.partition(".")[0] in ("bitsandbytes", "torchao")
+                  or m == "tying.integrations.quant")
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(nn.ModuleDict({"self_attn": Attention()}) for _ in range(2))
+
+plain = Plain()
+tying.apply_(plain, tying.load_spec("tl6", rank=2))
+print("plain", loaded(), flush=True)
+try:
+    import transformers
+except ImportError:
+    sys.exit()
+cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=64, vocab_size=100)
+llama = transformers.LlamaForCausalLM(cfg).eval()
+before = loaded()  # transformers itself imports torchao where it is installed (its quantizer registry)
+print("--- apply", flush=True)
+print("--- apply", file=sys.stderr, flush=True)
+tying.apply_(llama, tying.load_spec("tl6", rank=8))
+with torch.no_grad():
+    llama(torch.tensor([[1, 2, 3]]))
+tying.merge_(llama)
+tying.unapply_(llama)
+print("llama", sorted(set(loaded()) - set(before)), flush=True)
+"""
+
+
+def test_a_plain_model_imports_no_quantization_library():
+    """The quantization bridge (and bitsandbytes or torchao through it) loads only when the planner meets a module or
+    weight of those libraries: a plain model imports none of them, and applying tl6 to a plain transformers Llama
+    imports none of them and prints nothing (transformers itself may import torchao; that is before the apply)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", QUIET], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("plain []\n"), out.stdout[:1000]
+    if "--- apply" in out.stdout:
+        assert out.stdout.partition("--- apply\n")[2] == "llama []\n", out.stdout[-1000:]
+        assert out.stderr.partition("--- apply\n")[2] == "", out.stderr[-1000:]

@@ -2,6 +2,7 @@
 reported, the sweep and its rule, the paper's grid, bad input refused before anything is written, shards, and whole
 runs on a tiny local model (any model, dtype, the GPU config, a user's JSONL task with its own metric)."""
 import importlib.util
+import io
 import json
 import re
 import sys
@@ -150,6 +151,61 @@ def test_a_cell_without_signal_stops_extending_and_has_no_rate(tmp_path, monkeyp
     assert not (tmp_path / "parts").exists()
 
 
+def _fake_run(part, out, lr=None, val=0):
+    """A sweep run (``val``) or a part, finished at once: a peak inside the default grid, a 3 s run, a 1 min part."""
+    if val:
+        return {"score": {3e-3: 1.0, 1e-2: 5.0, 3e-2: 2.0}[lr], "seconds": 2.0, "eval_seconds": 1.0, "loss_last": 0.5}
+    return {**part, "lr": lr, "trainable": 0 if lr is None else 41328, "seconds": 50.0, "eval_seconds": 10.0,
+            "score": 38.3, "metrics": {"accuracy": 38.3}, "loss": [2.0, 1.0]}
+
+
+def test_a_sweep_and_its_parts_print_a_line_per_finished_run_with_the_time_left(tmp_path, monkeypatch, capsys):
+    """A sweeping run printed nothing until its first sweep run finished, then a Python dict per run. Off a
+    terminal: a line announcing the runs, then one line per finished run with the elapsed time and the time left."""
+    monkeypatch.setattr(parts, "run_part", _fake_run)
+    reproduce.main([str(QUICK), f"out={tmp_path}", "rates.table=null", "configs=[tl6]"])
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert "sweep: 3 runs to go" in lines and "parts: 2 runs to go" in lines
+    t = r"(\d+s|\d+m\d\ds)"
+    assert re.fullmatch(rf"\[1/3\] sweep nli/tl6/r8 lr 0\.003: accuracy 1\.0 on 100 held-out, loss 0\.500 \(3s\); "
+                        rf"{t} elapsed, about {t} left", lines[lines.index("sweep: 3 runs to go") + 1])
+    assert re.search(rf"^\[3/3\] sweep nli/tl6/r8 lr 0\.03: accuracy 2\.0 .*; {t} elapsed$", out, re.MULTILINE)
+    assert re.search(rf"^\[1/2\] nli-zero-shot-r0-s0: accuracy 38\.30 \(1m00s\); {t} elapsed, about {t} left$", out,
+                     re.MULTILINE)
+    assert re.search(rf"^\[2/2\] nli-tl6-r8-s0: accuracy 38\.30, lr 0\.01, 41,328 trainable \(1m00s\); {t} elapsed$",
+                     out, re.MULTILINE)
+    assert "{'task'" not in out and "run/s" not in err  # no dicts; no bar off a terminal
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_on_a_terminal_a_sweep_shows_a_bar_with_the_time_left(tmp_path, monkeypatch, capsys):
+    """On a terminal the sweep's runs are a bar (tqdm) with elapsed<remaining, grown when the edge moves; without
+    tqdm, the lines alone."""
+    from tying.integrations.llm.progress import clock
+    assert [clock(s) for s in (42, 185, 7620)] == ["42s", "3m05s", "2h07m"]
+    peak = {1e-3: 30.0, 3e-3: 35.0, 1e-2: 40.0, 3e-2: 45.0, 1e-1: 10.0}  # at the top edge twice: two runs more
+    monkeypatch.setattr(parts, "run_part", lambda part, out, lr=None, val=0:
+                        {"score": peak[lr], "seconds": 1.0, "eval_seconds": 0.0, "loss_last": 1.0})
+    for folder, tqdm_installed in (("a", True), ("b", False)):
+        if not tqdm_installed:
+            monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # an import of it fails
+        terminal = _Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        cfg = _sweep_cfg(tmp_path / folder, "rates.sweep.grid=[0.001, 0.003, 0.01]")
+        rates.sweep(cfg, rates.Rates(cfg))
+        bar, out = terminal.getvalue(), capsys.readouterr().out
+        assert "sweep: 3 runs to go" in out and "[3/3] sweep nli/tl6/r8 lr 0.01" in out and "[5/5] sweep" in out
+        if tqdm_installed:
+            assert re.search(r"sweep: nli/tl6/r8 lr 0\.1: 100%\|.*\| 5/5 \[\d\d:\d\d<\d\d:\d\d", bar), bar[-500:]
+        else:
+            assert bar == ""
+
+
 def test_seeds_and_per_task_test_sizes_add_up_to_one_report(tmp_path, monkeypatch):
     def fake_run_part(part, out, lr=None, val=0):
         per = [100.0] * (part["seed"] + 1) + [0.0] * (part["n_test"] - part["seed"] - 1)
@@ -251,6 +307,19 @@ def test_any_model_folder_in_bfloat16(tiny_run, tmp_path):
     assert 0 <= tl6["score"] <= 100 and tl6["dtype"] == "bfloat16" and tl6["tokens"] > 0
     assert tl6["metric"] == "exact_match"  # one-word answers: exact match is right for them
     assert (tmp_path / "out" / "adapters" / "add.jsonl-tl6-r8-s0" / "adapter.safetensors").exists()
+
+
+def test_a_run_off_a_terminal_logs_a_line_per_part_and_no_loading_bars(tiny_run, tmp_path, capsys):
+    """In a log (no terminal) each part is one line with the time left, and transformers' loading bars (a line of
+    carriage returns per part) stay out of it."""
+    folder, jsonl = tiny_run
+    run_cli(tiny_config(tmp_path / "c.yaml", folder, jsonl))
+    out, err = capsys.readouterr()
+    assert re.search(r"^\[1/2\] add\.jsonl-zero-shot-r0-s0: exact_match [\d.]+ \(\d+s\); \d+s elapsed, about \d+s left$",
+                     out, re.MULTILINE), out
+    assert re.search(r"^\[2/2\] add\.jsonl-tl6-r8-s0: exact_match [\d.]+, lr 0\.01, [\d,]+ trainable \(\d+s\); \d+s "
+                     r"elapsed$", out, re.MULTILINE), out
+    assert "Loading weights" not in err and "it/s]" not in err, err[-500:]
 
 
 def test_a_jsonl_task_with_chrf_on_a_saved_folder(tiny_run, tmp_path, capsys):

@@ -1,9 +1,11 @@
 """The typed run config (integrations/llm/runconfig.py) and what it feeds, without training: the configs in
 benchmarks/configs, bad input refused by name before anything is written, a JSONL task's metric, the rate policy,
 shards, the committed results regenerated identically from their parts, and result names."""
+import importlib.util
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -192,6 +194,7 @@ def test_held_out_sweep_examples_are_never_test_examples(tmp_path):
 
 # ---------------------------------------------------------------- committed results
 SEEDED = [("llm-seeded", "seeded"), ("llm-long-translation", "long-translation"), ("llm-long-xsum", "long-xsum")]
+# reproduce-quick: quick.yaml's committed reference run (the job itself writes to an ignored out/reproduce-quick)
 OLDER = [("reproduce-quick", "quick", []), ("kinds-quick", "kinds", []),
          ("reproduce-precision/float32", "quick", []), ("reproduce-precision/bfloat16", "quick", ["model.dtype=bfloat16"])]
 
@@ -212,6 +215,35 @@ def test_committed_results_report_identically_from_their_parts(tmp_path, folder,
     assert found == json.loads((src / "reproduce.json").read_text())["rows"]
     if (folder, config) in SEEDED:
         assert (tmp_path / "reproduce.md").read_text() == (src / "reproduce.md").read_text()
+    capsys.readouterr()
+
+
+def _git_ignores(path: str) -> bool:
+    """Whether git ignores ``path`` (relative to the repository root) in this checkout."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, check=False).returncode == 0
+
+
+def test_the_quick_job_writes_to_an_ignored_folder_not_over_its_committed_run():
+    """README's first command ran the quick job into benchmarks/results/reproduce-quick, rewriting the committed
+    reference run (7 files, a plot more): a fresh clone was dirty. It writes to an ignored folder now."""
+    out = load_config(QUICK).out
+    for written in ("reproduce.json", "reproduce.md", "reproduce.png", "reproduce-loss.png", "parts/nli-tl6-r8-s0.json",
+                    "adapters/nli-tl6-r8-s0/adapter.safetensors"):
+        assert _git_ignores(f"{out}/{written}"), f"{out}/{written}"
+    assert (ROOT / "benchmarks/results/reproduce-quick/reproduce.json").is_file()  # the reference run stays
+
+
+def test_paper_params_writes_its_committed_results_byte_for_byte(tmp_path, monkeypatch, capsys):
+    """README's first command also runs paper_params.py, which wrote the seconds it took into the committed JSON."""
+    spec = importlib.util.spec_from_file_location("paper_params", ROOT / "benchmarks" / "paper_params.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr("sys.argv", ["paper_params.py", "--out", str(tmp_path)])
+    module.main()
+    for name in ("paper_params.json", "paper_params.md"):
+        assert (tmp_path / name).read_bytes() == (ROOT / "benchmarks" / "results" / name).read_bytes(), name
     capsys.readouterr()
 
 

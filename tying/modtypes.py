@@ -151,6 +151,9 @@ def registered() -> list[ModuleType]:
 
 def lookup(module: nn.Module) -> ModuleType | None:
     """The module type of ``module`` (most derived registered class first), or None."""
+    # A bridge loads for a module (or weight) whose class comes from its library, never because the library is
+    # imported: transformers imports torchao wherever it is installed, and a plain model must not load the quantized
+    # types (nor bitsandbytes with them; tests/test_registry.py checks it in a fresh process).
     for klass in (*type(module).__mro__, type(getattr(module, "weight", None))):  # subclasses of a bridged class too
         package = klass.__module__.partition(".")[0]
         if package in vocab.BRIDGES and package not in _BRIDGED:

@@ -28,7 +28,7 @@ def _progress(total: int, enabled: bool):
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is in the bench extra
         return None
-    return tqdm(total=total, disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, disable=not enabled, dynamic_ncols=True, desc="answers", unit="answer", leave=False)
 
 
 def _schedule(kind: str, steps: int, warmup: int) -> Callable[[int], float]:

@@ -8,6 +8,7 @@ a shard's parts written one by one to ``<out>/parts/``, finished ones reused (re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -23,7 +24,8 @@ from .. import transformers as tx
 from . import grid, hf_data
 from .finetune import finetune, generate_answers
 from .models import BUILTIN, DTYPES, check_device, default_device, load_model, load_tokenizer, resolve, targets_hint
-from .rates import write_text
+from .progress import Progress, clock
+from .rates import metric_of, write_text
 from .runconfig import ConfigError, RunConfig
 from .tasks import default_max_new_tokens, default_metric, get_task, load_jsonl_examples
 
@@ -52,11 +54,11 @@ def spec_of(model, config: str, rank: int):
         raise SelectorError(f"{e}: {targets_hint(model)}") from e
 
 
-def evaluate(model, tok, task, test, batch_size: int = 16) -> dict:
-    """Greedy answers to ``test`` scored by ``task``'s metric; with its first five answers."""
+def evaluate(model, tok, task, test, batch_size: int = 16, progress: bool = False) -> dict:
+    """Greedy answers to ``test`` scored by ``task``'s metric; with its first five answers (``progress``: a bar)."""
     length = task.max_new_tokens or default_max_new_tokens(tok, [e["answer"] for e in test])
-    preds = generate_answers(model, tok, [e["prompt"] for e in test], max_new_tokens=length,
-                             batch_size=batch_size, postprocess=task.postprocess, threads=1)  # a 2nd thread
+    preds = generate_answers(model, tok, [e["prompt"] for e in test], max_new_tokens=length, batch_size=batch_size,
+                             postprocess=task.postprocess, threads=1, progress=progress)  # a 2nd thread
     # gains little when decoding small batches and made decoding 10x slower here while another process held a core
     return {**task.score(preds, task.references(test)), "examples": [p for p in preds[:5]]}
 
@@ -73,7 +75,8 @@ def run_part(part: dict, out: Path, lr: float | None = None, val: int = 0) -> di
     on that many held-out training examples, for the rate sweep); the row is the part plus what it measured."""
     task = get_task(part["task"], part.get("data"), part.get("metric"), part.get("max_new_tokens"))
     train, test = data_of(part, task, val)
-    model, tok = load_model(part["model"], dtype=part["dtype"], device=part["device"])
+    with _loading_bars(sys.stderr.isatty()):
+        model, tok = load_model(part["model"], dtype=part["dtype"], device=part["device"])
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     row = {**part, "model_name": resolve(part["model"]).description, "cpus": cpus}
     if part["config"] == "zero-shot":
@@ -92,10 +95,26 @@ def run_part(part: dict, out: Path, lr: float | None = None, val: int = 0) -> di
                    loss_first=sum(hist["loss"][:5]) / 5, loss_last=sum(hist["loss"][-5:]) / 5,
                    loss=[round(x, 4) for x in hist["loss"]])
     start = time.perf_counter()
-    row["metrics"] = evaluate(model, tok, task, test, part.get("gen_batch", 16))
+    row["metrics"] = evaluate(model, tok, task, test, part.get("gen_batch", 16), progress=sys.stderr.isatty())
     row["eval_seconds"] = time.perf_counter() - start
     row["score"] = row["metrics"][task.metric]
     return row
+
+
+@contextlib.contextmanager
+def _loading_bars(shown: bool):
+    """transformers' bars while loading a model (weights, GGUF tensors) only where ``shown``: in a log they are a
+    line of carriage returns per part. Restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    hide = hf_logging.is_progress_bar_enabled() and not shown
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
 
 
 def is_current(row: dict, cfg: RunConfig, rates) -> bool:
@@ -120,20 +139,31 @@ def is_current(row: dict, cfg: RunConfig, rates) -> bool:
 
 def run(cfg: RunConfig, rates) -> None:
     """Run this shard's parts into ``<out>/parts/``, each written as soon as it finishes; with ``resume`` a part
-    already there at these settings and rate is skipped."""
+    already there at these settings and rate is skipped. Prints one line per finished part with the time left
+    (:class:`.progress.Progress`; on a terminal also a bar)."""
     out = Path(cfg.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    todo = []
     for part in grid.shard(cfg, grid.parts(cfg)):
         f = out / "parts" / f"{grid.part_name(part)}.json"
         if cfg.resume and f.exists() and is_current(json.loads(f.read_text()), cfg, rates):
             print(f"done already: {f.name}")
-            continue
-        print(f"== {grid.part_name(part)}", flush=True)
-        lr = None if part["config"] == "zero-shot" else rates(part["task"], part["config"], part["rank"])[0]
-        row = run_part(part, out, lr=lr)
-        write_text(f, json.dumps(row, indent=1))
-        print(f"   score = {row['score']:.2f}  ({time.perf_counter() - t0:.0f} s so far)", flush=True)
+        else:
+            todo.append((part, f))
+    with Progress(len(todo), "parts") as bar:
+        for part, f in todo:
+            bar.begin(grid.part_name(part))
+            lr = None if part["config"] == "zero-shot" else rates(part["task"], part["config"], part["rank"])[0]
+            row = run_part(part, out, lr=lr)
+            write_text(f, json.dumps(row, indent=1))
+            bar.done(part_line(row, metric_of(cfg, part["task"])))
+
+
+def part_line(row: dict, metric: str) -> str:
+    """A finished part in one line: its name, score, rate and trainable count, and the time it took."""
+    trained = f", lr {row['lr']:g}, {row['trainable']:,} trainable" if row.get("lr") is not None else ""
+    took = row.get("seconds", 0.0) + row.get("eval_seconds", 0.0)
+    return f"{grid.part_name(row)}: {metric} {row['score']:.2f}{trained} ({clock(took)})"
 
 
 def prepare(cfg: RunConfig) -> RunConfig:

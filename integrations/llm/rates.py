@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError
 
 from ...state import _atomic_write
 from . import grid
+from .progress import Progress, clock
 from .runconfig import ConfigError, Rate, RunConfig, _Spec, rate_key_parts
 from .stats import next_rate
 from .tasks import TASKS, load_jsonl_examples
@@ -193,25 +194,44 @@ def sweep(cfg: RunConfig, rates: Rates) -> None:
         return
     spec, f, settings = cfg.rates.sweep, sweep_file(cfg), sweep_settings(cfg)
     f.parent.mkdir(parents=True, exist_ok=True)
-    for task, config, rank in grid.shard(cfg, todo):
-        part = next(p for p in grid.parts(cfg) if (p["task"], p["config"], p["rank"]) == (task, config, rank))
-        part = {**part, **{k: settings[k] for k in ("steps", "n_train", "batch")}, "seed": 0}
-        grid_ = sorted(spec.grid)
-        while grid_:
-            for lr in grid_:
-                if lr in scores_of(sweep_results(cfg), task, config, rank):
-                    continue
-                row = run_part(part, Path(cfg.out), lr=lr, val=spec.n_val)
-                new = {"task": task, "config": config, "rank": rank, "lr": lr, "score": row["score"],
-                       "seconds": row["seconds"] + row["eval_seconds"], "loss_last": row["loss_last"]}
-                print(new, flush=True)
-                results = [r for r in sweep_results(cfg) if (r["task"], r["config"], r.get("rank", 8), r["lr"])
-                           != (task, config, rank, lr)]
-                write_text(f, json.dumps({"settings": settings, "results": [*results, new]}, indent=1))
-            scores = scores_of(sweep_results(cfg), task, config, rank)
-            beyond = next_rate(best_lr(scores), up=best_lr(scores) == max(scores))
-            grid_ = [beyond] if spec.extend and at_edge(scores) and not no_signal(scores) and 1e-5 <= beyond <= 1 else []
+    mine, results = grid.shard(cfg, todo), sweep_results(cfg)
+    counted = {(*c, lr) for c in mine for lr in spec.grid if lr not in scores_of(results, *c)}  # runs announced
+    with Progress(len(counted), "sweep") as bar:
+        for task, config, rank in mine:
+            part = next(p for p in grid.parts(cfg) if (p["task"], p["config"], p["rank"]) == (task, config, rank))
+            part = {**part, **{k: settings[k] for k in ("steps", "n_train", "batch")}, "seed": 0}
+            grid_ = sorted(spec.grid)
+            while grid_:
+                for lr in grid_:
+                    if lr in scores_of(sweep_results(cfg), task, config, rank):
+                        if (task, config, rank, lr) in counted:  # announced, but a sweep beside this one ran it
+                            counted.discard((task, config, rank, lr))
+                            bar.grow(-1)
+                        continue
+                    name = f"{cell_key(task, config, rank)} lr {lr:g}"
+                    bar.begin(name)
+                    row = run_part(part, Path(cfg.out), lr=lr, val=spec.n_val)
+                    new = {"task": task, "config": config, "rank": rank, "lr": lr, "score": row["score"],
+                           "seconds": row["seconds"] + row["eval_seconds"], "loss_last": row["loss_last"]}
+                    results = [r for r in sweep_results(cfg) if (r["task"], r["config"], r.get("rank", 8), r["lr"])
+                               != (task, config, rank, lr)]
+                    write_text(f, json.dumps({"settings": settings, "results": [*results, new]}, indent=1))
+                    bar.done(f"sweep {name}: {metric_of(cfg, task)} {new['score']:.1f} on {spec.n_val} held-out, "
+                             f"loss {new['loss_last']:.3f} ({clock(new['seconds'])})")
+                scores = scores_of(sweep_results(cfg), task, config, rank)
+                beyond = next_rate(best_lr(scores), up=best_lr(scores) == max(scores))
+                extend = spec.extend and at_edge(scores) and not no_signal(scores) and 1e-5 <= beyond <= 1
+                grid_ = [beyond] if extend else []
+                more = {(task, config, rank, lr) for lr in grid_ if lr not in scores}  # the edge moved: a run more
+                counted |= more
+                bar.grow(len(more))
     sweep_table(cfg, sweep_results(cfg))
+
+
+def metric_of(cfg: RunConfig, task: str) -> str:
+    """The name of ``task``'s headline metric: a built-in task's from the task table (no data loaded), a JSONL
+    task's from the config."""
+    return TASKS[task].metric if task in TASKS else getattr(cfg.task(task), "metric", None) or "score"
 
 
 def sweep_table(cfg: RunConfig, results: list[dict]) -> None:
@@ -224,7 +244,7 @@ def sweep_table(cfg: RunConfig, results: list[dict]) -> None:
              "|---|---|---|" + "---|" * (len(rates) + 1)]
     for task, config, rank in dict.fromkeys((r["task"], r["config"], r.get("rank", 8)) for r in results):
         scores = scores_of(results, task, config, rank)
-        metric = TASKS[task].metric if task in TASKS else getattr(cfg.task(task), "metric", "score")
+        metric = metric_of(cfg, task)
         best = "none (no signal)" if no_signal(scores) else f"{best_lr(scores):g}" + (" (edge: extend)" if at_edge(scores) else "")
         lines.append(f"| {task} ({metric}) | {config} | {rank} | " + " | ".join(
             f"{scores[lr]:.1f}" if lr in scores else "—" for lr in rates) + f" | {best} |")
