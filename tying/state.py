@@ -4,9 +4,13 @@ model but the spec's ``train_modules``). Nothing is ever unpickled.
 The folder is the unit users save, ship and serve, and one from someone else is untrusted input:
 
 - **Atomic.** The weights file carries the spec in its metadata, so the one rename that replaces it replaces the
-  whole adapter; ``spec.yaml`` (for people and older readers) follows, and where the two differ after a crash
-  the weights file's copy wins. Files are fsynced before the rename and the folder after; temporaries a killed
-  save left behind are removed by the next save into the folder (one writer per folder).
+  whole adapter and commits the save; ``spec.yaml`` (for people and older readers) follows, and where the two
+  differ after a crash the weights file's copy wins. A save that cannot write ``spec.yaml`` after its commit
+  succeeds with a warning and removes the old one (never a raise after the commit). Files are fsynced before the
+  rename and the folder after.
+- **One writer at a time.** A save holds a lock on the folder (:func:`tying.files.locked`): a second save waits
+  for the first, then replaces its adapter whole; temporaries a killed save left behind are removed by the next
+  save, under the lock, so never a live writer's.
 - **Read once.** The spec and every tensor come through one handle, so a save in between cannot mix two adapters.
 - **Checked before anything changes**: keys, shapes, dtypes, finite values; a folder that would replace base
   modules (``train_modules``) is refused unless the caller opts in, naming what it would replace.
@@ -15,7 +19,6 @@ The folder is the unit users save, ship and serve, and one from someone else is 
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,6 +29,8 @@ from torch import nn
 
 from .engine import apply_, bank_of, wrappers
 from .errors import AdapterFileError, AlreadyAppliedError
+from .files import atomic_write as _atomic_write
+from .files import locked
 from .planner import BANK_ATTR, Plan, plan
 from .spec import TyingSpec, load_spec, parse_spec
 from .tasks import check_task, multi_want, task_tensors
@@ -33,32 +38,12 @@ from .tasks import check_task, multi_want, task_tensors
 SPEC_FILE = "spec.yaml"
 WEIGHTS_FILE = "adapter.safetensors"
 SPEC_KEY = "tying_spec"  # the spec's YAML in the weights file's metadata (format 2)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync, rename: a crash leaves the old file or the new."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        _fsync(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)
+LOCK_FILE = ".tying.lock"  # held while a save writes into the folder; removed after
 
 
 def _clean_stale(folder: Path) -> None:
-    """Remove the temporaries of saves that were killed before their rename."""
+    """Remove the temporaries of saves that were killed before their rename (under the folder's lock: no live
+    writer has one)."""
     for name in (WEIGHTS_FILE, SPEC_FILE):
         for tmp in folder.glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -91,13 +76,30 @@ def write_adapter(directory: str | os.PathLike, spec: TyingSpec, tensors: dict[s
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise AdapterFileError(f"cannot create the adapter folder {out}: {e}") from None
-    _clean_stale(out)
     spec = spec.to_yaml()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"format": "tying", "version": "2", SPEC_KEY: spec}
-    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    _atomic_write(out / SPEC_FILE, lambda tmp: Path(tmp).write_text(spec))
+    with locked(out / LOCK_FILE, f"the adapter folder {out}"):
+        _clean_stale(out)
+        _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        # committed: the weights file carries the whole adapter; from here on the save succeeds
+        try:
+            _atomic_write(out / SPEC_FILE, lambda tmp: Path(tmp).write_text(spec))
+        except OSError as e:
+            _side_file_failed(out, e)
     return out
+
+
+def _side_file_failed(out: Path, error: OSError) -> None:
+    """spec.yaml could not be written after the commit: remove the old one, which no longer describes the adapter
+    (it would be reported at every load), and say so."""
+    try:
+        (out / SPEC_FILE).unlink(missing_ok=True)
+        left = f"{SPEC_FILE} was removed"
+    except OSError:
+        left = f"the old {SPEC_FILE} is left, and loads will warn that it differs"
+    warnings.warn(f"{out}: the adapter was saved ({WEIGHTS_FILE} carries its spec and loads whole), but {SPEC_FILE} "
+                  f"could not be written ({error}); {left}. Save again to write it", stacklevel=4)
 
 
 MODULES = "modules."  # key prefix of the spec's train_modules in the adapter file
