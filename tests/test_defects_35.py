@@ -1,6 +1,7 @@
 """Issue 35's defects (the second break-it round; item 1, routing, is elsewhere) and issue 34's item 5, one test or
 more each, named after the item: every one failed on the code of the issue's filing and passes now."""
 
+import json
 import subprocess
 import sys
 import warnings
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize_bank, tiny_llama
+from safetensors.torch import load_file
 from torch import nn
 
 import tying
@@ -27,6 +30,75 @@ def net(d=8):
 
 def folder_bytes(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+# ---- 2: export_peft replaces its folder whole ---------------------------------------------------------------------
+
+@pytest.fixture
+def exported(tmp_path):
+    """A tiny Llama with a rank-4 tl6 and its export; a second model with a rank-8 lora to export over it."""
+    pytest.importorskip("peft")
+    from tying.integrations.peft import export_peft
+    old, new = tiny_llama(), tiny_llama()
+    tying.apply_(old, tying.load_spec("tl6", rank=4))
+    tying.apply_(new, tying.load_spec("lora", rank=8))
+    randomize_bank(old)
+    randomize_bank(new)
+    export_peft(old, tmp_path / "peft", pad_rank=False)
+    return old, new, tmp_path / "peft"
+
+
+def _whole(folder: Path) -> int:
+    """The rank of the export in ``folder``, checking that its config and its weights agree."""
+    r = json.loads((folder / "adapter_config.json").read_text())["r"]
+    assert {t.shape[0] for k, t in load_file(str(folder / "adapter_model.safetensors")).items() if "lora_A" in k} == {r}
+    return r
+
+
+def test_35_2_export_peft_failing_after_its_weights_leaves_the_old_export_whole(exported, monkeypatch):
+    from tying.integrations import peft as tp
+    _, new, folder = exported
+    before = folder_bytes(folder)
+
+    class FullDisk:
+        @staticmethod
+        def dumps(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tp, "json", FullDisk)  # the config's write fails; the weights were written before it
+    with pytest.raises(OSError, match="No space left"):
+        tp.export_peft(new, folder, pad_rank=False)
+    monkeypatch.undo()
+    assert folder_bytes(folder) == before and _whole(folder) == 4  # before: rank-8 weights beside a rank-4 config
+    assert [p.name for p in folder.parent.iterdir()] == ["peft"]  # no sibling, no lock left behind
+
+
+def test_35_2_export_peft_failing_at_the_swap_and_a_killed_swap(exported, monkeypatch):
+    from tying.integrations.peft import export_peft
+
+    from tying import files
+    _, new, folder = exported
+    (folder / "README.md").write_text("mine")  # a file of the user's: carried over
+    before = folder_bytes(folder)
+
+    def refuse(a, b):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(files, "_exchange", refuse)
+    with pytest.raises(OSError, match="Input/output error"):
+        export_peft(new, folder, pad_rank=False)
+    monkeypatch.undo()
+    assert folder_bytes(folder) == before and [p.name for p in folder.parent.iterdir()] == ["peft"]
+    export_peft(new, folder, pad_rank=False)
+    assert _whole(folder) == 8 and (folder / "README.md").read_text() == "mine"
+    # a process killed between the two renames of a system without an exchange call: the old folder is put back
+    folder.rename(folder.with_name(".peft.old-1234"))
+    (folder.parent / ".peft.new-5678").mkdir()
+    export_peft(new, folder.parent / "other", pad_rank=False)  # another folder: this one's leftovers stay
+    assert not folder.exists()
+    export_peft(new, folder, pad_rank=False)
+    assert _whole(folder) == 8 and sorted(p.name for p in folder.parent.iterdir()) == ["other", "peft"]
+    (folder / "sub").mkdir()
+    with pytest.raises(errors.AdapterFileError, match="holds 'sub', which is not a plain file.*folder of its own"):
+        export_peft(new, folder)
 
 
 # ---- 4: save_adapter never raises after its commit ----------------------------------------------------------------
@@ -108,3 +180,40 @@ def test_35_5_a_writer_that_holds_the_folder_too_long_and_a_stale_lock(tmp_path,
     (tmp_path / ".tying.lock").write_text("")  # what a writer killed while saving leaves: the kernel freed its lock
     tying.save_adapter(model, tmp_path)
     assert sorted(folder_bytes(tmp_path)) == ["adapter.safetensors", "spec.yaml"]
+
+
+# ---- issue 34, item 5: export_peft writes the task type, and takes a PeftModel -----------------------------------
+
+def test_34_5_an_export_loads_with_auto_peft_model_and_a_peft_model_exports(tmp_path, tokens):
+    peft = pytest.importorskip("peft")
+    import transformers
+    from tying.integrations import peft as tp
+    from tying.integrations.peft import export_peft
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = tiny_llama()
+    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    randomize_bank(model)
+    with torch.no_grad():
+        want = model(input_ids=tokens).logits
+    export_peft(model, tmp_path / "peft", base_model_name_or_path=str(tmp_path / "base"))
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    loaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=tokens).logits, want, atol=1e-5)
+    export_peft(model, tmp_path / "seqcls", task_type="SEQ_CLS")
+    assert json.loads((tmp_path / "seqcls" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    with pytest.raises(errors.AdapterFileError, match="task_type 'CAUSAL' is not one of PEFT's: CAUSAL_LM, SEQ_CLS"):
+        export_peft(model, tmp_path / "bad", task_type="CAUSAL")
+    if tp._peft_version() < tp.MIN_PEFT:
+        return
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # PEFT records where it came from
+    wrapped = peft.get_peft_model(base, tp.TyingConfig(spec="tl6", rank=4, task_type="CAUSAL_LM"))
+    randomize_bank(wrapped.get_base_model())
+    with torch.no_grad():
+        want = wrapped(input_ids=tokens).logits
+    export_peft(wrapped, tmp_path / "from-peft")
+    cfg = json.loads((tmp_path / "from-peft" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "CAUSAL_LM" and cfg["base_model_name_or_path"] == str(tmp_path / "base")
+    loaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "from-peft")
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=tokens).logits, want, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Writing files so that nothing is lost: a file replaced atomically, and one writer per folder at a time.
+"""Writing files so that nothing is lost: a file replaced atomically, one writer per folder at a time, and a folder
+replaced whole.
 
 - :func:`atomic_write` writes through a temporary in the same folder, fsyncs it, renames it over the target and
   fsyncs the folder: a crash leaves the old file or the new one.
@@ -8,12 +9,21 @@
   temporaries of killed writers only while it holds the lock, so it never removes a live writer's. A flock
   belongs to an open file, so threads of one process wait for each other too. (Without ``fcntl``, on Windows,
   writers are not serialised.)
+- :func:`replace_folder` builds the new content in a sibling folder and exchanges it with the old folder in one
+  rename (``renameat2(RENAME_EXCHANGE)`` on Linux, ``renamex_np(RENAME_SWAP)`` on macOS): a folder whose files are
+  read together (PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``) is the old one or the new one, whole.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
+import secrets
+import shutil
+import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -88,3 +98,78 @@ def _acquire(lock: Path, what: str, deadline: float) -> int:
             os.close(fd)
             raise
         os.close(fd)  # the previous holder removed the file after we opened it: take the new one
+
+
+@functools.lru_cache(maxsize=1)
+def _exchange_call() -> Callable[[str, str], int] | None:
+    """The system call that exchanges two paths in one step, or None where there is none."""
+    if sys.platform not in ("linux", "darwin"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: the C library's among them
+    if sys.platform == "linux" and hasattr(libc, "renameat2"):  # glibc >= 2.28
+        return lambda a, b: libc.renameat2(-100, a.encode(), -100, b.encode(), 2)  # AT_FDCWD, RENAME_EXCHANGE
+    if sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+        return lambda a, b: libc.renamex_np(a.encode(), b.encode(), 2)  # RENAME_SWAP
+    return None
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Exchange the folders ``a`` and ``b`` in one step; where the system cannot, rename ``b`` aside and ``a`` in
+    its place (a crash between the two leaves ``b`` as ``.<name>.old-*``, which the next replace_folder restores)."""
+    call = _exchange_call()
+    if call is not None and call(str(a), str(b)) == 0:
+        return
+    old = b.with_name(f".{b.name}.old-{secrets.token_hex(4)}")
+    os.rename(b, old)
+    os.rename(a, b)
+    os.rename(old, a)
+
+
+def replace_folder(out: Path, fill: Callable[[Path], None], own: tuple[str, ...]) -> None:
+    """Replace the folder ``out`` whole by what ``fill(new)`` writes into a fresh sibling folder ``new``: the files
+    named ``own``, which are read together.
+
+    The other files of ``out`` are carried over as hard links (copies where the system has none); a subfolder cannot
+    be carried in the one step, so it is refused. Holds a lock beside ``out`` (one writer at a time); on any failure
+    ``out`` is as it was and the sibling is removed.
+    """
+    out = Path(out)
+    with locked(out.parent / f".{out.name}.lock", str(out)):
+        _recover(out)
+        new = out.with_name(f".{out.name}.new-{secrets.token_hex(4)}")
+        os.mkdir(new)
+        try:
+            if out.is_dir():
+                others = [p for p in out.iterdir() if p.name not in own]
+                sub = next((p for p in others if not p.is_file() or p.is_symlink()), None)
+                if sub is not None:
+                    raise AdapterFileError(f"{out} holds {sub.name!r}, which is not a plain file: the folder is replaced "
+                                           "as a whole, so that it holds the old export or the new one; export into a "
+                                           "folder of its own")
+                os.chmod(new, stat.S_IMODE(out.stat().st_mode))
+                for p in others:
+                    try:
+                        os.link(p, new / p.name)
+                    except OSError:
+                        shutil.copy2(p, new / p.name)
+            fill(new)
+            for p in new.iterdir():
+                fsync(p)
+            fsync(new)
+            if out.is_dir():
+                _exchange(new, out)  # from here on ``new`` holds the old content
+            else:
+                os.rename(new, out)
+            fsync(out.parent)
+        finally:
+            shutil.rmtree(new, ignore_errors=True)
+
+
+def _recover(out: Path) -> None:
+    """Under the lock: put back a folder that a killed replace_folder left renamed aside, and remove the siblings
+    that killed calls left."""
+    siblings = sorted(out.parent.glob(f".{out.name}.old-*")) + sorted(out.parent.glob(f".{out.name}.new-*"))
+    if not out.exists() and siblings and siblings[0].name.startswith(f".{out.name}.old-"):
+        os.rename(siblings.pop(0), out)
+    for p in siblings:
+        shutil.rmtree(p, ignore_errors=True)
