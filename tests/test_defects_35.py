@@ -4,6 +4,7 @@ more each, named after the item: every one failed on the code of the issue's fil
 import json
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -99,6 +100,44 @@ def test_35_2_export_peft_failing_at_the_swap_and_a_killed_swap(exported, monkey
     (folder / "sub").mkdir()
     with pytest.raises(errors.AdapterFileError, match="holds 'sub', which is not a plain file.*folder of its own"):
         export_peft(new, folder)
+
+
+# ---- 3: an untrusted folder's spec is bounded ----------------------------------------------------------------------
+
+def test_35_3_forty_slow_excludes_share_one_budget_per_plan():
+    """Each pattern takes ~0.3 s per module name, under the old per-name limit of 1 s: 40 of them ran for 112 s on
+    a 2-layer model; now the plan's matching shares 2 s, and the error names the slowest patterns."""
+    spec = {"targets": [{"select": "re:.*", "types": ["Linear"],
+                         "exclude": [f"re:(?:.*){{1,6}}[!?{i}]" for i in range(40)]}],
+            "adapter": {"rank": 2, "factors": {"A": {"init": "zeros"}, "B": {"init": "zeros"}}}}
+    model = tiny_llama(layers=2)
+    start = time.perf_counter()
+    with pytest.raises(errors.SelectorError, match=r"selectors of one plan ran over the 2 s .*the slowest: '\(\?:\.\*\)"):
+        tying.plan(model, tying.load_spec(spec))
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("spec_of, match", [
+    (lambda s: {**s, "targets": [{"select": "a", "exclude": [f"b{i}" for i in range(300)]}]},
+     r"has 301 selectors .*at most 256"),
+    (lambda s: {**s, "targets": [{"select": "re:(?:a{1000}){1000}"}]},  # 21 characters, 275 MB to compile
+     r"would unroll into 1,000,0\d\d elements .*avoid large counted repeats"),
+    (lambda s: {**s, "targets": [{"select": "re:" + "(" * 600 + "a" + ")" * 600}]}, r"nests too deeply"),
+    (lambda s: {**s, "targets": [{"select": "a" * 100_001}]}, r"100,001 characters .*at most 100,000"),
+    (lambda s: {**s, "tasks": [f"t{i}" for i in range(5000)]}, r"tasks: 5,000 task names; a spec has at most 4,096"),
+])
+def test_35_3_caps_on_selectors_and_tasks(spec_of, match):
+    with pytest.raises(errors.SpecError, match=match):
+        tying.load_spec(spec_of(lora()))
+
+
+def test_35_3_task_names_are_checked_in_linear_time():
+    start = time.perf_counter()
+    with pytest.raises(errors.SpecError, match=r"written twice: \['t0'\]"):
+        tying.load_spec({**lora(), "tasks": [f"t{i}" for i in range(4095)] + ["t0"]})
+    spec = tying.load_spec("tl6", rank=4, tasks=[f"t{i}" for i in range(4096)])
+    tying.plan(tiny_llama(layers=1), spec)
+    assert time.perf_counter() - start < 10  # before: 10.8 s for 30,000 names in load_spec alone, 133 s for 120,000
 
 
 # ---- 4: save_adapter never raises after its commit ----------------------------------------------------------------

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import modtypes, vocab
 from .errors import AlreadyAppliedError, ConflictError, SelectorError, SpecError, TieError, UnsupportedModuleError
-from .selectors import closest_names, compile_selector, fullmatch
+from .selectors import closest_names, compile_selector, fullmatch, time_budget
 from .spec import Adapter, Factor, TyingSpec
 
 BANK_ATTR = "tying_bank"
@@ -180,7 +180,13 @@ def group_key(name: str, match, factor: Factor, shape: tuple[int, ...]) -> str:
 
 
 def plan(model: nn.Module, spec: TyingSpec) -> Plan:
-    """Select sites, resolve tie groups and check shapes; never modifies ``model``."""
+    """Select sites, resolve tie groups and check shapes; never modifies ``model``. All selector matching shares one
+    time budget (:data:`tying.selectors.PLAN_SECONDS`): a spec from an untrusted folder cannot make it run long."""
+    with time_budget():
+        return _plan(model, spec)
+
+
+def _plan(model: nn.Module, spec: TyingSpec) -> Plan:
     if hasattr(model, BANK_ATTR) or any(getattr(type(m), "tying_site", False) for m in model.modules()):
         raise AlreadyAppliedError("the model already carries a tying adapter; call tying.unapply_(model) first")
     if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
