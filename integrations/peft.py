@@ -28,7 +28,7 @@ from ..engine import apply_, bank_of
 from ..errors import AdapterFileError
 from ..files import replace_folder
 from ..planner import plan
-from ..spec import load_spec
+from ..spec import load_spec, preset_names
 from ..state import _want, check_tensors, read_adapter
 from ..tasks import check_task
 
@@ -199,6 +199,26 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> None:
             param.copy_(values[k])
 
 
+def config_spec(spec, folder: str | os.PathLike | None = None):
+    """The ``spec`` field of a TyingConfig loaded from an adapter folder (untrusted input), as load_spec takes it:
+    the spec inline (a mapping, as ``save_pretrained`` writes it) or a preset name; a file path only inside
+    ``folder`` (relative to it), and none where the folder is not known. tying never reads a local file that a folder
+    names."""
+    if not isinstance(spec, str) or spec in preset_names():
+        return spec
+    where = "a file, and a folder's config may name none"
+    if folder is not None:
+        root, path = Path(folder).resolve(), (Path(folder) / spec).resolve()
+        inside = not Path(spec).is_absolute() and path.is_relative_to(root)
+        if inside and path.is_file():
+            return path
+        where = "no file in the folder" if inside else "outside the folder"
+    raise AdapterFileError(f"adapter_config.json: spec {spec[:200]!r} is {where}: a TyingConfig folder carries its "
+                           "spec inline (save_pretrained writes it so) or names a preset; tying reads no other local "
+                           "file for it. Save the adapter again with save_pretrained, or write the spec's YAML mapping "
+                           "into the spec field")
+
+
 # ---- a PEFT-native config: peft.get_peft_model(model, TyingConfig(spec="tl6", rank=8)) ----------------------------
 #
 # PEFT looks its methods up in tables keyed by the config's `peft_type`. Its `register_peft_method` accepts only the
@@ -273,8 +293,11 @@ def _classes():
         target_set: str | None = field(default=None, metadata={"help": "attn_qkv, attn, mlp or all_linear"})
 
         def __post_init__(self):
+            loaded = self.peft_type is not None  # PEFT passes a saved config's fields back, peft_type among them
             super().__post_init__()
             self.peft_type = PEFT_TYPE
+            if loaded:  # an adapter folder's config (untrusted): its spec inline or a preset, never a local file
+                self.spec = config_spec(self.spec)
             self.tying_spec()  # a bad spec fails here, with the spec's own message
 
         @property

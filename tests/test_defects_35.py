@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_bank, tiny_llama
+from conftest import randomize_bank, same_state, snapshot, tiny_llama
 from safetensors.torch import load_file
 from torch import nn
 
@@ -219,6 +219,40 @@ def test_35_5_a_writer_that_holds_the_folder_too_long_and_a_stale_lock(tmp_path,
     (tmp_path / ".tying.lock").write_text("")  # what a writer killed while saving leaves: the kernel freed its lock
     tying.save_adapter(model, tmp_path)
     assert sorted(folder_bytes(tmp_path)) == ["adapter.safetensors", "spec.yaml"]
+
+
+# ---- 6: a PEFT folder's config names no local file ----------------------------------------------------------------
+
+def test_35_6_a_tying_config_folder_naming_a_local_spec_file_is_refused(tmp_path):
+    peft = pytest.importorskip("peft")
+    from tying.integrations import peft as tp
+    if tp._peft_version() < tp.MIN_PEFT:
+        pytest.skip("TyingConfig needs peft >= 0.21")
+    model = peft.get_peft_model(tiny_llama(), tp.TyingConfig(spec="tl6", rank=4, task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "ad")
+    local = tmp_path / "elsewhere.yaml"  # any file of the machine loading the folder
+    local.write_text(tying.load_spec("tl6", rank=4).to_yaml())
+    cfg_file = tmp_path / "ad" / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    for named in (str(local), "../elsewhere.yaml"):
+        cfg_file.write_text(json.dumps({**cfg, "spec": named}))
+        base = tiny_llama()
+        before = snapshot(base)
+        with pytest.raises(errors.AdapterFileError, match=r"spec '.*elsewhere.yaml' is a file, and a folder's config "
+                           "may name none: a TyingConfig folder carries its spec inline"):
+            peft.PeftModel.from_pretrained(base, tmp_path / "ad")
+        assert same_state(base, before) and not hasattr(base, "tying_bank")
+    cfg_file.write_text(json.dumps({**cfg, "spec": "tl6", "rank": 4}))  # a preset name is no file
+    peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ad")
+    # the helper for a loader that knows the folder: a path inside it only
+    (tmp_path / "ad" / "spec.yaml").write_text(local.read_text())
+    assert tp.config_spec("spec.yaml", tmp_path / "ad") == (tmp_path / "ad" / "spec.yaml").resolve()
+    for outside in ("../elsewhere.yaml", str(local)):
+        with pytest.raises(errors.AdapterFileError, match="is outside the folder"):
+            tp.config_spec(outside, tmp_path / "ad")
+    with pytest.raises(errors.AdapterFileError, match="'missing.yaml' is no file in the folder"):
+        tp.config_spec("missing.yaml", tmp_path / "ad")
+    tp.TyingConfig(spec=str(local))  # built in code, a path is the user's own choice
 
 
 # ---- issue 34, item 5: export_peft writes the task type, and takes a PeftModel -----------------------------------
