@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomize_bank, same_state, snapshot, tiny_llama
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import tying
@@ -253,6 +254,105 @@ def test_35_6_a_tying_config_folder_naming_a_local_spec_file_is_refused(tmp_path
     with pytest.raises(errors.AdapterFileError, match="'missing.yaml' is no file in the folder"):
         tp.config_spec("missing.yaml", tmp_path / "ad")
     tp.TyingConfig(spec=str(local))  # built in code, a path is the user's own choice
+
+
+# ---- 7: messages where tracebacks were ----------------------------------------------------------------------------
+
+def test_35_7_routing_a_multi_task_model_with_none():
+    model = tiny_llama(layers=1)
+    tying.apply_(model, tying.load_spec("tl6", rank=4, tasks=["a", "b"]))
+    for names in (None, [], 3):
+        with pytest.raises(errors.ServingError, match=r"takes a task name, or a non-empty list with one task per "
+                           "row"), tying.adapters(model, names):
+            pass
+
+
+def test_35_7_bad_arguments_are_clear_errors_and_change_nothing(tmp_path):
+    model = tiny_llama(layers=1)
+    before = snapshot(model)
+    with pytest.raises(errors.SpecError, match=r"apply_\(dtype=torch.int64\) gives the factors of .* floating-point"):
+        tying.apply_(model, "tl6", dtype=torch.int64)
+    assert same_state(model, before) and not hasattr(model, "tying_bank")
+    with pytest.raises(errors.ServingError, match=r"adapter 'x': None is not a folder; give the path of an adapter"):
+        tying.load_adapters_(model, {"x": None})
+    assert same_state(model, before) and not hasattr(model, "tying_serving")
+    with pytest.raises(errors.SpecError, match=r"seed: Input should be less than or equal to 4611686018427387904"):
+        tying.apply_(model, lora("model.layers.0.self_attn.q_proj") | {"adapter": {"rank": 2, "factors": {
+            "A": {"init": {"kind": "normal", "seed": 2**70}}, "B": {"init": "zeros"}}}})
+    assert same_state(model, before)
+
+
+def test_35_7_an_empty_carried_spec_names_its_file(tmp_path):
+    model = net()
+    tying.apply_(model, lora())
+    tying.save_adapter(model, tmp_path)
+    path = str(tmp_path / "adapter.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, path, metadata={**meta, "tying_spec": ""})
+    (tmp_path / "spec.yaml").unlink()
+    with pytest.raises(errors.SpecError, match=r"invalid spec \(.*adapter.safetensors \(the spec it carries\)\): it is "
+                       "empty"):
+        tying.load_adapter(net(), tmp_path)
+
+
+def test_35_7_a_folder_whose_spec_and_tensors_disagree_is_blamed_not_the_model(tmp_path):
+    model = net()
+    tying.apply_(model, lora(rank=2))
+    tying.save_adapter(model, tmp_path)
+    path = str(tmp_path / "adapter.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file({**tensors, "C.a": torch.zeros(2)}, path, metadata=meta)
+    fresh = net()
+    before = snapshot(fresh)
+    with pytest.raises(errors.AdapterFileError, match=r"the spec the folder holds and its tensors disagree \(C\.a is of "
+                       r"factor C, which the spec's lora adapter lacks .*whatever the model"):
+        tying.load_adapter(fresh, tmp_path)
+    assert same_state(fresh, before)
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    pytest.importorskip("transformers")
+    from test_llm_models import addition_jsonl, tiny_llm_folder
+    from test_reproduce import reproduce, tiny_config
+    folder = tiny_llm_folder(tmp_path / "m")
+    return reproduce, tiny_config(tmp_path / "c.yaml", folder, addition_jsonl(tmp_path / "add.jsonl"))
+
+
+def test_35_7_run_configs_refused_before_anything_is_written(tmp_path, tiny_run):
+    reproduce, config = tiny_run
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for args, match in [([f"out={a_file}/sub"], r"out .*a_file/sub cannot be created: .*a_file is a file"),
+                        (["seeds=[1180591620717411303424]"], r"seeds\[0\]: Input should be less than 4294967296"),
+                        (["max_len=1"], r"max_len 1 leaves no answer token to train on")]:
+        with pytest.raises(SystemExit) as e:
+            reproduce.main([str(config), *args, f"out={tmp_path / 'out'}"] if "out=" not in args[0] else
+                           [str(config), *args])
+        assert e.value.code != 0 and __import__("re").search(match, str(e.value)), str(e.value)
+        assert not (tmp_path / "out").exists()
+
+
+def test_35_7_finetune_without_answer_tokens_says_so_and_a_nan_loss_blames_float16_only_on_float16(tmp_path):
+    pytest.importorskip("transformers")
+    import transformers
+    from test_llm_models import tiny_llm_folder
+    from tying.integrations.llm import finetune
+    folder = tiny_llm_folder(tmp_path / "m")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    data = [{"prompt": "What is 1 plus 1?", "answer": "2"}] * 4
+    with pytest.raises(errors.TyingError, match=r"no example has an answer token to train on \(max_len=1\)"):
+        finetune.finetune(model, data, tok, steps=1, batch_size=2, max_len=1, progress=False)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("inf")  # a float32 base whose outputs are not finite
+    with pytest.raises(errors.TyingError, match=r"loss became nan at step 1 with the base in float32: the model's "
+                       r"outputs or the update diverged there: lower the learning rate") as e:
+        finetune.finetune(model, data, tok, steps=2, batch_size=2, progress=False)
+    assert "float16" not in str(e.value)  # before: "the model overflows there (float16's range is small)"
 
 
 # ---- issue 34, item 5: export_peft writes the task type, and takes a PeftModel -----------------------------------

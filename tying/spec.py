@@ -63,7 +63,7 @@ class Init(_Frozen):
     std: Finite = Field(1.0, gt=0)  # normal
     bound: Finite = Field(1.0, gt=0)  # uniform(-bound, bound)
     gain: Finite = Field(1.0, gt=0)  # orthogonal
-    seed: Int | None = None
+    seed: Annotated[Int, Field(ge=-2**62, le=2**62)] | None = None  # torch's generators take 64 bits (+ index)
 
     @model_validator(mode="before")
     @classmethod
@@ -378,7 +378,10 @@ def _read_yaml(text: str, where: str) -> Any:
 
 def parse_spec(text: str, where: str) -> TyingSpec:
     """A spec from YAML text (e.g. the copy an adapter file carries); ``where`` names it in errors."""
-    return load_spec(_read_yaml(text, where), _where=where)
+    data = _read_yaml(text, where)
+    if data is None:
+        raise SpecError(f"invalid spec ({where}): it is empty; a spec is a mapping with targets and adapter")
+    return load_spec(data, _where=where)
 
 
 _ADAPTER_OVERRIDES = ("rank", "alpha", "dropout")

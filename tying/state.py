@@ -141,10 +141,35 @@ def read_adapter(src: str | os.PathLike) -> tuple[TyingSpec, dict[str, torch.Ten
             warnings.warn(f"{yaml_file} differs from the spec {path} carries, which is used (a save was interrupted "
                           f"between its two files, or {SPEC_FILE} was edited: change a spec by saving the adapter "
                           "again)", stacklevel=3)
-        return parse_spec(text, f"{path} (the spec it carries)"), tensors
-    if not (src / SPEC_FILE).is_file():  # format 1 (tying 0.1): the spec lives in spec.yaml only
+        spec = parse_spec(text, f"{path} (the spec it carries)")
+    elif not (src / SPEC_FILE).is_file():  # format 1 (tying 0.1): the spec lives in spec.yaml only
         raise AdapterFileError(f"{src / SPEC_FILE} not found: an adapter folder holds {SPEC_FILE} and {WEIGHTS_FILE}")
-    return load_spec(src / SPEC_FILE), tensors
+    else:
+        spec = load_spec(src / SPEC_FILE)
+    _check_agree(src, spec, tensors)
+    return spec, tensors
+
+
+def _check_agree(src: Path, spec: TyingSpec, tensors: dict[str, torch.Tensor]) -> None:
+    """The tensors are of the factors and the rank the folder's own spec names (whatever the model): a folder whose
+    spec and tensors disagree was edited or damaged, and the error says so rather than blame the model."""
+    a, bad = spec.adapter, []
+    for k, t in tensors.items():
+        factor = k.partition(".")[0]
+        symbols = a.facts.factors.get(factor) if factor in a.factors else None
+        if k.startswith(MODULES):
+            if not spec.train_modules:
+                bad.append(f"{k} is a module's tensor, but the spec has no train_modules")
+        elif symbols is None:
+            bad.append(f"{k} is of factor {factor}, which the spec's {a.kind} adapter lacks (factors: "
+                       f"{', '.join(a.factors)})")
+        elif t.ndim != len(symbols) or any(s == "rank" and n != a.rank for s, n in zip(symbols, t.shape)):
+            want = ", ".join(str(a.rank) if s == "rank" else s for s in symbols)
+            bad.append(f"{k} has shape {tuple(t.shape)}, but the spec's rank {a.rank} gives it ({want})")
+    if bad:
+        raise AdapterFileError(f"{src}: the spec the folder holds and its tensors disagree ({'; '.join(bad[:3])}): the "
+                               "folder was edited or damaged, whatever the model; nothing was loaded. Save the adapter "
+                               "again from its model")
 
 
 def check_tensors(src, tensors: dict[str, torch.Tensor], want: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
@@ -152,8 +177,10 @@ def check_tensors(src, tensors: dict[str, torch.Tensor], want: dict[str, tuple[t
     floating-point factors, module tensors of the model's kind of dtype, the same shapes, finite values."""
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or extra:
-        raise AdapterFileError(f"adapter in {src} does not fit this model: missing factors {missing[:5]}, "
-                               f"unexpected factors {extra[:5]} (was it saved from a different model?)")
+        raise AdapterFileError(f"adapter in {src} does not fit this model: its spec, planned on this model, needs "
+                               f"other factors than the file holds: missing factors {missing[:5]}, unexpected factors "
+                               f"{extra[:5]} (was it saved from a different model, or its spec's targets or ties "
+                               "edited?)")
     wrong_dtype = [f"{k} is {t.dtype}, the model's {want[k][1]}" for k, t in tensors.items()
                    if t.is_floating_point() != want[k][1].is_floating_point
                    or (not t.is_floating_point() and t.dtype != want[k][1])

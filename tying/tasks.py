@@ -59,6 +59,8 @@ def task_tensors(spec: TyingSpec, p: Plan, tensors: dict[str, torch.Tensor], tas
 @contextmanager
 def route(model: nn.Module, names: str | Sequence[str]) -> Iterator[None]:
     """Route the rows of every batch inside the block to their tasks (see the module docstring). Blocks nest."""
+    if not isinstance(names, (str, Sequence)) or not names:
+        raise ServingError(f"tying.adapters takes a task name, or a non-empty list with one task per row; got {names!r}")
     bank = bank_of(model)
     tasks = bank.spec.tasks
     if not tasks:
