@@ -18,7 +18,6 @@ from torch import nn
 import tying
 from tying import errors
 
-
 def lora(select="a", rank=2, **top):
     return {"targets": [{"select": select}], **top, "adapter": {"rank": rank, "factors": {
         "A": {"init": {"kind": "normal", "seed": 0}}, "B": {"init": {"kind": "normal", "seed": 1}}}}}
@@ -353,6 +352,48 @@ def test_35_7_finetune_without_answer_tokens_says_so_and_a_nan_loss_blames_float
                        r"outputs or the update diverged there: lower the learning rate") as e:
         finetune.finetune(model, data, tok, steps=2, batch_size=2, progress=False)
     assert "float16" not in str(e.value)  # before: "the model overflows there (float16's range is small)"
+
+
+# ---- 8: registries ------------------------------------------------------------------------------------------------
+
+def test_35_8_unregistering_an_unknown_name_is_an_error():
+    with pytest.raises(errors.RegistryError, match=r"adapter kind 'nope' is not registered, so it cannot be "
+                       r"unregistered; registered: .*lora"):
+        tying.unregister_kind("nope")
+    with pytest.raises(errors.RegistryError, match=r"module type 'Nope' is not registered, so it cannot be "
+                       r"unregistered; registered: Linear"):
+        tying.unregister_module_type("Nope")
+
+
+class Kernel(nn.Module):
+    """A linear layer that stores its weight as (d_in, d_out)."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(d_in, d_out))
+
+    def forward(self, x):
+        return x @ self.kernel
+
+
+def test_35_8_a_module_type_whose_dims_are_swapped_is_named_at_plan_time():
+    from tying import modtypes
+    mt = tying.register_module_type("SwappedKernel", Kernel, dims=lambda m: tuple(m.kernel.shape)[::-1],
+                                    weight=lambda m: m.kernel.T, **modtypes.LINEAR_LIKE)
+    try:
+        model = nn.Module()
+        model.k = Kernel(8, 4)
+        before = snapshot(model)
+        with pytest.raises(errors.RegistryError, match=r"module type 'SwappedKernel' \(by .*\): for module 'k', dims "
+                           r"gives d_in=4, d_out=8, but its weight is \(4, 8\), not \(d_out, d_in\) = \(8, 4\) \(d_in "
+                           "and d_out swapped in its dims\\?\\)"):
+            tying.apply_(model, lora("k"))
+        assert same_state(model, before)
+        with pytest.raises(errors.RegistryError, match=r"dims gave \(0, 4\) for module 'k'"):
+            object.__setattr__(mt, "dims", lambda m: (0, 4))
+            tying.plan(model, tying.load_spec(lora("k")))
+    finally:
+        tying.unregister_module_type("SwappedKernel")
 
 
 # ---- issue 34, item 5: export_peft writes the task type, and takes a PeftModel -----------------------------------

@@ -234,7 +234,7 @@ def _plan(model: nn.Module, spec: TyingSpec) -> Plan:
                 raise UnsupportedModuleError(f"module {name!r} belongs to an nn.MultiheadAttention, which reads its "
                                              "weights directly instead of calling it; exclude it from the selector")
             mt = modtypes.site_type(name, module)
-            d_in, d_out = mt.dims(module)
+            d_in, d_out = modtypes.site_dims(mt, name, module)
             _check_fit(name, mt, spec.adapter, d_in, d_out)
             if mt.check is not None:
                 mt.check(name, module)
