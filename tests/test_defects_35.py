@@ -18,6 +18,7 @@ from torch import nn
 import tying
 from tying import errors
 
+
 def lora(select="a", rank=2, **top):
     return {"targets": [{"select": select}], **top, "adapter": {"rank": rank, "factors": {
         "A": {"init": {"kind": "normal", "seed": 0}}, "B": {"init": {"kind": "normal", "seed": 1}}}}}
@@ -77,7 +78,7 @@ def test_35_2_export_peft_failing_at_the_swap_and_a_killed_swap(exported, monkey
     from tying.integrations.peft import export_peft
 
     from tying import files
-    _, new, folder = exported
+    old, new, folder = exported
     (folder / "README.md").write_text("mine")  # a file of the user's: carried over
     before = folder_bytes(folder)
 
@@ -96,7 +97,12 @@ def test_35_2_export_peft_failing_at_the_swap_and_a_killed_swap(exported, monkey
     export_peft(new, folder.parent / "other", pad_rank=False)  # another folder: this one's leftovers stay
     assert not folder.exists()
     export_peft(new, folder, pad_rank=False)
+    assert (folder / "README.md").read_text() == "mine"  # the old folder was put back, then replaced
     assert _whole(folder) == 8 and sorted(p.name for p in folder.parent.iterdir()) == ["other", "peft"]
+    link = folder.parent / "link"
+    link.symlink_to(folder)
+    export_peft(old, link, pad_rank=False)  # through a symlink: the folder it names is replaced, the link stays
+    assert link.is_symlink() and _whole(link) == 4 and _whole(folder) == 4
     (folder / "sub").mkdir()
     with pytest.raises(errors.AdapterFileError, match="holds 'sub', which is not a plain file.*folder of its own"):
         export_peft(new, folder)

@@ -133,7 +133,7 @@ def replace_folder(out: Path, fill: Callable[[Path], None], own: tuple[str, ...]
     be carried in the one step, so it is refused. Holds a lock beside ``out`` (one writer at a time); on any failure
     ``out`` is as it was and the sibling is removed.
     """
-    out = Path(out)
+    out = Path(out).resolve()  # a symlink to the folder stays one: its target is replaced
     with locked(out.parent / f".{out.name}.lock", str(out)):
         _recover(out)
         new = out.with_name(f".{out.name}.new-{secrets.token_hex(4)}")
