@@ -150,6 +150,8 @@ def site_dims(mt: ModuleType, name: str, module: nn.Module) -> tuple[int, int]:
     if mt.weight is not None and not mt.quantized:
         shape = tuple(mt.weight(module).shape)
         if shape != (d_out, d_in):
+            if mt.check is not None:  # an instance the type refuses (a grouped convolution) is refused as such
+                mt.check(name, module)
             hint = " (d_in and d_out swapped in its dims?)" if shape == (d_in, d_out) else ""
             raise RegistryError(f"module type {mt.name!r} (by {mt.owner}): for module {name!r}, dims gives d_in={d_in}, "
                                 f"d_out={d_out}, but its weight is {shape}, not (d_out, d_in) = {(d_out, d_in)}{hint}; "
