@@ -25,9 +25,10 @@ from torch import nn
 from .. import kinds, modtypes
 from ..engine import apply_, bank_of
 from ..errors import AdapterFileError
+from ..files import replace_folder
 from ..planner import plan
-from ..spec import load_spec
-from ..state import _atomic_write, _want, check_tensors, read_adapter
+from ..spec import load_spec, preset_names
+from ..state import _want, check_tensors, read_adapter
 from ..tasks import check_task
 
 PREFIX = "base_model.model."
@@ -37,18 +38,38 @@ _SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_em
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts (vllm/config/lora.py)
 
 
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+# PEFT's task types, by the suffix of a transformers model class (what AutoPeftModel* needs to pick its class)
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
+              "ForQuestionAnswering": "QUESTION_ANS", "ForSeq2SeqLM": "SEQ_2_SEQ_LM"}
+PEFT_TASK_TYPES = (*TASK_TYPES.values(), "FEATURE_EXTRACTION")
+
+
 def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.PathLike | None = None,
-                base_model_name_or_path: str | None = None, pad_rank: bool = True, task: str | None = None) -> Path:
+                base_model_name_or_path: str | None = None, pad_rank: bool = True, task: str | None = None,
+                task_type: str | None = None) -> Path:
     """Write a PEFT LoRA adapter for ``model``'s tying adapter (or for the adapter folder ``adapter``,
-    planned on ``model``, which may then be a meta-device model).
+    planned on ``model``, which may then be a meta-device model). ``model`` may be a PeftModel of a TyingConfig.
 
     The factors are exact (``lora_A = G diag(u) A``, ``lora_B = scale diag(v) B``, never an SVD). With ``pad_rank``
     (the default) the rank is padded with zeros to the next one vLLM and SGLang serve (1, 8, 16, ..., 512; the same
     function); ``target_modules`` are the modules' last names (``q_proj``, as vLLM maps them) where those select
-    exactly the adapted modules, else their full names. A multi-task adapter exports one task, named by ``task``."""
+    exactly the adapted modules, else their full names. A multi-task adapter exports one task, named by ``task``.
+    ``task_type`` (PEFT's: CAUSAL_LM, SEQ_CLS, ...) defaults to the one a transformers model's class names
+    (``*ForCausalLM``: CAUSAL_LM), so that ``AutoPeftModelForCausalLM`` loads the export. The folder is replaced
+    whole (:func:`tying.files.replace_folder`): after any failure it holds the old export or the new one."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise AdapterFileError(f"{out_dir} is a file: export_peft writes a folder (adapter_config.json + "
                                "adapter_model.safetensors); give the path of a folder")
+    model, peft_config = _unwrap(model)
+    if task_type is None:
+        task_type = next((t for end, t in TASK_TYPES.items() if type(model).__name__.endswith(end)),
+                         getattr(peft_config, "task_type", None))
+    task_type = getattr(task_type, "value", task_type)
+    if task_type is not None and task_type not in PEFT_TASK_TYPES:
+        raise AdapterFileError(f"task_type {task_type!r} is not one of PEFT's: {', '.join(PEFT_TASK_TYPES)}")
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(peft_config, "base_model_name_or_path", None)
     spec, tensors = (bank_of(model).spec, None) if adapter is None else read_adapter(adapter)
     where = "the model's adapter" if adapter is None else str(adapter)
     if spec.tasks and task is None:
@@ -88,14 +109,30 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
             state[f"{PREFIX}{site.name}.{suffix}"] = t.detach().clone().contiguous()  # tied: one copy per module
         extra_config.update(mt.peft_config)
     config = {"peft_type": "LORA", "r": padded, "lora_alpha": padded, "lora_dropout": spec.adapter.dropout,
-              "bias": "none", "target_modules": _target_names(model, [s.name for s in p.sites]), "task_type": None,
-              "inference_mode": True,
+              "bias": "none", "target_modules": _target_names(model, [s.name for s in p.sites]),
+              "task_type": task_type, "inference_mode": True,
               "fan_in_fan_out": False, "init_lora_weights": True, "base_model_name_or_path": base_model_name_or_path,
               "use_rslora": False, "use_dora": False, **extra_config, **kind.peft_config}
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "adapter_model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+
+    def fill(new: Path) -> None:
+        save_file(state, str(new / WEIGHTS_FILE), metadata={"format": "pt"})
+        (new / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AdapterFileError(f"cannot create the folder {out.parent} for the export: {e}") from None
+    replace_folder(out, fill, own=(WEIGHTS_FILE, CONFIG_FILE))  # the old export or the new one, never a mix
     return out
+
+
+def _unwrap(model: nn.Module):
+    """A PeftModel's base model (the model that carries the tying adapter) and its active config; others as
+    they are."""
+    config = getattr(model, "peft_config", None)
+    inner = getattr(getattr(model, "base_model", None), "model", None)
+    if not isinstance(config, dict) or not isinstance(inner, nn.Module):
+        return model, None
+    return inner, config.get(getattr(model, "active_adapter", None))
 
 
 def _target_names(model: nn.Module, sites: list[str]) -> list[str]:
@@ -159,6 +196,26 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> None:
     with torch.no_grad():
         for k, param in bank_of(model).state_dict(keep_vars=True).items():
             param.copy_(values[k])
+
+
+def config_spec(spec, folder: str | os.PathLike | None = None):
+    """The ``spec`` field of a TyingConfig loaded from an adapter folder (untrusted input), as load_spec takes it:
+    the spec inline (a mapping, as ``save_pretrained`` writes it) or a preset name; a file path only inside
+    ``folder`` (relative to it), and none where the folder is not known. tying never reads a local file that a folder
+    names."""
+    if not isinstance(spec, str) or spec in preset_names():
+        return spec
+    where = "a file, and a folder's config may name none"
+    if folder is not None:
+        root, path = Path(folder).resolve(), (Path(folder) / spec).resolve()
+        inside = not Path(spec).is_absolute() and path.is_relative_to(root)
+        if inside and path.is_file():
+            return path
+        where = "no file in the folder" if inside else "outside the folder"
+    raise AdapterFileError(f"adapter_config.json: spec {spec[:200]!r} is {where}: a TyingConfig folder carries its "
+                           "spec inline (save_pretrained writes it so) or names a preset; tying reads no other local "
+                           "file for it. Save the adapter again with save_pretrained, or write the spec's YAML mapping "
+                           "into the spec field")
 
 
 # ---- a PEFT-native config: peft.get_peft_model(model, TyingConfig(spec="tl6", rank=8)) ----------------------------

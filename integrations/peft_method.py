@@ -100,8 +100,13 @@ class TyingConfig(PeftConfig):
     init_weights: bool = field(default=True, metadata={"help": "False: zero-initialised factors start random"})
 
     def __post_init__(self):
+        loaded = self.peft_type is not None  # PEFT passes a saved config's fields back, peft_type among them
         super().__post_init__()
         self.peft_type = PEFT_TYPE
+        if loaded:  # an adapter folder's config (untrusted): its spec inline or a preset, never a local file
+            from .peft import config_spec
+
+            self.spec = config_spec(self.spec)
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         self.tying_spec()  # a bad spec fails here, with the spec's own message

@@ -20,7 +20,7 @@ from torch import nn
 from . import kinds, modtypes, route
 from .adapter import SiteAdapter, link_shared_down
 from .bank import AdapterBanks, FactorBank
-from .errors import AlreadyAppliedError, NotAppliedError, NotMergeableError, TyingError
+from .errors import AlreadyAppliedError, NotAppliedError, NotMergeableError, SpecError, TyingError
 from .planner import Counts, Plan, plan
 from .spec import TyingSpec, load_spec
 from .trained import TrainedModule
@@ -137,6 +137,10 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
         module = bases[site.name]
         place = (torch.device(device) if device else next(module.parameters()).device,
                  dtype or types[site.name].factor_dtype(module))
+        if not (isinstance(place[1], torch.dtype) and place[1].is_floating_point):
+            given = f"apply_(dtype={dtype})" if dtype else f"module type {site.kind!r} (its dtype fact)"
+            raise SpecError(f"{given} gives the factors of {site.name!r} the dtype {place[1]}; factors are trained, so "
+                            "their dtype is a floating-point one: float32, bfloat16 or float16")
         for keys in (site.keys, *site.task_keys.values()):
             for factor, key in keys.items():
                 first.setdefault((factor, key), place)

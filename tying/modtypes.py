@@ -127,11 +127,36 @@ def register_module_type(name: str, cls: type, *, dims: Callable, parent: str | 
 
 
 def unregister_module_type(name: str) -> None:
-    """Remove a registered module type (tests, plugins that unload); modules already wrapped keep working."""
-    mt = _TYPES.pop(name, None)
-    if mt is not None:
-        _BY_CLASS[mt.cls].remove(mt)
-        vocab.remove_module_type(name)
+    """Remove a registered module type (tests, plugins that unload); modules already wrapped keep working. A
+    RegistryError for a name that is not registered."""
+    if name not in _TYPES:
+        raise RegistryError(f"module type {name!r} is not registered, so it cannot be unregistered; registered: "
+                            f"{', '.join(_TYPES)}")
+    mt = _TYPES.pop(name)
+    _BY_CLASS[mt.cls].remove(mt)
+    vocab.remove_module_type(name)
+
+
+def site_dims(mt: ModuleType, name: str, module: nn.Module) -> tuple[int, int]:
+    """``mt.dims(module)``, checked: two positive whole numbers that agree with the type's weight (d_out, d_in) where
+    it has a cheap one (not a quantized type's decoding), so that a type whose dims are swapped is named here rather
+    than met as a torch shape error in the first forward."""
+    dims = mt.dims(module)
+    if not (isinstance(dims, (tuple, list)) and len(dims) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)):
+        raise RegistryError(f"module type {mt.name!r} (by {mt.owner}): dims gave {dims!r} for module {name!r}; it must "
+                            "give (d_in, d_out), two positive whole numbers")
+    d_in, d_out = dims
+    if mt.weight is not None and not mt.quantized:
+        shape = tuple(mt.weight(module).shape)
+        if shape != (d_out, d_in):
+            if mt.check is not None:  # an instance the type refuses (a grouped convolution) is refused as such
+                mt.check(name, module)
+            hint = " (d_in and d_out swapped in its dims?)" if shape == (d_in, d_out) else ""
+            raise RegistryError(f"module type {mt.name!r} (by {mt.owner}): for module {name!r}, dims gives d_in={d_in}, "
+                                f"d_out={d_out}, but its weight is {shape}, not (d_out, d_in) = {(d_out, d_in)}{hint}; "
+                                "fix the type's dims or weight")
+    return d_in, d_out
 
 
 def module_type(name: str) -> ModuleType:

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import modtypes, vocab
 from .errors import ConflictError, SelectorError, SpecError, TieError, UnsupportedModuleError
-from .selectors import closest_names, compile_selector, fullmatch
+from .selectors import closest_names, compile_selector, fullmatch, time_budget
 from .spec import Adapter, Factor, TyingSpec
 from .view import BANK_ATTR, SERVING_ATTR, named_base_modules  # noqa: F401  (BANK_ATTR, SERVING_ATTR: re-exported)
 
@@ -179,7 +179,14 @@ def group_key(name: str, match, factor: Factor, shape: tuple[int, ...]) -> str:
 
 def plan(model: nn.Module, spec: TyingSpec) -> Plan:
     """Select sites, resolve tie groups and check shapes; never modifies ``model``. A model that carries adapters
-    already is planned as its base (:mod:`tying.view`): another adapter may stack on the same modules."""
+    already is planned as its base (:mod:`tying.view`): another adapter may stack on the same modules. All selector
+    matching shares one time budget (:data:`tying.selectors.PLAN_SECONDS`): a spec from an untrusted folder cannot
+    make it run long."""
+    with time_budget():
+        return _plan(model, spec)
+
+
+def _plan(model: nn.Module, spec: TyingSpec) -> Plan:
     if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         raise UnsupportedModuleError(f"the root is an nn.{type(model).__name__}: the bank would become one of its "
                                      "layers; wrap it in an nn.Module first")
@@ -225,7 +232,7 @@ def plan(model: nn.Module, spec: TyingSpec) -> Plan:
                 raise UnsupportedModuleError(f"module {name!r} belongs to an nn.MultiheadAttention, which reads its "
                                              "weights directly instead of calling it; exclude it from the selector")
             mt = modtypes.site_type(name, module)
-            d_in, d_out = mt.dims(module)
+            d_in, d_out = modtypes.site_dims(mt, name, module)
             _check_fit(name, mt, spec.adapter, d_in, d_out)
             if mt.check is not None:
                 mt.check(name, module)

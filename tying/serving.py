@@ -119,6 +119,9 @@ def load_adapters_(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) 
     for name, folder in adapters.items():
         if not isinstance(name, str) or not name:
             raise ServingError(f"adapter names are non-empty strings; got {name!r}")
+        if not isinstance(folder, (str, os.PathLike)):
+            raise ServingError(f"adapter {name!r}: {folder!r} is not a folder; give the path of an adapter folder "
+                               "(as tying.save_adapter writes it)")
         for served_name, p, tensors in _read(model, name, folder):
             if (bank is not None and served_name in bank.adapters) or served_name in read:
                 raise ServingError(f"adapter {served_name!r} is loaded already; call tying.unload_adapter_(model, "

@@ -3,6 +3,8 @@ which are trained, and how each starts. Pydantic v2, frozen, ``extra="forbid"``;
 
 from __future__ import annotations
 
+from collections import Counter
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,9 +23,10 @@ from pydantic import (
 
 from . import vocab
 from .errors import SelectorError, SpecError
-from .selectors import compile_selector
+from .selectors import check_budget, compile_selector
 
 SPEC_VERSION = 1
+MAX_TASKS = 4096  # tasks of one spec: each adds its own factors to every site (an untrusted folder's spec is bounded)
 _PRESET_FILE = Path(__file__).parent / "presets" / "presets.yaml"
 
 
@@ -60,7 +63,7 @@ class Init(_Frozen):
     std: Finite = Field(1.0, gt=0)  # normal
     bound: Finite = Field(1.0, gt=0)  # uniform(-bound, bound)
     gain: Finite = Field(1.0, gt=0)  # orthogonal
-    seed: Int | None = None
+    seed: Annotated[Int, Field(ge=-2**62, le=2**62)] | None = None  # torch's generators take 64 bits (+ index)
 
     @model_validator(mode="before")
     @classmethod
@@ -206,10 +209,31 @@ class TyingSpec(_Frozen):
     train_modules: list[Selector] = Field(default_factory=list)  # base modules trained and saved with the adapter
     tasks: list[TaskName] | None = Field(None, min_length=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data: Any) -> Any:
+        """Bounds checked before anything is validated, in time linear in the input: the number of tasks, and the
+        number and cost of the selectors (tying.selectors)."""
+        if not isinstance(data, dict):
+            return data
+        tasks = data.get("tasks")
+        if isinstance(tasks, (list, tuple)) and len(tasks) > MAX_TASKS:
+            raise ValueError(f"tasks: {len(tasks):,} task names; a spec has at most {MAX_TASKS:,} tasks (each adds its "
+                             "own factors at every site); serve more adapters with tying.load_adapters_")
+        selectors = []
+        for t in data.get("targets") if isinstance(data.get("targets"), list) else []:
+            t = t.model_dump() if isinstance(t, BaseModel) else t
+            if isinstance(t, dict):
+                selectors += [t.get("select"), *(t.get("exclude") if isinstance(t.get("exclude"), list) else [])]
+        if isinstance(data.get("train_modules"), list):
+            selectors += data["train_modules"]
+        check_budget([x for x in selectors if isinstance(x, str)])
+        return data
+
     @field_validator("tasks")
     @classmethod
     def _distinct_tasks(cls, tasks: list[str] | None) -> list[str] | None:
-        twice = sorted({t for t in tasks or [] if tasks.count(t) > 1})
+        twice = sorted(t for t, n in Counter(tasks or []).items() if n > 1)
         if twice:
             raise ValueError(f"task names must be distinct; written twice: {twice}")
         return tasks
@@ -225,8 +249,8 @@ class TyingSpec(_Frozen):
                 raise ValueError(f"adapter.factors.{name}.tie names {vocab.TASK!r}, but the spec has no tasks; add "
                                  "`tasks: [name, ...]` at the top, or drop 'task' from the tie")
             if axis.groups is not None:
-                values = [str(v) for g in axis.groups for v in g]
-                unknown, left = sorted(set(values) - set(self.tasks)), [t for t in self.tasks if t not in values]
+                values = {str(v) for g in axis.groups for v in g}
+                unknown, left = sorted(values - set(self.tasks)), [t for t in self.tasks if t not in values]
                 if unknown or left:
                     raise ValueError(f"adapter.factors.{name}.tie.task.groups must place every task in one group: "
                                      f"unknown tasks {unknown}, tasks in no group {left} (tasks: {self.tasks})")
@@ -248,11 +272,21 @@ class TyingSpec(_Frozen):
         if axis is None:
             return f"#{task}"
         if axis.every is not None:
-            lo = self.tasks.index(task) // axis.every * axis.every
+            lo = self._task_position[task] // axis.every * axis.every
             return f"#[{lo}-{lo + axis.every - 1}]"
         if axis.groups is not None:
-            return "#[" + ",".join(next(map(str, g) for g in axis.groups if task in map(str, g))) + "]"
+            return "#[" + ",".join(map(str, self._task_groups[factor][task])) + "]"
         return ""
+
+    @cached_property
+    def _task_position(self) -> dict[str, int]:
+        """Each task's position in ``tasks`` (a dict: the planner asks once per site, factor and task)."""
+        return {t: i for i, t in enumerate(self.tasks or ())}
+
+    @cached_property
+    def _task_groups(self) -> dict[str, dict[str, list]]:
+        """factor -> task -> the group of the factor's ``task`` tie that holds the task."""
+        return {name: {str(v): g for g in axis.groups or () for v in g} for name, axis in self._task_ties()}
 
     def single_task(self) -> TyingSpec:
         """The spec of one task's adapter: no ``tasks``, no ``task`` axis in any tie (the same groups otherwise)."""
@@ -344,7 +378,10 @@ def _read_yaml(text: str, where: str) -> Any:
 
 def parse_spec(text: str, where: str) -> TyingSpec:
     """A spec from YAML text (e.g. the copy an adapter file carries); ``where`` names it in errors."""
-    return load_spec(_read_yaml(text, where), _where=where)
+    data = _read_yaml(text, where)
+    if data is None:
+        raise SpecError(f"invalid spec ({where}): it is empty; a spec is a mapping with targets and adapter")
+    return load_spec(data, _where=where)
 
 
 _ADAPTER_OVERRIDES = ("rank", "alpha", "dropout")

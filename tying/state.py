@@ -4,9 +4,13 @@ model but the spec's ``train_modules``). Nothing is ever unpickled.
 The folder is the unit users save, ship and serve, and one from someone else is untrusted input:
 
 - **Atomic.** The weights file carries the spec in its metadata, so the one rename that replaces it replaces the
-  whole adapter; ``spec.yaml`` (for people and older readers) follows, and where the two differ after a crash
-  the weights file's copy wins. Files are fsynced before the rename and the folder after; temporaries a killed
-  save left behind are removed by the next save into the folder (one writer per folder).
+  whole adapter and commits the save; ``spec.yaml`` (for people and older readers) follows, and where the two
+  differ after a crash the weights file's copy wins. A save that cannot write ``spec.yaml`` after its commit
+  succeeds with a warning and removes the old one (never a raise after the commit). Files are fsynced before the
+  rename and the folder after.
+- **One writer at a time.** A save holds a lock on the folder (:func:`tying.files.locked`): a second save waits
+  for the first, then replaces its adapter whole; temporaries a killed save left behind are removed by the next
+  save, under the lock, so never a live writer's.
 - **Read once.** The spec and every tensor come through one handle, so a save in between cannot mix two adapters.
 - **Checked before anything changes**: keys, shapes, dtypes, finite values; a folder that would replace base
   modules (``train_modules``) is refused unless the caller opts in, naming what it would replace.
@@ -15,7 +19,6 @@ The folder is the unit users save, ship and serve, and one from someone else is 
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,6 +29,8 @@ from torch import nn
 
 from .engine import _ONLY, apply_, bank_of, banks, is_merged
 from .errors import AdapterFileError, AlreadyAppliedError
+from .files import atomic_write as _atomic_write
+from .files import locked
 from .planner import Plan, plan
 from .spec import TyingSpec, load_spec, parse_spec
 from .tasks import check_task, multi_want, task_tensors
@@ -35,32 +40,12 @@ from .view import named_base_modules
 SPEC_FILE = "spec.yaml"
 WEIGHTS_FILE = "adapter.safetensors"
 SPEC_KEY = "tying_spec"  # the spec's YAML in the weights file's metadata (format 2)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync, rename: a crash leaves the old file or the new."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        _fsync(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)
+LOCK_FILE = ".tying.lock"  # held while a save writes into the folder; removed after
 
 
 def _clean_stale(folder: Path) -> None:
-    """Remove the temporaries of saves that were killed before their rename."""
+    """Remove the temporaries of saves that were killed before their rename (under the folder's lock: no live
+    writer has one)."""
     for name in (WEIGHTS_FILE, SPEC_FILE):
         for tmp in folder.glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -99,13 +84,30 @@ def write_adapter(directory: str | os.PathLike, spec: TyingSpec, tensors: dict[s
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise AdapterFileError(f"cannot create the adapter folder {out}: {e}") from None
-    _clean_stale(out)
     spec = spec.to_yaml()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"format": "tying", "version": "2", SPEC_KEY: spec}
-    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    _atomic_write(out / SPEC_FILE, lambda tmp: Path(tmp).write_text(spec))
+    with locked(out / LOCK_FILE, f"the adapter folder {out}"):
+        _clean_stale(out)
+        _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        # committed: the weights file carries the whole adapter; from here on the save succeeds
+        try:
+            _atomic_write(out / SPEC_FILE, lambda tmp: Path(tmp).write_text(spec))
+        except OSError as e:
+            _side_file_failed(out, e)
     return out
+
+
+def _side_file_failed(out: Path, error: OSError) -> None:
+    """spec.yaml could not be written after the commit: remove the old one, which no longer describes the adapter
+    (it would be reported at every load), and say so."""
+    try:
+        (out / SPEC_FILE).unlink(missing_ok=True)
+        left = f"{SPEC_FILE} was removed"
+    except OSError:
+        left = f"the old {SPEC_FILE} is left, and loads will warn that it differs"
+    warnings.warn(f"{out}: the adapter was saved ({WEIGHTS_FILE} carries its spec and loads whole), but {SPEC_FILE} "
+                  f"could not be written ({error}); {left}. Save again to write it", stacklevel=4)
 
 
 MODULES = "modules."  # key prefix of the spec's train_modules in the adapter file
@@ -147,10 +149,35 @@ def read_adapter(src: str | os.PathLike) -> tuple[TyingSpec, dict[str, torch.Ten
             warnings.warn(f"{yaml_file} differs from the spec {path} carries, which is used (a save was interrupted "
                           f"between its two files, or {SPEC_FILE} was edited: change a spec by saving the adapter "
                           "again)", stacklevel=3)
-        return parse_spec(text, f"{path} (the spec it carries)"), tensors
-    if not (src / SPEC_FILE).is_file():  # format 1 (tying 0.1): the spec lives in spec.yaml only
+        spec = parse_spec(text, f"{path} (the spec it carries)")
+    elif not (src / SPEC_FILE).is_file():  # format 1 (tying 0.1): the spec lives in spec.yaml only
         raise AdapterFileError(f"{src / SPEC_FILE} not found: an adapter folder holds {SPEC_FILE} and {WEIGHTS_FILE}")
-    return load_spec(src / SPEC_FILE), tensors
+    else:
+        spec = load_spec(src / SPEC_FILE)
+    _check_agree(src, spec, tensors)
+    return spec, tensors
+
+
+def _check_agree(src: Path, spec: TyingSpec, tensors: dict[str, torch.Tensor]) -> None:
+    """The tensors are of the factors and the rank the folder's own spec names (whatever the model): a folder whose
+    spec and tensors disagree was edited or damaged, and the error says so rather than blame the model."""
+    a, bad = spec.adapter, []
+    for k, t in tensors.items():
+        factor = k.partition(".")[0]
+        symbols = a.facts.factors.get(factor) if factor in a.factors else None
+        if k.startswith(MODULES):
+            if not spec.train_modules:
+                bad.append(f"{k} is a module's tensor, but the spec has no train_modules")
+        elif symbols is None:
+            bad.append(f"{k} is of factor {factor}, which the spec's {a.kind} adapter lacks (factors: "
+                       f"{', '.join(a.factors)})")
+        elif t.ndim != len(symbols) or any(s == "rank" and n != a.rank for s, n in zip(symbols, t.shape)):
+            want = ", ".join(str(a.rank) if s == "rank" else s for s in symbols)
+            bad.append(f"{k} has shape {tuple(t.shape)}, but the spec's rank {a.rank} gives it ({want})")
+    if bad:
+        raise AdapterFileError(f"{src}: the spec the folder holds and its tensors disagree ({'; '.join(bad[:3])}): the "
+                               "folder was edited or damaged, whatever the model; nothing was loaded. Save the adapter "
+                               "again from its model")
 
 
 def check_tensors(src, tensors: dict[str, torch.Tensor], want: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
@@ -158,8 +185,10 @@ def check_tensors(src, tensors: dict[str, torch.Tensor], want: dict[str, tuple[t
     floating-point factors, module tensors of the model's kind of dtype, the same shapes, finite values."""
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or extra:
-        raise AdapterFileError(f"adapter in {src} does not fit this model: missing factors {missing[:5]}, "
-                               f"unexpected factors {extra[:5]} (was it saved from a different model?)")
+        raise AdapterFileError(f"adapter in {src} does not fit this model: its spec, planned on this model, needs "
+                               f"other factors than the file holds: missing factors {missing[:5]}, unexpected factors "
+                               f"{extra[:5]} (was it saved from a different model, or its spec's targets or ties "
+                               "edited?)")
     wrong_dtype = [f"{k} is {t.dtype}, the model's {want[k][1]}" for k, t in tensors.items()
                    if t.is_floating_point() != want[k][1].is_floating_point
                    or (not t.is_floating_point() and t.dtype != want[k][1])

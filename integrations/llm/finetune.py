@@ -164,6 +164,10 @@ def finetune(model, train_examples: list[dict], tokenizer, steps: int, lr: float
     tf, AnswerTrainer, Recorder = _trainer_classes()
     data = [{**encode_example(tokenizer, e["prompt"], e["answer"], max_len), **({"task": e["task"]} if "task" in e else {})}
             for e in train_examples]
+    if not any(label != -100 for d in data for label in d["labels"][1:]):  # a token is learnt from those before it
+        raise TyingError(f"no example has an answer token to train on (max_len={max_len}): each answer token is "
+                         "predicted from the tokens before it, so an example needs room for a prompt token and an "
+                         "answer token. Give a larger max_len (default 256), or answers that are not empty")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     hist = {"loss": [], "lr": [], "eval": [], "tokens": 0, "trainable": sum(p.numel() for p in params)}
 
@@ -194,9 +198,11 @@ def finetune(model, train_examples: list[dict], tokenizer, steps: int, lr: float
         hist["seconds"] = time.perf_counter() - start
     if "nonfinite_step" in hist:
         base = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad})
+        why = ("the model overflows there (float16's range is small). Train in bfloat16 or float32, or lower the "
+               "learning rate" if "float16" in base else "the model's outputs or the update diverged there: lower the learning "
+               "rate, or check the base weights and the data")
         raise TyingError(f"the training loss became {hist['loss'][-1]} at step {hist['nonfinite_step']} with the base "
-                         f"in {', '.join(base) or 'its dtype'}: the model overflows there (float16's range is small). "
-                         "Train in bfloat16 or float32, or lower the learning rate; nothing was saved")
+                         f"in {', '.join(base) or 'its dtype'}: {why}; nothing was saved")
     if gradient_checkpointing:  # leave the model as it came (v5 renamed the method)
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     model.eval()

@@ -174,6 +174,10 @@ def prepare(cfg: RunConfig) -> RunConfig:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out {out} is a file; give a folder for the results")
+    made = next(p for p in (out, *out.absolute().parents) if p.exists())  # the folder the run's folders go under
+    if not made.is_dir() or not os.access(made, os.W_OK | os.X_OK):
+        why = "is a file" if not made.is_dir() else "is not writable"
+        raise ConfigError(f"out {out} cannot be created: {made} {why}; give a folder that can")
     device = cfg.model.device or default_device()
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # one process per GPU under torchrun
         device = f"cuda:{os.environ['LOCAL_RANK']}"

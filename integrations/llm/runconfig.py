@@ -25,7 +25,7 @@ from ...errors import TyingError
 from .metrics import METRICS
 
 Count = Annotated[int, Field(ge=1)]
-Seed = Annotated[int, Field(ge=0)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # the seeds of torch, numpy and Python's random all take it
 Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 STAGES = ("all", "sweep", "train", "report", "plan")
 
@@ -127,6 +127,15 @@ class RunConfig(_Spec):
     shard: str = "1/1"  # K/N: this process runs every N-th part from the K-th; auto: torchrun's RANK / WORLD_SIZE
     threads: Count | None = None  # torch CPU threads
     plan: PlanSpec = PlanSpec()
+
+    @field_validator("max_len")
+    @classmethod
+    def _room_for_answers(cls, v):
+        if v < 2:
+            raise ValueError(f"max_len {v} leaves no answer token to train on (each is predicted from the tokens "
+                             "before it, so an example needs a prompt token and an answer token); give at least 2 "
+                             "(default 256)")
+        return v
 
     @field_validator("tasks", mode="before")
     @classmethod

@@ -80,8 +80,11 @@ def register_kind(name: str, *, wrapper: type[SiteAdapter] | None = None, factor
 
 
 def unregister_kind(name: str) -> None:
-    """Remove a registered kind (tests, plugins that unload)."""
-    _KINDS.pop(name, None)
+    """Remove a registered kind (tests, plugins that unload); a RegistryError for a name that is not registered."""
+    if name not in _KINDS:
+        raise RegistryError(f"adapter kind {name!r} is not registered, so it cannot be unregistered; registered: "
+                            f"{', '.join(_KINDS)}")
+    del _KINDS[name]
     vocab.remove_kind(name)
 
 
