@@ -1,8 +1,9 @@
 """Bridges that wait for a library: ``when_imported("peft", "tying.integrations.peft:register")`` imports the bridge
 and calls its ``register`` as soon as ``peft`` has finished importing (at once if it already has).
 
-This top-level module imports nothing but the standard library, so that ``tying-bridges.pth`` (installed into
-site-packages with tying) can run :func:`autoload` at every interpreter start-up for the cost of one small import:
+This top-level module imports only ``sys`` at start-up (the finder and loader follow the import protocol by duck
+typing: ``importlib.abc`` alone costs ~10 ms), so that ``tying-bridges.pth`` (installed into site-packages with tying)
+can run :func:`autoload` at every interpreter start-up for the cost of one small import:
 any process where tying is installed then knows tying's PEFT method the moment it imports ``peft``, without
 ``import tying`` (``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM``, the lm-eval CLI with ``peft=``).
 tying itself never imports PEFT. A bridge that fails is reported as a warning; the library's own import is never
@@ -10,10 +11,7 @@ broken."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.abc
 import sys
-import warnings
 
 _WAITING: dict[str, str] = {}  # library -> bridge module
 BRIDGES = {"peft": "tying.integrations.peft:register"}  # what autoload() waits for
@@ -36,6 +34,9 @@ def when_imported(library: str, bridge: str) -> None:
 
 
 def _load(library: str, bridge: str) -> None:
+    import importlib
+    import warnings
+
     module, _, function = bridge.partition(":")
     try:
         getattr(importlib.import_module(module), function)()
@@ -43,7 +44,7 @@ def _load(library: str, bridge: str) -> None:
         warnings.warn(f"tying could not register with {library} ({type(e).__name__}: {e})", stacklevel=3)
 
 
-class _Loader(importlib.abc.Loader):
+class _Loader:
     """The library's own loader, then the bridge."""
 
     def __init__(self, loader, library: str):
@@ -62,7 +63,7 @@ class _Loader(importlib.abc.Loader):
         return getattr(self.loader, name)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:
     """Finds a waited-for library through the other finders and wraps its loader."""
 
     def find_spec(self, name, path, target=None):

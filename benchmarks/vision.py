@@ -224,7 +224,7 @@ def run(mode: str, threads: int = 1, methods: list[str] | None = None) -> dict:
             continue
         if methods and method not in methods:
             continue
-        def score(lr: float) -> float:  # one short run on a subset, scored on validation digits (never test)
+        def score(lr: float, method=method) -> float:  # one short run on a subset, scored on validation digits
             model, groups, _ = build(method, state, lr, seed=0)
             train(model, groups, sweep_data, 1, cfg["batch"], 0, f"{method} sweep lr={lr:g}")
             return accuracy(model, val_data)

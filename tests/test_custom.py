@@ -47,7 +47,7 @@ def net_and_input():
 
 
 def test_yaml_spec_ties_across_groups_of_layers(tmp_path, net_and_input):
-    net, x = net_and_input
+    net, _ = net_and_input
     path = tmp_path / "spec.yaml"
     path.write_text(YAML)
     spec = tying.load_spec(path)

@@ -1,4 +1,5 @@
-"""A plain (non-editable) install exposes tying.integrations and no top-level `integrations`."""
+"""A plain (non-editable) install exposes tying.integrations and no top-level `integrations`, and puts the bridge that
+teaches PEFT the TYING method (tying-bridges.pth) into site-packages."""
 
 import os
 import subprocess
@@ -15,6 +16,8 @@ def test_non_editable_install_maps_integrations(tmp_path):
     assert (target / "tying" / "integrations" / "__init__.py").is_file()
     assert (target / "tying" / "presets" / "presets.yaml").is_file()
     assert not (target / "integrations").exists()
+    assert (target / "tying-bridges.pth").read_text().strip() == "import _tying_bridges; _tying_bridges.autoload()"
+    assert (target / "_tying_bridges.py").is_file()  # stdlib only: what every start-up imports
     code = "import tying, tying.integrations; print(tying.integrations.__file__); print(len(tying.preset_names()))"
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True, text=True)

@@ -1,5 +1,6 @@
 """Property tests: random small models and random valid specs."""
 
+import itertools
 import tempfile
 
 import torch
@@ -16,7 +17,7 @@ class Tower(nn.Module):
     def __init__(self, widths, seed=0):
         super().__init__()
         torch.manual_seed(seed)
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
 
     def forward(self, x):
         for layer in self.layers:
@@ -48,7 +49,7 @@ def expected_counts(widths, spec):
     r = spec["adapter"]["rank"]
     trainable = frozen = 0
     for name, f in spec["adapter"]["factors"].items():
-        shapes = [shape(name, r, a, b) for a, b in zip(widths, widths[1:])]
+        shapes = [shape(name, r, a, b) for a, b in itertools.pairwise(widths)]
         copies = shapes if f["tie"] == [] else list(dict.fromkeys(shapes))
         n = sum(torch.Size(s).numel() for s in copies)
         trainable, frozen = (trainable + n, frozen) if f["train"] else (trainable, frozen + n)

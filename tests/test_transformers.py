@@ -98,7 +98,7 @@ def test_generate_with_adapted_model():
         for p in model.tying_bank.parameters():
             p.normal_(0, 0.5)
     prompt = torch.tensor([[5, 6, 7]])
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     unmerged = model.generate(prompt, **kw)
     tying.merge_(model)
     merged = model.generate(prompt, **kw)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Union
 
 import torch
 from torch import nn
@@ -26,7 +25,7 @@ from .spec import TyingSpec, load_spec
 from .trained import TrainedModule
 from .view import ADAPTERS_ATTR, BANK_ATTR, SERVING_ATTR, named_base_modules, occupant, remove_wrapper, slot, unwrap
 
-SpecLike = Union[TyingSpec, dict, str]
+SpecLike = TyingSpec | dict | str
 _ONLY = object()  # name= left out: the model's only adapter
 
 

@@ -3,6 +3,7 @@ computes the counts. Every error is raised here, before the model is touched."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -166,7 +167,7 @@ def group_key(name: str, match, factor: Factor, shape: tuple[int, ...]) -> str:
             if axis.capture in match.re.groupindex and match.group(axis.capture) is not None:
                 spans.append((match.span(axis.capture), _bucket(axis, match.group(axis.capture), name)))
         spans.sort(reverse=True)
-        if any(a[0][0] < b[0][1] for a, b in zip(spans, spans[1:])):
+        if any(a[0][0] < b[0][1] for a, b in itertools.pairwise(spans)):
             raise TieError(f"site {name!r}: the tied captures of {[a.capture for a in factor.tie]} overlap; "
                            "tie along captures that cover separate parts of the name")
         key = name

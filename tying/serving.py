@@ -331,7 +331,7 @@ def _selection(model: nn.Module, bank, rows: list[int], tasks: list[str | None],
     task = tasks[0] if len(set(tasks)) == 1 else None
     sel = route.Selection(rows=None if len(rows) == n else torch.tensor(rows), task=task, count=count,
                           tasks=None if task is not None or not bank.spec.tasks else
-                          torch.tensor([bank.spec.tasks.index(t) for t in tasks]))
+                          torch.tensor([bank.task_index[t] for t in tasks]))
     if sel.mixed and bank.mixes_rows:
         odd = bank.mixes_rows
         raise ServingError(f"module {odd[0]!r} ({len(odd)} in all) cannot mix rows (a {bank.spec.adapter.kind} adapter "
