@@ -195,7 +195,7 @@ def test_a_kind_without_row_routing_takes_one_task_per_batch():
     x = torch.randn(2, 3, 16)
     with tying.adapters(m, "a"):
         m(x)
-    with pytest.raises(ServingError, match="cannot mix tasks row by row"), tying.adapters(m, ["a", "b"]):
+    with pytest.raises(ServingError, match="cannot mix tasks or adapters row by row"), tying.adapters(m, ["a", "b"]):
         pass
 
 

@@ -74,7 +74,7 @@ class SharedDown:
         return h
 
 
-class SiteAdapter(nn.Module):
+class SiteAdapter(view.Wrapper):
     """Base wrapper of one adapted module. A kind subclasses it and defines ``forward`` (and ``merge`` where its
     facts say it merges); the low-rank helpers ``project`` and ``down``/``up`` serve the LoRA family."""
 
@@ -97,20 +97,8 @@ class SiteAdapter(nn.Module):
         self.register_load_state_dict_pre_hook(_base_keys_in)
 
     tying_site = True  # marks site wrappers for code that imports no runtime class
-    tying_wraps = True  # wraps its child ``base`` (tying.view)
     shares_down = True  # a kind whose sites read ``h`` of project() may share it between siblings
     no_merge = "this adapter kind has no merged form; keep it unmerged"  # the reason, for kinds without merge()
-
-    def __getattr__(self, name: str):
-        """Attributes the wrapper lacks (``weight``, ``in_features``, ...) are the base module's, so code
-        that reads ``model.q_proj.weight`` (transformers, torch.distributed.checkpoint) keeps working."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__.get("_modules", {}).get("base")
-            if base is None or name == "base":
-                raise
-            return getattr(base, name)
 
     def selection(self, x: torch.Tensor | None = None) -> Selection | None:
         """What this forward computes: None for the base alone (the update is merged, the adapter disabled, or the

@@ -71,7 +71,7 @@ class FactorBank(nn.ModuleDict):
         self.merged_task: str | None = None  # the task whose update merge_ folded into the base weights
         self.merged_unknown = False  # sites loaded merged from a checkpoint that does not say which task's update
         self.task_index = {t: i for i, t in enumerate(plan.spec.tasks or ())}  # a task's position in spec.tasks
-        self.mixes_rows: tuple[str, ...] = ()  # set by apply_: the sites that cannot mix rows (empty: all can)
+        self.unmixable: tuple[str, ...] = ()  # set by apply_: the sites that cannot mix rows (empty: all can)
         self.requires_grad_before: dict[str, bool] = {}  # apply_: every base parameter's flag, for unapply_
         self.hooks: list = []  # apply_: the root's hooks this adapter registered (state_dict, shared down)
         self.pending: tuple[dict[str, bool], str | None] = ({}, None)  # a state_dict load's merge record, in flight

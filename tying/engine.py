@@ -151,7 +151,7 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
     for s in p.sites if p.spec.tasks else ():
         wrappers_[s.name].set_task_keys(s.task_keys)
     trained = {n: TrainedModule(occupant(model, n), bank, n) for n in p.train_modules}
-    bank.mixes_rows = tuple(n for n, w in wrappers_.items() if not w.routes_rows())
+    bank.unmixable = tuple(n for n, w in wrappers_.items() if not w.routes_rows())
     # From here on nothing can fail: mutate.
     bank.requires_grad_before = {n: q.requires_grad for n, q in named_base_parameters(model)}
     if p.spec.freeze_base:
@@ -244,11 +244,6 @@ def merged_task_of(model: nn.Module, name: str | None = _ONLY) -> str | None:  #
     return bank.merged_task
 
 
-def is_merged(model: nn.Module, bank: FactorBank) -> bool:
-    """Whether ``bank``'s adapter is merged into the base weights."""
-    return bank.merged
-
-
 def _merge_task(model: nn.Module, bank: FactorBank, sign: int, task: str | None) -> str | None:
     """The task whose update merge_ (sign 1) folds in or unmerge_ takes out; None for a single-task adapter."""
     tasks = bank.spec.tasks
@@ -333,7 +328,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     the call (other threads are not affected). A merged adapter cannot be disabled (its update is in the weights)."""
     have = banks(model)
     for name, bank in have.items():
-        if is_merged(model, bank):
+        if bank.merged:
             raise NotMergeableError(f"the adapter{'' if name is None else f' {name!r}'} is merged into the base "
                                     "weights, so it cannot be disabled; call tying.unmerge_(model) first")
     with route.routed(dict.fromkeys(have.values(), route.OFF)):

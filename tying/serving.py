@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import modtypes, route, update
-from .engine import banks, is_merged, merged_task_of
+from .engine import banks, merged_task_of
 from .errors import AlreadyAppliedError, NotAppliedError, NotMergeableError, ServingError, TyingError
 from .planner import SERVING_ATTR, Plan, plan
 from .serving_bank import COL, NEUTRAL, ROLES, ServingBank, stack_key
@@ -293,7 +293,7 @@ def _pick(applied: dict, n, i: int) -> tuple:
     """(bank, task) that the row name ``n`` (row ``i``) names."""
     if not isinstance(n, str):
         raise ServingError(f"row {i}: a name is a string (or None for the base model); got {n!r}")
-    bank = applied.get(n) if n is not None else None
+    bank = applied.get(n)
     if bank is not None:
         if bank.spec.tasks:
             raise ServingError(f"row {i} names adapter {n!r}, which has tasks; name one: "
@@ -319,24 +319,26 @@ def _pick(applied: dict, n, i: int) -> tuple:
 
 
 def _selection(model: nn.Module, bank, rows: list[int], tasks: list[str | None], n: int, count) -> route.Selection:
-    """What ``bank``'s adapter computes when ``rows`` (with ``tasks``) of a batch of ``n`` take it."""
-    if not rows:
-        return route.OFF
+    """What ``bank``'s adapter computes when ``rows`` (with ``tasks``) of a batch of ``n`` take it. A merged adapter
+    cannot be routed, not even to no row: its update is in the weights, so every row gets it."""
     if bank.spec.tasks and merged_task_of(model, bank.name) is not None:
         raise NotMergeableError(f"the update of task {bank.merged_task!r} is merged into the base weights, so every "
                                 "row gets it; call tying.unmerge_(model) before routing rows to tasks")
-    if is_merged(model, bank):
-        raise NotMergeableError(f"the adapter {bank.name or ''} is merged into the base weights, so every row gets "
-                                "it; call tying.unmerge_(model) before routing rows")
+    if bank.merged:
+        which = "the adapter" if bank.name is None else f"adapter {bank.name!r}"
+        raise NotMergeableError(f"{which} is merged into the base weights, so every row gets it; call "
+                                "tying.unmerge_(model) before routing rows")
+    if not rows:
+        return route.OFF
     task = tasks[0] if len(set(tasks)) == 1 else None
     sel = route.Selection(rows=None if len(rows) == n else torch.tensor(rows), task=task, count=count,
                           tasks=None if task is not None or not bank.spec.tasks else
                           torch.tensor([bank.task_index[t] for t in tasks]))
-    if sel.mixed and bank.mixes_rows:
-        odd = bank.mixes_rows
-        raise ServingError(f"module {odd[0]!r} ({len(odd)} in all) cannot mix rows (a {bank.spec.adapter.kind} adapter "
-                           "there; see its routes_rows()): give every row of the batch this adapter and one task, or "
-                           "split the batch (tasks cannot mix tasks row by row)")
+    if sel.mixed and bank.unmixable:
+        odd = bank.unmixable
+        raise ServingError(f"module {odd[0]!r} ({len(odd)} in all) cannot mix tasks or adapters row by row (a "
+                           f"{bank.spec.adapter.kind} adapter there; see its routes_rows()): give every row of the "
+                           "batch this adapter, with one task, or split the batch")
     return sel
 
 

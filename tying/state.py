@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .engine import _ONLY, apply_, bank_of, banks, is_merged
+from .engine import _ONLY, apply_, bank_of, banks
 from .errors import AdapterFileError, AlreadyAppliedError
 from .files import atomic_write as _atomic_write
 from .files import locked
@@ -253,7 +253,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modu
             raise AlreadyAppliedError(f"{src} holds an adapter whose spec differs from the model's (in {diff}); "
                                       "nothing was loaded. Load it into a model without an adapter, or call "
                                       "tying.unapply_(model) first." + hint)
-        if is_merged(model, bank):
+        if bank.merged:
             raise AlreadyAppliedError("the model's adapter is merged; call tying.unmerge_(model) before loading "
                                       "new factors (the base weights hold the old update)")
         p = bank.plan

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import route
 from .errors import ServingError
+from .view import Wrapper
 
 
 def trained_key(name: str) -> str:
@@ -24,11 +25,9 @@ def trained_key(name: str) -> str:
     return name.replace(".", ":")
 
 
-class TrainedModule(nn.Module):
+class TrainedModule(Wrapper):
     """Sits where a module trained whole sat: ``base`` (what it wraps, under the module's own keys) answers where the
     adapter does not apply, the bank's copy where it does."""
-
-    tying_wraps = True  # wraps its child ``base`` (tying.view)
 
     def __init__(self, base: nn.Module, bank: nn.Module, name: str):
         super().__init__()
@@ -44,16 +43,6 @@ class TrainedModule(nn.Module):
     def trained(self) -> nn.Module:
         """The adapter's copy of the module."""
         return self.bank.trained[trained_key(self.name)]
-
-    def __getattr__(self, name: str):
-        """Attributes the wrapper lacks (``weight``, ``in_features``, ...) are the base module's."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__.get("_modules", {}).get("base")
-            if base is None or name == "base":
-                raise
-            return getattr(base, name)
 
     def forward(self, *args, **kwargs):
         sel = route.current(self.bank)

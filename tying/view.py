@@ -19,6 +19,23 @@ SERVING_ATTR = "tying_serving"  # the store of adapters served in mixed batches 
 OWN = (BANK_ATTR, ADAPTERS_ATTR, SERVING_ATTR)  # the root's children that belong to tying, never to the base
 
 
+class Wrapper(nn.Module):
+    """The base of tying's wrappers: it wraps its child ``base``, and attributes it lacks (``weight``,
+    ``in_features``, ...) are the base module's, so code that reads ``model.q_proj.weight`` (transformers,
+    torch.distributed.checkpoint) keeps working."""
+
+    tying_wraps = True
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None or name == "base":
+                raise
+            return getattr(base, name)
+
+
 def is_wrapper(module: nn.Module) -> bool:
     """Whether ``module`` is one of tying's wrappers (it wraps its child ``base``)."""
     return getattr(type(module), "tying_wraps", False)
