@@ -18,21 +18,20 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from .. import kinds, modtypes
-from ..engine import apply_, bank_of
-from ..errors import AdapterFileError
+from .. import kinds, modtypes, pools
+from ..engine import bank_of
+from ..errors import AdapterFileError, SpecError
 from ..files import replace_folder
 from ..planner import plan
-from ..spec import load_spec, preset_names
+from ..spec import preset_names
 from ..state import _want, check_tensors, read_adapter
 from ..tasks import check_task
+from .peft_imports import import_peft  # noqa: F401  (import_peft lives there; importable from here)
 
 PREFIX = "base_model.model."
-_SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts (vllm/config/lora.py)
@@ -100,7 +99,11 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
             raise AdapterFileError(f"module {site.name!r} is a {mt.name}, which has no PEFT layout; it cannot be "
                                    "exported to PEFT")
         keys = site.task_keys[task] if task else site.keys
-        factors = {f: tensors[f"{f}.{key}"].float() for f, key in keys.items()}
+        try:  # a factor drawn from a pool is mixed from it (tying.pools); a router's mix has no export
+            factors = {f: t.float() for f, t in pools.effective(spec.adapter, keys,
+                                                                lambda part, k: tensors[f"{part}.{k}"], site.name).items()}
+        except SpecError as e:
+            raise AdapterFileError(str(e)) from None
         weight = functools.partial(_base_weight, mt, module, site.name, site.name in merged)  # only dora calls it
         down, up, extra = kind.export(factors, scale, weight)
         down = torch.cat([down, down.new_zeros(padded - r, down.shape[1])])  # zero rows and columns: the same update
@@ -152,50 +155,6 @@ def _base_weight(mt, module: nn.Module, name: str, merged: bool) -> torch.Tensor
         raise AdapterFileError(f"a {mt.name} module on the meta device has no weight; this adapter kind exports "
                                "values computed from the base weight: export from a model with real weights")
     return weight.float()
-
-
-def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> None:
-    """Apply a PEFT LoRA adapter folder to ``model`` as an untied tying adapter (one A, one B per module)."""
-    src = Path(peft_dir)
-    cfg_path, w_path = src / "adapter_config.json", src / "adapter_model.safetensors"
-    if not cfg_path.is_file() or not w_path.is_file():
-        raise AdapterFileError(f"{src} is not a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
-    cfg = json.loads(cfg_path.read_text())
-    unsupported = {k: cfg.get(k) for k in ("use_dora", "rank_pattern", "alpha_pattern", "lora_bias") if cfg.get(k)}
-    if cfg.get("peft_type") != "LORA" or unsupported:
-        raise AdapterFileError(f"{cfg_path}: only plain PEFT LoRA adapters import (peft_type LORA without "
-                               f"{', '.join(unsupported) or 'other options'}); got peft_type {cfg.get('peft_type')!r}")
-    try:
-        tensors = load_file(str(w_path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterFileError(f"{w_path} is not a readable safetensors file ({e})") from None
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise AdapterFileError(f"{w_path} holds NaN or infinite values in {bad[:3]}; nothing was imported")
-    other = [k for k in tensors if not _SUFFIX.search(k)]
-    if other:
-        raise AdapterFileError(f"{w_path}: tensors other than lora_A / lora_B ({other[:3]}) cannot be imported")
-    names = sorted({_SUFFIX.sub("", k).removeprefix(PREFIX) for k in tensors})
-    r = cfg["r"]
-    scale = cfg["lora_alpha"] / (r ** 0.5 if cfg.get("use_rslora") else r)
-    spec = load_spec({"targets": [{"select": "re:" + "|".join(map(re.escape, names))}],
-                      "adapter": {"rank": r, "alpha": scale * r, "dropout": cfg.get("lora_dropout", 0.0),
-                                  "factors": {"A": {"init": "zeros"}, "B": {"init": "zeros"}}}})
-    p = plan(model, spec)
-    shapes = {f"{g.factor}.{g.key}": g.shape for g in p.groups}
-    values = {}
-    for site in p.sites:
-        for f, suffixes in (("A", ("lora_A.weight", "lora_embedding_A")), ("B", ("lora_B.weight", "lora_embedding_B"))):
-            t = next(tensors[k] for k in (f"{PREFIX}{site.name}.{s}" for s in suffixes) if k in tensors)
-            key = f"{f}.{site.keys[f]}"
-            if t.numel() != torch.Size(shapes[key]).numel():
-                raise AdapterFileError(f"{w_path}: {site.name} {f} has shape {tuple(t.shape)}, the model needs "
-                                       f"{shapes[key]} (an adapter for a different model?)")
-            values[key] = t.reshape(shapes[key])
-    apply_(model, p)
-    with torch.no_grad():
-        for k, param in bank_of(model).state_dict(keep_vars=True).items():
-            param.copy_(values[k])
 
 
 def config_spec(spec, folder: str | os.PathLike | None = None):

@@ -34,11 +34,12 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from ..adapter import SiteAdapter
 from ..bank import AdapterBanks
 from ..engine import RECORD, apply_, bank_of, banks, merge_, unapply_, unmerge_
-from ..errors import AdapterFileError, NotMergeableError, SpecError, TyingError, UnsupportedModuleError
+from ..errors import AdapterFileError, NotMergeableError, TyingError, UnsupportedModuleError
 from ..serving import adapters
 from ..spec import load_spec
 from ..trained import TrainedModule
 from ..view import ADAPTERS_ATTR
+from .peft_imports import peft_targets
 
 PREFIX = "base_model.model."
 # the factors' keys in a saved adapter_model.safetensors: the model's, without the adapter's name (PEFT's rule, which
@@ -60,21 +61,6 @@ class PeftTypeName(str):
 
 
 PEFT_TYPE = PeftTypeName("TYING")
-
-
-def peft_targets(target_modules: str | list[str]) -> list[dict]:
-    """PEFT's ``target_modules`` as tying targets. A list of names selects every module whose name ends in one of
-    them (PEFT's rule), capturing ``layer`` (the last number in the name before it) and ``proj`` (the name), so tied
-    presets tie across layers and projections as they do on their own targets. A string is a regular expression
-    matched against the whole name (PEFT's rule); its named groups are its captures."""
-    if isinstance(target_modules, str):
-        return [{"select": "re:" + target_modules}]
-    names = sorted(set(target_modules))
-    if not names or not all(isinstance(n, str) and n for n in names):
-        raise SpecError(f"target_modules is a regular expression or a non-empty list of module names; got "
-                        f"{target_modules!r}")
-    alt = "|".join(map(re.escape, names))
-    return [{"select": rf"re:(?:(?:.*\.)?(?P<layer>\d+)\.(?:.*\.)?|(?:.*\.)?)(?P<proj>{alt})"}]
 
 
 def _suffix_selectors(names: list[str]) -> list[str]:

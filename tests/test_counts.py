@@ -42,7 +42,30 @@ FORMULAS = {
 
 
 def test_every_preset_has_a_formula():
-    assert set(tying.preset_names()) == set(FORMULAS)
+    from tying.presets.families import FAMILIES  # their counts: FAMILY_FORMULAS below, and PEFT's (test_pools)
+
+    assert set(tying.preset_names()) == set(FORMULAS) | set(FAMILIES) == set(FORMULAS) | set(FAMILY_FORMULAS)
+
+
+# the pool family at its default knobs on LLaMA-2 7B (separate q, k, v of width d); (trainable, frozen)
+FAMILY_FORMULAS = {
+    "lily": lambda L, d, r: (3 * L * r * d + 3 * 2 * d * r + 3 * L * 2 * r, 0),  # A per layer and projection, a
+    # pool of 2 B's per projection, a router (2 x r) per module
+    "vb-lora": lambda L, d, r: (256 * 64 + 3 * L * 2 * r * (d // 64) * 256, 0),  # the bank, logits of A's and B's
+    "mos": lambda L, d, r: (2 * 64 * d, 3 * L * 2 * r * 64),  # two pools of 64 shards; frozen selection logits
+    "hydralora": lambda L, d, r: (3 * L * (r * d + 3 * d * r + 3 * d), 0),  # A, 3 B heads, a router on x
+    "mtl-lora": lambda L, d, r: (3 * L * (r * d + 2 * r + 2 * d * r + 2 * 2), 0),  # 2 tasks: A, a u per task, 2
+    # heads shared, mixing weights per task
+}
+
+
+@pytest.mark.parametrize("preset", sorted(FAMILY_FORMULAS))
+@pytest.mark.parametrize("rank", [4, 8])
+def test_family_formulas(paper_models, preset, rank):
+    L, d = PAPER["llama2-7b"]
+    c = tying.count(paper_models["llama2-7b"], preset, rank=rank, **({"tasks": ["a", "b"]} if preset == "mtl-lora"
+                                                                      else {}))
+    assert (c.trainable, c.frozen) == FAMILY_FORMULAS[preset](L, d, rank)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,8 @@ def _tying_imports(path: Path) -> set[str]:
 
 
 def test_contract_spec_imports_only_vocab_selectors_errors():
-    assert _tying_imports(CORE / "spec.py") <= {"vocab", "selectors", "errors"}
+    assert _tying_imports(CORE / "spec.py") <= {"vocab", "selectors", "errors", "presets.families"}
+    assert not _tying_imports(CORE / "presets" / "families.py")  # the presets with knobs: data builders, no runtime
 
 
 def test_vocab_is_torch_free_and_stands_on_errors_only():
@@ -44,10 +45,12 @@ def test_vocab_is_torch_free_and_stands_on_errors_only():
 
 
 def test_layers_import_one_way_from_the_bottom():
-    """vocab -> spec -> module types and the math -> plan -> kinds -> engine -> state -> serving: no module
+    """vocab -> spec -> the math, module types, the view and the route -> plan -> wrappers and banks -> kinds -> engine
+    -> state -> serving: no module
     imports one above it, and the core imports no transformers."""
-    order = ["errors", "vocab", "selectors", "spec", "update", "modtypes", "planner", "bank", "adapter", "kinds",
-             "engine", "count", "state", "serving_bank", "serving"]
+    order = ["errors", "vocab", "selectors", "spec", "update", "pools", "modtypes", "view", "route", "planner",
+             "trained", "bank", "adapter", "kinds", "engine", "count", "files", "tasks", "state", "serving_bank",
+             "serving"]
     for i, name in enumerate(order):
         path = CORE / (f"{name}.py" if name != "kinds" else "kinds/__init__.py")
         above = set(order[i + 1:]) - {name}

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from . import route, view
+from . import pools, route, view
 from .errors import NotMergeableError
 from .modtypes import ModuleType
 from .route import Selection
@@ -92,6 +92,10 @@ class SiteAdapter(view.Wrapper):
         self.share: SharedDown | None = None  # set by link_shared_down
         self.merged = False
         self.disabled = False  # this site computes its base alone (PEFT's per-layer enable_adapters(False))
+        a = bank.spec.adapter
+        drawn = {f: a.factors[f] for f in self.keys if f in a.factors and a.factors[f].pool is not None}
+        self.drawn = {f: (d, a.pools[d.pool], a.facts.factors[f]) for f, d in drawn.items() if d.mix != "router"}
+        self.router = next(((f, d, a.pools[d.pool]) for f, d in drawn.items() if d.mix == "router"), None)
         # checkpoints see the unchanged base: ``q_proj.weight``, never ``q_proj.base.weight``
         self.register_state_dict_post_hook(_base_keys_out)
         self.register_load_state_dict_pre_hook(_base_keys_in)
@@ -167,7 +171,7 @@ class SiteAdapter(view.Wrapper):
         """The base module under this and any other wrappers."""
         return view.unwrap(self)
 
-    def routes_rows(self) -> bool:
+    def routes_rows(self) -> bool:  # (a kind that can says so, for sites without factors drawn from pools)
         """Whether this site's forward can take a mixed selection (some rows of the batch only, or the tasks of a
         multi-task adapter row by row); otherwise every row of a batch takes the adapter and one task."""
         return False
@@ -189,7 +193,11 @@ class SiteAdapter(view.Wrapper):
         """The factor ``name`` of this site (of the batch's task, for a multi-task adapter), or None when the spec
         leaves it out."""
         key = self.keys.get(name) if not self.task_keys else self.task_keys[self.bank.current_task()].get(name)
-        return None if key is None else self.bank[name][key]
+        t = None if key is None else self.bank[name][key]
+        if not self.drawn or name not in self.drawn:
+            return t
+        spec, pool, symbols = self.drawn[name]  # a static mix of a pool's entries (tying.pools)
+        return pools.draw(self.factor(spec.pool), t, spec.mix, spec.k, symbols, pool.entry is not None)
 
     def set_task_keys(self, task_keys: Mapping[str, Mapping[str, str]]) -> None:
         """Make this site one of a multi-task adapter: ``task -> factor -> key`` (from the plan)."""

@@ -64,7 +64,7 @@ class FactorBank(nn.ModuleDict):
         for g in plan.groups:
             dev, dt = (placement or {}).get((g.factor, g.key), (None, None))
             self[g.factor][g.key] = nn.Parameter(torch.empty(g.shape, device=dev, dtype=dt), requires_grad=g.train)
-            self._inits[(g.factor, g.key)] = (plan.spec.adapter.factors[g.factor].init, g.index)
+            self._inits[(g.factor, g.key)] = (plan.spec.adapter.part(g.factor).init, g.index)
         self.reset_parameters()
         self.active = True  # chosen (PEFT's set_adapter); False: outside a route, every site computes its base alone
         self.merged = False  # the update is folded into the base weights (every site; kept by the engine)

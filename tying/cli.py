@@ -70,8 +70,12 @@ def _budget(args) -> None:
 
     model, rows, names = meta_model(args.model), [], {}
     tx.targets(model, args.targets)  # an unknown target set or model family: one error, not an empty table
-    for preset in preset_names():  # aliases (tl6 = tied-ABuv, ...) are one entry
-        names.setdefault(load_spec(preset).model_dump_json(), []).append(preset)
+    for preset in preset_names():  # aliases (tl6 = tied-ABuv, ...) are one entry; the pool family at default knobs
+        try:
+            names.setdefault(load_spec(preset, **({"tasks": args.tasks} if args.tasks else {})).model_dump_json(),
+                             []).append(preset)
+        except SpecError:  # a preset that needs a knob the command line does not give (mtl-lora: tasks)
+            continue
     for preset in (" = ".join(n) for n in names.values()):
         first = preset.split(" = ")[0]
         targets = args.targets if tx.default_target_set(load_spec(first)) == "attn_qkv" else "attention"

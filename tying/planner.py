@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from . import modtypes, vocab
+from . import modtypes, pools, vocab
 from .errors import ConflictError, SelectorError, SpecError, TieError, UnsupportedModuleError
 from .selectors import closest_names, compile_selector, fullmatch, time_budget
 from .spec import Adapter, Factor, TyingSpec
@@ -238,17 +238,14 @@ def _plan(model: nn.Module, spec: TyingSpec) -> Plan:
             if mt.check is not None:
                 mt.check(name, module)
             keys, task_keys = {}, {t: {} for t in spec.tasks or ()}
-            for fname, symbols in spec.adapter.facts.factors.items():
-                factor = spec.adapter.factors.get(fname)
-                if factor is None:
-                    continue
-                shape = _shape(symbols, rank, d_in, d_out)
-                key = keys[fname] = group_key(name, match, factor, shape)
-                for k in dict.fromkeys([key + spec.task_suffix(fname, t) for t in spec.tasks] if spec.tasks else [key]):
-                    members.setdefault((fname, k), []).append(name)
-                    shapes.setdefault((fname, k), {}).setdefault(shape, []).append(name)
+            for part, shape in _parts(spec, name, mt, rank, d_in, d_out):  # factors, their mixers and pools
+                key = keys[part] = group_key(name, match, spec.adapter.part(part), shape)
+                for k in dict.fromkeys([key + spec.task_suffix(part, t) for t in spec.tasks] if spec.tasks else [key]):
+                    if name not in members.setdefault((part, k), []):  # a pool two factors draw from: one member
+                        members[(part, k)].append(name)
+                        shapes.setdefault((part, k), {}).setdefault(shape, []).append(name)
                 for t, tk in task_keys.items():
-                    tk[fname] = key + spec.task_suffix(fname, t)
+                    tk[part] = key + spec.task_suffix(part, t)
             captures = {k: v for k, v in match.groupdict().items() if v is not None}
             sites.append(Site(name, mt.name, d_in, d_out, captures, keys, task_keys))
     groups, per_factor = [], {}
@@ -261,9 +258,32 @@ def _plan(model: nn.Module, spec: TyingSpec) -> Plan:
                            f"shapes ({detail}). Tie along fewer captures, or set shape_aware: true on {fname} "
                            "to split the group by shape")
         index = per_factor[fname] = per_factor.get(fname, -1) + 1
-        f = spec.adapter.factors[fname]
+        f = spec.adapter.part(fname)
         groups.append(Group(fname, key, next(iter(by_shape)), f.train, tuple(mems), index))
     return Plan(spec, tuple(sites), tuple(groups), _train_modules(spec, named, claimed))
+
+
+def _parts(spec: TyingSpec, site: str, mt, rank: int, d_in: int, d_out: int):
+    """(name, shape) of every group a site belongs to: each factor of the spec, or for a factor drawn from a pool its
+    mixing parameters and the pool."""
+    for fname, symbols in spec.adapter.facts.factors.items():
+        factor = spec.adapter.factors.get(fname)
+        if factor is None:
+            continue
+        shape = _shape(symbols, rank, d_in, d_out)
+        if factor.pool is None:
+            yield fname, shape
+            continue
+        pool = spec.adapter.pools[factor.pool]
+        mixer = pools.mixer_shape(factor, pool, symbols, shape, d_in, site)
+        if factor.mix == "router" and not mt.has("linear"):
+            raise UnsupportedModuleError(f"module {site!r} is a {mt.name}: a router mix (factor {fname}) needs "
+                                         f"modules with {vocab.CAPABILITIES['linear']}")
+        if len(mixer) == 1 and factor.init.kind in ("kaiming_uniform", "orthogonal"):
+            raise SpecError(f"adapter.factors.{fname}: its mixing weights are a vector ({mixer[0]} entries); init "
+                            f"{factor.init.kind!r} needs a matrix: use zeros, normal or uniform")
+        yield fname, mixer
+        yield factor.pool, pools.entry_shape(pool, symbols, shape)
 
 
 def _train_modules(spec: TyingSpec, named: list, claimed: dict) -> dict[str, int]:

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import modtypes, route, update
+from . import modtypes, pools, route, update
 from .engine import banks, merged_task_of
-from .errors import AlreadyAppliedError, NotAppliedError, NotMergeableError, ServingError, TyingError
+from .errors import AlreadyAppliedError, NotAppliedError, NotMergeableError, ServingError, SpecError, TyingError
 from .planner import SERVING_ATTR, Plan, plan
 from .serving_bank import COL, NEUTRAL, ROLES, ServingBank, stack_key
 from .state import _want, check_tensors, read_adapter
@@ -173,12 +173,28 @@ def _read(model: nn.Module, name: str, folder) -> list[tuple[str, Plan, dict[str
                                "(Linear-like: Linear, Conv1D, quantized Linear)")
         if not spec.tasks:
             check_tensors(src, tensors, _want(p, model))
-            return [(name, p, tensors)]
+            return [_undrawn(model, name, p, tensors)]
         want = _want(p, model)
         check_tensors(src, tensors, multi_want(spec, p, want))
-        return [(f"{name}/{t}", p, task_tensors(spec, p, tensors, t, want)) for t in spec.tasks]
+        return [_undrawn(model, f"{name}/{t}", p, task_tensors(spec, p, tensors, t, want)) for t in spec.tasks]
     except TyingError as e:
         raise type(e)(f"adapter {name!r} ({src}): {e}") from None
+
+
+def _undrawn(model: nn.Module, name: str, p: Plan, tensors: dict) -> tuple[str, Plan, dict[str, torch.Tensor]]:
+    """An adapter whose factors are drawn from pools, served as each site's mixed factors (computed once here; a
+    router's mix has no served form: a clear error); any other adapter as it is."""
+    if not p.spec.adapter.pools:
+        return name, p, tensors
+    flat = plan(model, pools.undrawn(p.spec))
+    out = {}
+    for site, mine in zip(p.sites, flat.sites):
+        try:
+            drawn = pools.effective(p.spec.adapter, site.keys, lambda part, k: tensors[f"{part}.{k}"], site.name)
+        except SpecError as e:
+            raise ServingError(str(e)) from None
+        out.update({f"{f}.{mine.keys[f]}": t for f, t in drawn.items()})
+    return name, flat, out
 
 
 def _bank(model: nn.Module) -> ServingBank:

@@ -3,6 +3,7 @@ which are trained, and how each starts. Pydantic v2, frozen, ``extra="forbid"``;
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +24,7 @@ from pydantic import (
 
 from . import vocab
 from .errors import SelectorError, SpecError
+from .presets.families import FAMILIES
 from .selectors import check_budget, compile_selector
 
 SPEC_VERSION = 1
@@ -71,6 +73,20 @@ class Init(_Frozen):
         return {"kind": data} if isinstance(data, str) else data
 
 
+def _tie_shorthand(cls, v: Any) -> Any:
+    """``none`` or null: no tie; a bare capture name: a list of one."""
+    if v in (None, "none"):
+        return []
+    return [v] if isinstance(v, str) and v != "all" else v
+
+
+def _distinct(self):
+    names = [] if self.tie == "all" else [a.capture for a in self.tie]
+    if len(names) != len(set(names)):
+        raise ValueError(f"tie names a capture twice: {names}")
+    return self
+
+
 class TieAxis(_Frozen):
     """Share a factor across the values of one capture: all of them, buckets of ``every`` consecutive
     integer values, or explicit ``groups`` of values. A bare string ``"layer"`` means all values."""
@@ -107,20 +123,47 @@ class Factor(_Frozen):
     train: bool = True
     init: Init
     shape_aware: bool = False
+    # drawn from a pool (adapter.pools): the factor is then a mix of the pool's entries, and tie/train/init are
+    # those of the mixing parameters (weights: softmax of trained logits; topk: of the k largest; router: a trained
+    # linear map of the input x or of the down projection h = A x, per token or averaged over the batch)
+    pool: str | None = None
+    mix: Literal["weights", "topk", "router"] | None = None
+    k: PositiveWhole | None = None
+    router: Literal["input", "down"] = "down"
+    reduce: Literal["token", "batch"] = "token"
 
-    @field_validator("tie", mode="before")
-    @classmethod
-    def _none(cls, v: Any) -> Any:
-        if v in (None, "none"):
-            return []
-        return [v] if isinstance(v, str) and v != "all" else v
+    _tie = field_validator("tie", mode="before")(_tie_shorthand)
+    _distinct_captures = model_validator(mode="after")(_distinct)
 
     @model_validator(mode="after")
-    def _distinct_captures(self) -> Factor:
-        names = [] if self.tie == "all" else [a.capture for a in self.tie]
-        if len(names) != len(set(names)):
-            raise ValueError(f"tie names a capture twice: {names}")
+    def _mix_fits(self) -> Factor:
+        if (self.pool is None) != (self.mix is None):
+            raise ValueError("a factor drawn from a pool names both: pool (a name in adapter.pools) and mix (weights, "
+                             "topk or router)")
+        if (self.mix == "topk") != (self.k is not None):
+            raise ValueError("k (how many entries a topk mix keeps) goes with mix: topk, and only with it")
         return self
+
+
+MIXES = ("weights", "topk", "router")  # how a site's factor is drawn from a pool (docs/pools.md)
+
+
+class Pool(_Frozen):
+    """Entries that factors of several sites are drawn from (``adapter.pools``). ``size`` entries, each either the
+    shape of the factor that draws from it, or with ``entry: L`` a vector of length L that factors are assembled
+    from, tile by tile (along their non-rank axis; VB-LoRA's vector bank); ``entry: width`` takes L as the factor's
+    whole width (each of its rank rows or columns one entry: MoS's shards). ``tie`` says which sites share one pool
+    (as a factor's tie; default ``all``); ``init`` and ``train`` are the entries'."""
+
+    size: PositiveWhole
+    entry: PositiveWhole | Literal["width"] | None = None
+    tie: Literal["all"] | list[TieAxis] = "all"
+    train: bool = True
+    init: Init
+    shape_aware: bool = False
+
+    _tie = field_validator("tie", mode="before")(_tie_shorthand)
+    _distinct_captures = model_validator(mode="after")(_distinct)
 
 
 class Adapter(_Frozen):
@@ -133,6 +176,7 @@ class Adapter(_Frozen):
     alpha: Finite | None = Field(None, gt=0)
     dropout: Finite = Field(0.0, ge=0.0, lt=1.0)
     factors: dict[str, Factor]
+    pools: dict[str, Pool] = Field(default_factory=dict)
 
     @field_validator("kind")
     @classmethod
@@ -150,11 +194,38 @@ class Adapter(_Frozen):
         if missing or extra:
             raise ValueError(f"a {facts.name} adapter needs factors {facts.needed} and allows {list(facts.factors)}; "
                              f"missing {missing}, not allowed {extra}")
-        for name, f in factors.items():
-            if len(facts.factors[name]) == 1 and f.init.kind in ("kaiming_uniform", "orthogonal"):
+        for name, f in factors.items():  # (a factor drawn from a pool: the init is its mixer's, checked at plan time)
+            if f.pool is None and len(facts.factors[name]) == 1 and f.init.kind in ("kaiming_uniform", "orthogonal"):
                 raise ValueError(f"factor {name} is a vector: init {f.init.kind!r} needs a matrix; "
                                  "use ones, zeros, constant, normal or uniform")
         return factors
+
+    @model_validator(mode="after")
+    def _pools_fit(self) -> Adapter:
+        facts = vocab.kind(self.kind)
+        for name in self.pools:
+            if name in facts.factors or not name.isidentifier():
+                raise ValueError(f"adapter.pools.{name}: a pool's name is an identifier other than the kind's factors "
+                                 f"({', '.join(facts.factors)})")
+        for name, f in self.factors.items():
+            if f.pool is None:
+                continue
+            if f.pool not in self.pools:
+                raise ValueError(f"adapter.factors.{name}.pool names {f.pool!r}; pools: {list(self.pools) or 'none'}")
+            pool, shape = self.pools[f.pool], facts.factors[name]
+            if f.mix == "router" and (name not in facts.routed or pool.entry is not None):
+                raise ValueError(f"adapter.factors.{name}: a {self.kind} adapter mixes by router only "
+                                 f"{list(facts.routed) or 'no factor'}, from whole entries (no entry: L)")
+            if pool.entry is not None and "rank" not in shape:
+                raise ValueError(f"adapter.factors.{name}: a pool of vectors (entry: {pool.entry}) assembles matrices "
+                                 f"of a rank axis and a width axis; {name} has shape {shape}")
+            if f.k is not None and f.k > pool.size:
+                raise ValueError(f"adapter.factors.{name}.k is {f.k}, larger than pool {f.pool!r}'s {pool.size} entries")
+        return self
+
+    def part(self, name: str) -> Factor | Pool:
+        """A factor or a pool by name: what the planner and the bank make groups of."""
+        return self.factors[name] if name in self.factors else self.pools[name]
 
     @property
     def facts(self) -> vocab.KindFacts:
@@ -257,7 +328,7 @@ class TyingSpec(_Frozen):
         return self
 
     def _task_ties(self):
-        for name, f in self.adapter.factors.items():
+        for name, f in {**self.adapter.factors, **self.adapter.pools}.items():
             for axis in [] if f.tie == "all" else f.tie:
                 if axis.capture == vocab.TASK:
                     yield name, axis
@@ -265,7 +336,7 @@ class TyingSpec(_Frozen):
     def task_suffix(self, factor: str, task: str) -> str:
         """What the group key of ``factor`` gains for ``task``: '' for a factor shared by every task, ``#task`` for
         one per task, ``#[a,b]`` (or ``#[0-1]``, task positions) for a bucket of tasks."""
-        f = self.adapter.factors[factor]
+        f = self.adapter.part(factor)
         if f.tie == "all":
             return ""
         axis = next((a for a in f.tie if a.capture == vocab.TASK), None)
@@ -300,7 +371,7 @@ class TyingSpec(_Frozen):
     @model_validator(mode="after")
     def _ties_name_known_captures(self) -> TyingSpec:
         known = set().union(*(t.captures for t in self.targets))
-        for name, f in self.adapter.factors.items():
+        for name, f in {**self.adapter.factors, **self.adapter.pools}.items():
             if f.tie == "all":
                 continue
             for axis in f.tie:
@@ -316,8 +387,21 @@ class TyingSpec(_Frozen):
 
 
 def preset_names() -> list[str]:
-    """Names of the presets shipped with tying."""
-    return list(_presets())
+    """Names of the presets shipped with tying (the pool family's take knobs: tying.presets.families)."""
+    return [*_presets(), *FAMILIES]
+
+
+def _family(name: str, overrides: dict) -> dict:
+    """The spec of preset ``name`` of the pool family, built with the knobs among ``overrides``, on the q/k/v
+    targets of the other presets."""
+    build = FAMILIES[name]
+    knobs = inspect.signature(build).parameters
+    try:
+        data = build(**{k: v for k, v in overrides.items() if k in knobs})
+    except TypeError:
+        need = [k for k, p in knobs.items() if p.default is inspect.Parameter.empty]
+        raise SpecError(f"preset {name!r} needs {need} (its knobs: {', '.join(knobs)})") from None
+    return {"targets": _presets()["lora"]["targets"], **data}
 
 
 def _presets() -> dict[str, dict]:
@@ -401,6 +485,9 @@ def load_spec(source: TyingSpec | dict | str | Path, _where: str = "dict", **ove
         data, where = source.model_dump(mode="json"), "spec"
     elif isinstance(source, dict):
         data = source
+    elif isinstance(source, str) and source in FAMILIES:
+        data, where, overrides = _family(source, overrides), f"preset {source!r}", {
+            k: v for k, v in overrides.items() if k not in inspect.signature(FAMILIES[source]).parameters}
     elif isinstance(source, (str, Path)):
         presets = _presets()
         if isinstance(source, str) and source in presets:
@@ -408,7 +495,7 @@ def load_spec(source: TyingSpec | dict | str | Path, _where: str = "dict", **ove
         else:
             path = Path(source)
             if not path.is_file():
-                hint = f"presets: {', '.join(presets)}"
+                hint = f"presets: {', '.join([*presets, *FAMILIES])}"
                 if path.suffix in (".yaml", ".yml") or "/" in str(source):
                     raise SpecError(f"spec file not found: {path}")
                 raise SpecError(f"unknown preset {source!r} and no such file; {hint}")

@@ -168,9 +168,11 @@ def _check_agree(src: Path, spec: TyingSpec, tensors: dict[str, torch.Tensor]) -
         if k.startswith(MODULES):
             if not spec.train_modules:
                 bad.append(f"{k} is a module's tensor, but the spec has no train_modules")
+        elif factor in a.pools or (symbols is not None and a.factors[factor].pool is not None):
+            continue  # a pool, or a factor's mixing weights: shapes the plan checks against the model
         elif symbols is None:
-            bad.append(f"{k} is of factor {factor}, which the spec's {a.kind} adapter lacks (factors: "
-                       f"{', '.join(a.factors)})")
+            bad.append(f"{k} is of factor {factor}, which the spec's {a.kind} adapter lacks (parts: "
+                       f"{', '.join([*a.factors, *a.pools])})")
         elif t.ndim != len(symbols) or any(s == "rank" and n != a.rank for s, n in zip(symbols, t.shape)):
             want = ", ".join(str(a.rank) if s == "rank" else s for s in symbols)
             bad.append(f"{k} has shape {tuple(t.shape)}, but the spec's rank {a.rank} gives it ({want})")

@@ -50,6 +50,7 @@ class KindFacts:
     factor_needs: Mapping[str, frozenset[str]] = field(default_factory=dict)
     serving: Mapping[str, str] | None = None
     exportable: bool = False
+    routed: tuple[str, ...] = ()  # factors that may be mixed from a pool by a router on the input (the kind computes it)
     owner: str = "?"  # the module that registered it, for 'already registered' messages
 
     def __post_init__(self):
@@ -77,6 +78,9 @@ class KindFacts:
         for cap in {*self.needs, *(c for caps in self.factor_needs.values() for c in caps)}:
             if cap not in CAPABILITIES:
                 problems.append(f"capability {cap!r} is unknown; known: {', '.join(CAPABILITIES)}")
+        for f in self.routed:
+            if f not in names:
+                problems.append(f"routed names factor {f!r}, which the kind does not have")
         for f in self.factor_needs:
             if f not in names:
                 problems.append(f"factor_needs names factor {f!r}, which the kind does not have")
