@@ -36,22 +36,11 @@ SUFFIXES = {"LORA": ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora
 def import_peft(model: nn.Module, peft_dir: str | os.PathLike, *, name: str | None = None) -> Counts:
     """Apply a PEFT adapter folder (LoRA, VeRA, Lily or VB-LoRA) to ``model`` as the equivalent tying adapter (named
     ``name``, or the unnamed one); return its counts. Nothing changes on a refusal."""
-    src = Path(peft_dir)
-    cfg_path, w_path = src / "adapter_config.json", src / "adapter_model.safetensors"
-    if not cfg_path.is_file() or not w_path.is_file():
-        raise AdapterFileError(f"{src} is not a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
-    cfg = json.loads(cfg_path.read_text())
-    kind = cfg.get("peft_type")
+    cfg, tensors, w_path = read_folder(peft_dir)
+    cfg_path, kind = Path(peft_dir) / "adapter_config.json", cfg.get("peft_type")
     if kind not in SUFFIXES:
         raise AdapterFileError(f"{cfg_path}: peft_type {kind!r} does not import; tying imports "
                                f"{', '.join(SUFFIXES)}")
-    try:
-        tensors = load_file(str(w_path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterFileError(f"{w_path} is not a readable safetensors file ({e})") from None
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise AdapterFileError(f"{w_path} holds NaN or infinite values in {bad[:3]}; nothing was imported")
     suffix = re.compile(r"\.(" + "|".join(map(re.escape, SUFFIXES[kind])) + ")$")
     per_module = {k: t for k, t in tensors.items() if suffix.search(k)}
     names = sorted({suffix.sub("", k).removeprefix(PREFIX) for k in per_module})
@@ -67,6 +56,25 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike, *, name: str | No
         for k, param in bank_of(model, name).state_dict(keep_vars=True).items():
             param.copy_(values[k])
     return counts
+
+
+def read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """A PEFT adapter folder's config, its tensors (safetensors only, every value finite) and the weights' path."""
+    src = Path(folder)
+    cfg_path, w_path = src / "adapter_config.json", src / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise AdapterFileError(f"{src} is not a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        tensors = load_file(str(w_path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{cfg_path} is not a JSON file ({e})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterFileError(f"{w_path} is not a readable safetensors file ({e})") from None
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise AdapterFileError(f"{w_path} holds NaN or infinite values in {bad[:3]}; nothing was imported")
+    return cfg, tensors, str(w_path)
 
 
 def _checked(p: Plan, found: dict[str, list[torch.Tensor]], where: str) -> dict[str, torch.Tensor]:

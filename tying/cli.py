@@ -1,4 +1,5 @@
-"""The ``tying`` command: ``inspect``, ``count``, ``budget`` and ``export-peft``, on meta-device models."""
+"""The ``tying`` command: ``inspect``, ``count``, ``budget`` and ``export-peft`` on meta-device models, and
+``compress-peft`` on LoRA folders."""
 
 from __future__ import annotations
 
@@ -118,6 +119,22 @@ def _export_peft(args) -> None:
     print(f"wrote a PEFT LoRA adapter to {out}")
 
 
+def _compress_peft(args) -> None:
+    from .integrations.compress import compress_peft
+
+    folders = {}
+    for item in args.adapters:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder or name in folders:
+            raise TyingError(f"give each LoRA as NAME=FOLDER with distinct names; got {item!r}")
+        folders[name] = folder
+    report = compress_peft(folders, args.out, args.rank, core=args.core, share=args.share)
+    print(f"wrote a {len(folders)}-task tied adapter (rank {args.rank}; exact from rank {report['exact_at']}) to "
+          f"{args.out}; relative error of each task's update:")
+    for t, row in report["tasks"].items():
+        print(f"  {t:<24} {row['relative_error']:.2e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tying`` console command."""
     parser = argparse.ArgumentParser(prog="tying", description="Tied adapters for any PyTorch model.")
@@ -143,6 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-model", default=None, help="base_model_name_or_path to record in adapter_config.json")
     p.add_argument("--task", default=None, help="of a multi-task adapter, the one task to export")
     p.set_defaults(run=_export_peft)
+    p = sub.add_parser("compress-peft", help="many PEFT LoRAs of one base into one tied multi-task adapter")
+    p.add_argument("adapters", nargs="+", metavar="NAME=FOLDER", help="each LoRA folder with its task name")
+    p.add_argument("--rank", type=int, required=True, help="the shared rank (exact from the sum of the LoRAs' ranks)")
+    p.add_argument("--out", required=True, help="folder for the tied adapter (spec.yaml, adapter.safetensors, "
+                   "compression.json)")
+    p.add_argument("--core", choices=("full", "diag"), default="full", help="each task's small factor: an r x r "
+                   "core (full) or an r-vector (diag)")
+    p.add_argument("--share", choices=("module", "layers"), default="module", help="one pair of shared bases per "
+                   "module, or per projection across all layers")
+    p.set_defaults(run=_compress_peft)
     args = parser.parse_args(argv)
     try:
         args.run(args)
