@@ -171,3 +171,34 @@ def test_a_merged_adapter_cannot_be_routed_away_from_any_row():
         pass  # the rows would still get a's update: it is in the weights
     with pytest.raises(tying.errors.NotMergeableError, match="cannot be disabled"), tying.adapters_disabled(model):
         pass
+
+
+def test_load_adapters_trainable_trains_each_on_its_rows_and_saves_one_by_one(tmp_path):
+    refs = {}
+    for i, spec in enumerate((LORA, {**LORA, "targets": [{"select": "layers.1"}]})):  # other modules: allowed
+        m = Net()
+        tying.apply_(m, spec)
+        randomize_bank(m, seed=i + 1)
+        tying.save_adapter(m, tmp_path / f"a{i}")
+        refs[f"a{i}"] = m
+    model = Net()
+    tying.load_adapters_(model, {"a0": tmp_path / "a0", "a1": tmp_path / "a1"}, trainable=True)
+    x = torch.randn(2, 5, 16)
+    with tying.adapters(model, ["a1", "a0"]):
+        model(x).square().sum().backward()
+    for row, name in enumerate(["a1", "a0"]):
+        refs[name](x[row:row + 1]).square().sum().backward()
+        for (k, p), (_, q) in zip(tying.bank_of(model, name).named_parameters(),
+                                  tying.bank_of(refs[name]).named_parameters()):
+            assert torch.allclose(p.grad, q.grad, atol=1e-5), (name, k)
+    tying.save_adapter(model, tmp_path / "out", name="a1")  # an ordinary folder
+    again = Net()
+    tying.load_adapter(again, tmp_path / "out")
+    with torch.no_grad():
+        assert torch.allclose(again(x), refs["a1"](x), atol=1e-6)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    fresh = Net()
+    with pytest.raises(tying.errors.AdapterFileError, match="'b'"):
+        tying.load_adapters_(fresh, {"a0": tmp_path / "a0", "b": broken}, trainable=True)
+    assert not tying.engine.banks(fresh)  # a0 was taken off again

@@ -101,11 +101,21 @@ class _Site:
         return out + torch.bmm(h, r.Bt).view(out.shape).to(out.dtype)
 
 
-def load_adapters_(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) -> None:
+def load_adapters_(model: nn.Module, adapters: Mapping[str, str | os.PathLike], *, trainable: bool = False,
+                   replace_modules: bool = False) -> None:
     """Load the adapter folders ``{name: folder}`` (as written by :func:`tying.save_adapter`) onto ``model``
     for mixed-batch serving. May be called again to add adapters. Every adapter must adapt the same modules
     as the others; every check runs before anything changes, so on an error the loaded adapters stay as they
-    were. A multi-task folder serves each of its tasks as ``name/task``, the factors its tasks share stored once."""
+    were. A multi-task folder serves each of its tasks as ``name/task``, the factors its tasks share stored once.
+
+    ``trainable=True`` loads each folder as a named adapter instead (``tying.load_adapter(..., name=)``): the adapters
+    may adapt different modules, train through ``tying.adapters`` blocks (each adapter's factors get exactly its own
+    rows' gradients) and save one by one (``tying.save_adapter(model, out, name=...)``); a folder that fails to load
+    takes the ones loaded before it off again. (Served adapters stack their factors for very many adapters in one
+    batch, inference only; named ones are a layer of wrappers each.)"""
+    if trainable:
+        _load_named(model, adapters, replace_modules)
+        return
     if banks(model):
         merged = any(getattr(m, "merged", False) for m in model.modules())
         raise AlreadyAppliedError(f"the model carries a tying adapter{' merged into its base weights' if merged else ''}"
@@ -145,6 +155,29 @@ def load_adapters_(model: nn.Module, adapters: Mapping[str, str | os.PathLike]) 
         setattr(model, SERVING_ATTR, bank)
     bank.device, bank.dtype = _placement(model, next(iter(bank.sites)))  # the model may have moved since
     bank.add([(name, p, tensors) for name, (p, tensors) in read.items()])
+
+
+def _load_named(model: nn.Module, adapters: Mapping, replace_modules: bool) -> None:
+    from .engine import unapply_
+    from .state import load_adapter
+
+    if getattr(model, SERVING_ATTR, None) is not None:
+        raise AlreadyAppliedError("the model serves adapters (tying.load_adapters_ without trainable=True); trainable "
+                                  "adapters load onto a model that serves none: tying.unload_adapter_ them first")
+    if not isinstance(adapters, Mapping) or not adapters:
+        raise ServingError(f"load_adapters_ takes a non-empty mapping {{name: adapter folder}}; got {adapters!r}")
+    done = []
+    try:
+        for name, folder in adapters.items():
+            try:
+                load_adapter(model, folder, name=name, replace_modules=replace_modules)
+            except TyingError as e:
+                raise type(e)(f"adapter {name!r} ({folder}): {e}") from None
+            done.append(name)
+    except BaseException:
+        for name in reversed(done):
+            unapply_(model, name=name)
+        raise
 
 
 def _placement(model: nn.Module, site: str) -> tuple[torch.device, torch.dtype]:
