@@ -2,7 +2,7 @@
 
 PEFT looks its methods up in tables keyed by the config's ``peft_type``. Its ``register_peft_method`` accepts only the
 names of its own enum, but the tables take any string, so :func:`register` puts ``"TYING"`` into them; it runs when
-``peft`` is imported in a process where tying is installed (``tying.hooks``; no ``import tying`` needed), so
+``peft`` is imported in a process where tying is installed (``_tying_bridges``; no ``import tying`` needed), so
 ``PeftModel.from_pretrained``, ``AutoPeftModel*``, transformers' ``load_adapter`` and the lm-eval CLI load a
 TyingConfig folder. The tuner applies each PEFT adapter as a named tying adapter (``tying.apply_(..., name=)``),
 so PEFT's verbs act on tied adapters: several on one model (``add_adapter``, ``set_adapter``, ``delete_adapter``,
