@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import kinds, modtypes, route
+from . import kinds, modtypes, route, sharded
 from .adapter import SiteAdapter, link_shared_down
 from .bank import AdapterBanks, FactorBank
 from .errors import AlreadyAppliedError, NotAppliedError, NotMergeableError, SpecError, TyingError
@@ -129,6 +129,7 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
     """
     p = _as_plan(model, spec)
     _check_room(model, p, name)
+    sharded.refuse_sharded(model)  # FSDP2 shards the parameters that exist: apply_, then fully_shard
     bases = dict(named_base_modules(model))
     types = {s.name: modtypes.module_type(s.kind) for s in p.sites}
     first = {}
@@ -172,6 +173,7 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
                   model.register_load_state_dict_pre_hook(functools.partial(_read_merge_record, name)),
                   model.register_load_state_dict_post_hook(functools.partial(_accept_plain_checkpoint, name)),
                   model.register_forward_pre_hook(route.RowCheck(bank), with_kwargs=True),
+                  model.register_forward_pre_hook(sharded.PlacementCheck(bank)),
                   *link_shared_down(model, wrappers_)]  # q, k, v with one A and one input: A x once per forward
     return p.counts
 
