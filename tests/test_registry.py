@@ -47,7 +47,7 @@ def test_layers_import_one_way_from_the_bottom():
     """vocab -> spec -> module types and the math -> plan -> kinds -> engine -> state -> serving: no module
     imports one above it, and the core imports no transformers."""
     order = ["errors", "vocab", "selectors", "spec", "update", "modtypes", "planner", "bank", "adapter", "kinds",
-             "sharded", "engine", "count", "state", "serving_bank", "serving"]
+             "sharded", "tensor_parallel", "engine", "count", "state", "serving_bank", "serving"]
     for i, name in enumerate(order):
         path = CORE / (f"{name}.py" if name != "kinds" else "kinds/__init__.py")
         above = set(order[i + 1:]) - {name}

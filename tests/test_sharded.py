@@ -1,5 +1,6 @@
-"""FSDP2 by hand (2 processes, gloo, CPU; tests/fsdp_worker.py): save_adapter and load_adapter on a sharded model,
-full and sharded state dicts through torch.distributed.checkpoint, the placement rule of tied factors, bad input.
+"""Sharded models, 2 processes on gloo (CPU). FSDP2 by hand (tests/fsdp_worker.py): save_adapter and load_adapter on
+a sharded model, full and sharded state dicts through torch.distributed.checkpoint, the placement rule of tied
+factors, a 4-bit base, bad input. Tensor parallelism (tests/tp_worker.py): factors that follow the split, refusals.
 Each launch runs several scenarios; the tests read what each process recorded."""
 
 import importlib.util
@@ -20,15 +21,15 @@ sys.path.insert(0, str(HERE))
 pytestmark = pytest.mark.skipif(not hasattr(torch.distributed.fsdp, "fully_shard"), reason="FSDP2 is public from 2.6")
 
 
-def launch(out: Path, *scenarios: str) -> dict:
-    """tests/fsdp_worker.py under torchrun with 2 processes; {scenario: {rank: record}}."""
+def launch(out: Path, *scenarios: str, worker: str = "fsdp_worker.py") -> dict:
+    """tests/fsdp_worker.py (or ``worker``) under torchrun with 2 processes; {scenario: {rank: record}}."""
     pytest.importorskip("numpy", reason="torch.distributed needs numpy")
     pytest.importorskip("transformers")
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "fsdp_worker.py"), str(out), *scenarios]
+           str(HERE / worker), str(out), *scenarios]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "result.json").read_text())
@@ -152,3 +153,64 @@ def test_a_failed_save_or_load_on_a_sharded_model_raises_everywhere_and_changes_
         assert r["save_to_file"]["error"] == "AdapterFileError" and "is a file" in r["save_to_file"]["message"]
         assert r["file_kept"]
         assert r["other_spec"]["error"] == "AlreadyAppliedError" and r["unchanged"] == 0.0
+
+
+# ---- tensor parallelism -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tp(tmp_path_factory):
+    pytest.importorskip("torch.distributed.tensor.parallel")
+    out = tmp_path_factory.mktemp("tp")
+    return out, launch(out, "hf_tl6", "torch_all", "refusals", worker="tp_worker.py")
+
+
+@pytest.mark.parametrize("scenario", ["hf_tl6", "torch_all"])
+def test_factors_follow_the_tensor_parallel_split_and_train_as_one_process(tp, scenario):
+    """Split first (transformers' tp_plan="auto", or torch's parallelize_module; q/k/v/gate/up colwise, o/down
+    rowwise), then apply_: A tied across layers and q/k/v is whole (colwise sites), B tied across the layers of each
+    projection is split by rows under colwise and whole under rowwise, A of o/down split by columns. After 3 steps
+    the adapter equals a one-process run on the model not split (1e-5; every factor moved in 'torch_all'); it loads
+    back into a split model and into one not split with the same logits; merge_ is refused, nothing changed."""
+    import fsdp_worker as f
+    import tp_worker as w
+
+    import tying
+
+    _, results = tp
+    kind = scenario.split("_")[1]
+    r = results[scenario]["0"]
+    places = r["placements"]
+    if kind == "tl6":
+        assert places["A.model:layers:*:self_attn:*"] == "(Replicate(),)"
+        assert places["B.model:layers:*:self_attn:q_proj"] == "(Shard(dim=0),)"
+    else:
+        assert places["A.model:layers:*:self_attn:o_proj"] == places["A.model:layers:*:mlp:down_proj"] == \
+            "(Shard(dim=1),)"
+        assert places["B.model:layers:*:self_attn:o_proj"] == "(Replicate(),)"
+        assert places["v.model:layers:0:mlp:up_proj"] == "(Shard(dim=0),)"
+    got, ref = load_file(str(Path(r["folder"]) / "adapter.safetensors")), w.reference(kind)
+    start = f.llama()
+    tying.apply_(start, w.spec(kind))
+    moved = [(ref[k] - v).abs().max().item() for k, v in w.whole(start).items()]
+    assert sorted(got) == sorted(ref) and max(moved) > 1e-3 and (kind == "tl6" or min(moved) > 0)
+    for k in ref:
+        assert torch.allclose(got[k], ref[k], atol=1e-5), k
+    for record in results[scenario].values():
+        assert record["loaded"] == 0.0 and record["fresh"] == 0.0 and record["plain"] < 1e-5
+        assert record["merge"]["error"] == "NotMergeableError" and record["merge_unchanged"] == 0.0
+
+
+def test_a_tied_factor_that_cannot_follow_the_split_is_refused(tp):
+    """A tied across q/k/v (colwise: whole) and o_proj (rowwise: columns): apply_ raises a ShardingError naming the
+    factor, the modules and both splits; dropout and kinds other than lora likewise; the model is unchanged. Splitting
+    an adapted model is torch's own refusal (apply_ after the split)."""
+    _, results = tp
+    for r in results["refusals"].values():
+        message = r["qkvo"]["message"]
+        assert r["qkvo"]["error"] == "ShardingError" and "factor A.model:layers:*:self_attn:* is tied across" in message
+        assert "self_attn.q_proj and 8 more (colwise: A whole on every process)" in message
+        assert "self_attn.o_proj and 2 more (rowwise: A split by columns)" in message
+        assert r["dropout"]["error"] == r["ia3"]["error"] == "ShardingError"
+        assert "dropout 0.1" in r["dropout"]["message"] and "kind 'ia3'" in r["ia3"]["message"]
+        assert r["unchanged"] == 0.0 and not r["bank_left"]
+        assert r["split_after_apply"]["error"] == "NotImplementedError"

@@ -98,6 +98,8 @@ class SiteAdapter(view.Wrapper):
 
     tying_site = True  # marks site wrappers for code that imports no runtime class
     shares_down = True  # a kind whose sites read ``h`` of project() may share it between siblings
+    tensor_parallel = False  # a kind whose update is project() and up() alone follows tensor parallelism's split
+    tp = None  # set by apply_ on a tensor-parallel model: the site's part of the split (tying.tensor_parallel)
     no_merge = "this adapter kind has no merged form; keep it unmerged"  # the reason, for kinds without merge()
 
     def selection(self, x: torch.Tensor | None = None) -> Selection | None:
@@ -189,7 +191,9 @@ class SiteAdapter(view.Wrapper):
         """The factor ``name`` of this site (of the batch's task, for a multi-task adapter), or None when the spec
         leaves it out."""
         key = self.keys.get(name) if not self.task_keys else self.task_keys[self.bank.current_task()].get(name)
-        return None if key is None else self.bank[name][key]
+        if key is None:
+            return None
+        return self.bank[name][key] if self.tp is None else self.bank[name][key].to_local()  # this process's part
 
     def set_task_keys(self, task_keys: Mapping[str, Mapping[str, str]]) -> None:
         """Make this site one of a multi-task adapter: ``task -> factor -> key`` (from the plan)."""
@@ -218,6 +222,8 @@ class SiteAdapter(view.Wrapper):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """h = G diag(u) A dropout(x) in the module type's layout (features of a Linear: (r, tokens))."""
+        if self.tp is not None:
+            return self.tp.project(self, x)
         return self.mtype.down(self.base, self.drop(x), *self.down_factors())
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,6 +241,10 @@ class SiteAdapter(view.Wrapper):
         if self.mtype.weight is None:
             raise NotMergeableError(f"a {self.mtype.name} module has no weight tying can fold an update into; "
                                     "keep the adapter unmerged")
+        if self.tp is not None:
+            raise NotMergeableError("the model is split by tensor parallelism: merging is not supported there; keep "
+                                    "the adapter unmerged, or merge on a model that is not split (save_adapter, then "
+                                    "load_adapter into it)")
         if self.mtype.quantized and not dequantize:
             raise NotMergeableError(
                 f"the base is a quantized {self.mtype.name}: merging decodes its weight, adds the update and "

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import kinds, modtypes, route, sharded
+from . import kinds, modtypes, route, sharded, tensor_parallel
 from .adapter import SiteAdapter, link_shared_down
 from .bank import AdapterBanks, FactorBank
 from .errors import AlreadyAppliedError, NotAppliedError, NotMergeableError, SpecError, TyingError
@@ -144,11 +144,16 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
         for keys in (site.keys, *site.task_keys.values()):
             for factor, key in keys.items():
                 first.setdefault((factor, key), place)
-    bank = FactorBank(p, first, name, {n: bases[n] for n in p.train_modules})  # may fail: the model is untouched
     a = p.spec.adapter
     wrapper = kinds.get(a.kind).wrapper
+    split = tensor_parallel.plan_split(p, bases, types, wrapper)  # a tensor-parallel model: factors follow its split
+    bank = FactorBank(p, first, name, {n: bases[n] for n in p.train_modules})  # may fail: the model is untouched
+    if split is not None:
+        split.distribute(bank)
     wrappers_ = {s.name: wrapper(occupant(model, s.name), bank, s.keys, a.scale, a.dropout, types[s.name])
                  for s in p.sites}
+    if split is not None:
+        split.attach(wrappers_)
     for s in p.sites if p.spec.tasks else ():
         wrappers_[s.name].set_task_keys(s.task_keys)
     trained = {n: TrainedModule(occupant(model, n), bank, n) for n in p.train_modules}
