@@ -150,10 +150,13 @@ def train_save_load(out: Path, kind: str) -> dict:
     tying.load_adapter(fresh, out / kind)
     with torch.no_grad():
         diff = (forward(fresh, kind, rank, world).logits - forward(model, kind, rank, world).logits).abs().max()
+    before = local(model)
+    merge = error(lambda: tying.merge_(model, task="a" if kind == "tasks" else None))
     q = model.model.layers[0].self_attn.q_proj.base
     record = {"folder": str(folder), "loaded": same(whole(fresh), whole(model)), "forward": diff.item(),
               "sharded": type(tying.bank_of(model)["A"][next(iter(tying.bank_of(model)["A"]))]).__name__,
-              "base": [type(q).__name__, type(q.weight).__name__, str(q.weight.dtype)]}
+              "base": [type(q).__name__, type(q.weight).__name__, str(q.weight.dtype)],
+              "merge": merge, "merge_unchanged": same(local(model), before)}
     if kind == "nf4":  # last: what bitsandbytes' CPU inference layout does under FSDP2
         fresh.eval()
         with torch.no_grad():

@@ -60,7 +60,8 @@ def test_save_adapter_from_fsdp2_matches_one_process_and_loads_back(trained, kin
     tasks (tasks): after 3 steps under FSDP2 (blocks, then the root; factors sharded DTensors) every process's
     save_adapter returns the folder process 0 wrote; it equals a one-process run (1e-5), and load_adapter into a fresh
     sharded model gives the same factors and the same logits. (Before: RuntimeError: Attempted to access the data
-    pointer on an invalid python storage; load: aten.copy_.default got mixed torch.Tensor and DTensor.)"""
+    pointer on an invalid python storage; load: aten.copy_.default got mixed torch.Tensor and DTensor.) merge_ on the
+    sharded model is refused, nothing changed."""
     import fsdp_worker as w
 
     out, results = trained
@@ -74,6 +75,9 @@ def test_save_adapter_from_fsdp2_matches_one_process_and_loads_back(trained, kin
         assert torch.allclose(got[k], ref[k], atol=1e-5), k
     for r in records.values():
         assert r["loaded"] == 0.0 and r["forward"] < 1e-6
+        # merge_ edited sharded weights with collectives in between (and a later unmerge_ failed half done)
+        assert r["merge"]["error"] == "NotMergeableError" and "sharded" in r["merge"]["message"]
+        assert r["merge_unchanged"] == 0.0
 
 
 def test_a_4bit_base_under_fsdp2_trains_saves_and_loads(trained, tmp_path):

@@ -241,10 +241,6 @@ class SiteAdapter(view.Wrapper):
         if self.mtype.weight is None:
             raise NotMergeableError(f"a {self.mtype.name} module has no weight tying can fold an update into; "
                                     "keep the adapter unmerged")
-        if self.tp is not None:
-            raise NotMergeableError("the model is split by tensor parallelism: merging is not supported there; keep "
-                                    "the adapter unmerged, or merge on a model that is not split (save_adapter, then "
-                                    "load_adapter into it)")
         if self.mtype.quantized and not dequantize:
             raise NotMergeableError(
                 f"the base is a quantized {self.mtype.name}: merging decodes its weight, adds the update and "

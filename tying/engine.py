@@ -286,6 +286,11 @@ def _merge_all(model: nn.Module, bank: FactorBank, sign: int, dequantize: bool =
     task = _merge_task(model, bank, sign, task)
     facts = bank.spec.adapter.facts
     todo = [(name, w) for name, w in wrappers(model, bank) if w.merged != (sign > 0)]
+    if todo and sharded.is_sharded(model, bank):
+        raise NotMergeableError("the model is sharded (FSDP2 or tensor parallelism): merging would edit sharded base "
+                                "weights with collectives in between, and is not supported there; nothing was merged. "
+                                "Keep the adapter unmerged, or merge on a model that is not sharded (save_adapter, "
+                                "then load_adapter into it)")
     for name, w in todo:
         if not facts.mergeable:
             raise NotMergeableError(f"module {name!r}: {w.no_merge}")
