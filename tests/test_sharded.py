@@ -206,8 +206,9 @@ def test_factors_follow_the_tensor_parallel_split_and_train_as_one_process(tp, s
 
 def test_a_tied_factor_that_cannot_follow_the_split_is_refused(tp):
     """A tied across q/k/v (colwise: whole) and o_proj (rowwise: columns): apply_ raises a ShardingError naming the
-    factor, the modules and both splits; dropout and kinds other than lora likewise; the model is unchanged. Splitting
-    an adapted model is torch's own refusal (apply_ after the split)."""
+    factor, the modules and both splits; dropout, kinds other than lora and a weight cut another way (transformers'
+    packed gate_up: a _StridedShard, which a plain row split of B would not match) likewise; the model is unchanged.
+    Splitting an adapted model is torch's own refusal (apply_ after the split)."""
     _, results = tp
     for r in results["refusals"].values():
         message = r["qkvo"]["message"]
@@ -216,5 +217,7 @@ def test_a_tied_factor_that_cannot_follow_the_split_is_refused(tp):
         assert "self_attn.o_proj and 2 more (rowwise: A split by columns)" in message
         assert r["dropout"]["error"] == r["ia3"]["error"] == "ShardingError"
         assert "dropout 0.1" in r["dropout"]["message"] and "kind 'ia3'" in r["ia3"]["message"]
+        assert r["packed"]["error"] == "ShardingError" and "mlp.gate_proj" in r["packed"]["message"]
+        assert "_StridedShard" in r["packed"]["message"]
         assert r["unchanged"] == 0.0 and not r["bank_left"]
         assert r["split_after_apply"]["error"] == "NotImplementedError"

@@ -120,6 +120,15 @@ def refusals(out: Path) -> dict:
     record["qkvo"] = error(lambda: tying.apply_(model, spec("qkvo")))
     record["dropout"] = error(lambda: tying.apply_(model, spec("tl6", dropout=0.1)))
     record["ia3"] = error(lambda: tying.apply_(model, tying.load_spec("ia3")))
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    gate = model.model.layers[0].mlp.gate_proj  # as transformers' packed_colwise cuts a fused gate_up weight
+    whole = gate.weight.full_tensor().detach()
+    packed = distribute_tensor(whole, gate.weight.device_mesh, [_StridedShard(0, split_factor=2)])
+    gate.weight = torch.nn.Parameter(packed, requires_grad=False)
+    before = local(model)
+    record["packed"] = error(lambda: tying.apply_(model, spec("all")))
     record["unchanged"] = same(local(model), before)
     record["bank_left"] = hasattr(model, "tying_bank")
     adapted = llama()

@@ -49,13 +49,18 @@ def site_style(name: str, module: nn.Module, mtype) -> tuple[str, object] | None
     where = f"module {name!r} ({type(module).__name__}, weight placed {tuple(w.placements)})"
     if w.device_mesh.ndim != 1:
         raise ShardingError(f"{where}: tying follows tensor parallelism on a mesh of one dimension; this weight is "
-                            f"placed on a {w.device_mesh.ndim}-dimensional mesh (FSDP with TP is not supported)")
+                            f"placed on a {w.device_mesh.ndim}-dimensional mesh (FSDP with TP is not supported). "
+                            "Nothing was applied")
+    from torch.distributed.tensor import Shard
+
     linear = mtype.has("linear") and not mtype.quantized and mtype.weight is not None and mtype.weight(module) is w
-    place = w.placements[0]
-    style = "colwise" if place.is_shard(0) else "rowwise" if place.is_shard(1) or place.is_shard(-1) else None
+    place = w.placements[0]  # a plain Shard: a subclass (transformers' packed gate_up: _StridedShard) cuts otherwise
+    dim = place.dim if type(place) is Shard else None
+    style = "colwise" if dim == 0 else "rowwise" if dim in (1, -1) else None
     if not linear or style is None:
         raise ShardingError(f"{where}: tying follows the column and row splits of Linear layers (ColwiseParallel, "
-                            "RowwiseParallel); exclude this module from the targets, or do not split it")
+                            "RowwiseParallel); exclude this module from the targets, or do not split it. Nothing was "
+                            "applied")
     return style, w.device_mesh
 
 
