@@ -13,8 +13,9 @@ exactly where the paper's fused-QKV LoRA shares A; output and down projections c
 Checkpoints: an adapted model's ``state_dict`` keeps every base key, so ``save_pretrained``,
 ``from_pretrained`` and the plain ``Trainer`` see an unchanged base (plus ``tying_bank.*``).
 :class:`TyingTrainer` (and :func:`adapter_trainer` for subclasses such as TRL's ``SFTTrainer``) write
-adapter-only checkpoints instead, as PEFT does, and resume from them exactly; they also accept a quantized model
-(``BitsAndBytesConfig``, ``TorchAoConfig``) that carries trainable tying factors.
+adapter-only checkpoints instead, as PEFT does, and resume from them exactly, also under FSDP2; they also accept a
+quantized model (``BitsAndBytesConfig``, ``TorchAoConfig``) that carries trainable tying factors
+(:mod:`tying.integrations.trainer`).
 
 The bridge registers transformers' module types with the core (imported by the planner the first time it meets a
 transformers module): ``Conv1D`` (GPT-2's linear layer, weight stored d_in x d_out) and ``Attention`` (an attention
@@ -25,19 +26,15 @@ the attention function through transformers' ``AttentionInterface``: its ``sdpa`
 
 from __future__ import annotations
 
-import os
 import weakref
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..engine import bank_of
-from ..errors import SelectorError, ServingError, UnsupportedModuleError
+from ..errors import SelectorError, UnsupportedModuleError
 from ..modtypes import LINEAR_LIKE, register_module_type
-from ..serving import adapters
 from ..spec import TyingSpec, load_spec
-from ..state import SPEC_FILE, adapter_tensors, load_adapter, save_adapter, write_adapter
+from .trainer import TASK_COLUMN, AdapterCheckpoints, adapter_trainer  # noqa: F401  (the Trainer's part, here too)
 
 # family -> (qkv, attention output, mlp input(s), mlp output); each a glob under "<prefix>.<layer>."
 FAMILIES: dict[str, tuple[str, str, str, str]] = {
@@ -90,115 +87,6 @@ def spec(model: nn.Module, preset: str, target_set: str | None = None, **overrid
     if target_set is None:
         target_set = default_target_set(load_spec(preset))
     return load_spec(preset, targets=targets(model, target_set), **overrides)
-
-
-class AdapterCheckpoints:
-    """Mixin for ``transformers.Trainer`` and its subclasses: every checkpoint (``save_steps``,
-    ``save_model()``, the best model) is the adapter folder (``spec.yaml`` + ``adapter.safetensors``, with the
-    spec's ``train_modules``) beside the Trainer's optimizer, scheduler and RNG states, and resuming loads it
-    back (a spec that differs from the model's raises before anything changes). Use :class:`TyingTrainer`, or
-    :func:`adapter_trainer` to mix it into another Trainer class.
-
-    A quantized model passes the Trainer's "purely quantized model" check when it carries trainable tying
-    factors (transformers recognises only PEFT's adapters; the check runs once, in ``__init__``).
-
-    A multi-task adapter (docs/multitask.md) trains on mixed batches: each example names its task in a ``task``
-    column (the task's name, or its position in the spec's ``tasks``); the column passes around the data collator
-    and routes each row of a batch to its task."""
-
-    def __init__(self, model=None, *args, **kwargs):
-        bank = getattr(model, "tying_bank", None)
-        trainable = bank is not None and any(p.requires_grad for p in bank.parameters())
-        flag = "_hf_peft_config_loaded"  # what transformers' check reads for "trainable adapters are attached"
-        vouch = trainable and getattr(model, "is_quantized", False) and not getattr(model, flag, False)
-        if vouch:
-            setattr(model, flag, True)
-        try:
-            super().__init__(model, *args, **kwargs)
-        finally:
-            if vouch:
-                setattr(model, flag, False)
-        self.tasks = bank.spec.tasks if bank is not None else None
-        if self.tasks:
-            self.data_collator = _TaskCollator(self.data_collator)
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if self.tasks and TASK_COLUMN not in self._signature_columns:  # kept by remove_unused_columns
-            self._signature_columns = [*self._signature_columns, TASK_COLUMN]
-
-    def _routed(self, model, inputs: dict):
-        """The routing of a multi-task adapter's batch by its ``task`` column (taken out of ``inputs``)."""
-        if TASK_COLUMN not in inputs:
-            raise ServingError(f"the model's adapter has tasks {self.tasks}: every example needs a {TASK_COLUMN!r} "
-                               "column (the task's name or its position in the spec's tasks)")
-        names = inputs.pop(TASK_COLUMN)
-        names = [self.tasks[int(n)] if not isinstance(n, str) else n for n in names]
-        return adapters(self.accelerator.unwrap_model(model), names)
-
-    def training_step(self, model, inputs, *args, **kwargs):  # forward and backward; also under a subclass's loss
-        if not self.tasks:
-            return super().training_step(model, inputs, *args, **kwargs)
-        with self._routed(model, inputs):
-            return super().training_step(model, inputs, *args, **kwargs)
-
-    def prediction_step(self, model, inputs, *args, **kwargs):
-        if not self.tasks:
-            return super().prediction_step(model, inputs, *args, **kwargs)
-        with self._routed(model, inputs):
-            return super().prediction_step(model, inputs, *args, **kwargs)
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        model = self.accelerator.unwrap_model(self.model)
-        if not state_dict:  # None, or DeepSpeed's {} when it could not gather: the model's own tensors
-            save_adapter(model, output_dir)
-        else:  # FSDP: the full state dict the Trainer gathered on this process; the model's own tensors are shards
-            write_adapter(output_dir, bank_of(model).spec, adapter_tensors(bank_of(model), state_dict))
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        if not (Path(resume_from_checkpoint) / SPEC_FILE).is_file():  # a full checkpoint of a plain Trainer
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        # the Trainer's own checkpoint: its train_modules are this run's, so they may replace the model's
-        load_adapter(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint,
-                     replace_modules=True)
-
-    def _load_best_model(self) -> None:
-        best = self.state.best_model_checkpoint
-        if not (Path(best) / SPEC_FILE).is_file():
-            return super()._load_best_model()
-        load_adapter(self.accelerator.unwrap_model(self.model), best, replace_modules=True)
-
-
-TASK_COLUMN = "task"
-
-
-class _TaskCollator:
-    """A data collator that takes the ``task`` column out of each example, collates the rest with ``inner`` and
-    puts the tasks back as a list (collators drop or choke on string columns)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __call__(self, features):
-        tasks = [f.get(TASK_COLUMN) for f in features]
-        if any(t is None for t in tasks):
-            raise ServingError(f"an example has no {TASK_COLUMN!r} column; a multi-task adapter needs each example's "
-                               "task (its name or its position in the spec's tasks)")
-        batch = self.inner([{k: v for k, v in f.items() if k != TASK_COLUMN} for f in features])
-        batch[TASK_COLUMN] = [t.item() if isinstance(t, torch.Tensor) else t for t in tasks]
-        return batch
-
-
-def adapter_trainer(trainer_class: type) -> type:
-    """``trainer_class`` (a ``transformers.Trainer`` subclass, e.g. ``trl.SFTTrainer``) with adapter-only
-    checkpoints (:class:`AdapterCheckpoints`)."""
-    return type(f"Tying{trainer_class.__name__}", (AdapterCheckpoints, trainer_class), {})
 
 
 def __getattr__(name: str):

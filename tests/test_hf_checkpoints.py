@@ -1,6 +1,8 @@
 """Hugging Face habits never lose data: save_pretrained / from_pretrained, state_dict layouts, the Trainer's
 and TRL's checkpoints (adapter-only with TyingTrainer), torch.distributed.checkpoint."""
 
+import shutil
+
 import pytest
 import torch
 from conftest import randomize_bank, tiny_gpt2, tiny_llama
@@ -154,6 +156,26 @@ def test_resume_with_a_different_spec_changes_nothing(tmp_path):
     before = _bank(other)
     with pytest.raises(tying.errors.AlreadyAppliedError, match="checkpoint-3 holds an adapter whose spec differs"):
         other.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    assert all(torch.equal(v, before[k]) for k, v in _bank(other).items())
+
+
+def test_a_checkpoint_of_another_setup_is_refused_before_anything_loads(tmp_path):
+    """An FSDP checkpoint (accelerate's optimizer.bin) resumed without FSDP, or a plain one (optimizer.pt) under FSDP:
+    the Trainer loaded the adapter and then failed on the optimizer (FileNotFoundError: .../optimizer.pt); now a
+    ShardingError before anything is loaded."""
+    first = _trainer(tmp_path / "a", max_steps=3)
+    first.train()
+    plain = tmp_path / "a" / "checkpoint-3"
+    fsdp = tmp_path / "fsdp"
+    shutil.copytree(plain, fsdp)
+    (fsdp / "optimizer.pt").rename(fsdp / "optimizer.bin")
+    other = _trainer(tmp_path / "b")
+    before = _bank(other)
+    with pytest.raises(tying.errors.ShardingError, match=r"was saved under FSDP .*this run is not an FSDP run"):
+        other.train(resume_from_checkpoint=str(fsdp))
+    other.is_fsdp_enabled = True  # what accelerate sets under FSDP; the check runs before the Trainer reads anything
+    with pytest.raises(tying.errors.ShardingError, match=r"was saved without FSDP \(optimizer.pt\), and this run is"):
+        other._load_from_checkpoint(str(plain))
     assert all(torch.equal(v, before[k]) for k, v in _bank(other).items())
 
 

@@ -102,6 +102,8 @@ class SiteAdapter(view.Wrapper):
 
     tying_site = True  # marks site wrappers for code that imports no runtime class
     shares_down = True  # a kind whose sites read ``h`` of project() may share it between siblings
+    tensor_parallel = False  # a kind whose update is project() and up() alone follows tensor parallelism's split
+    tp = None  # set by apply_ on a tensor-parallel model: the site's part of the split (tying.tensor_parallel)
     no_merge = "this adapter kind has no merged form; keep it unmerged"  # the reason, for kinds without merge()
 
     def selection(self, x: torch.Tensor | None = None) -> Selection | None:
@@ -193,7 +195,9 @@ class SiteAdapter(view.Wrapper):
         """The factor ``name`` of this site (of the batch's task, for a multi-task adapter), or None when the spec
         leaves it out."""
         key = self.keys.get(name) if not self.task_keys else self.task_keys[self.bank.current_task()].get(name)
-        t = None if key is None else self.bank[name][key]
+        if key is None:
+            return None
+        t = self.bank[name][key] if self.tp is None else self.bank[name][key].to_local()  # this process's part
         if not self.drawn or name not in self.drawn:
             return t
         spec, pool, symbols = self.drawn[name]  # a static mix of a pool's entries (tying.pools)
@@ -226,6 +230,8 @@ class SiteAdapter(view.Wrapper):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """h = G diag(u) A dropout(x) in the module type's layout (features of a Linear: (r, tokens))."""
+        if self.tp is not None:
+            return self.tp.project(self, x)
         return self.mtype.down(self.base, self.drop(x), *self.down_factors())
 
     def down(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import kinds, modtypes, route
+from . import kinds, modtypes, route, sharded, tensor_parallel
 from .adapter import SiteAdapter, link_shared_down
 from .bank import AdapterBanks, FactorBank
 from .errors import AlreadyAppliedError, NotAppliedError, NotMergeableError, SpecError, TyingError
@@ -129,6 +129,7 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
     """
     p = _as_plan(model, spec)
     _check_room(model, p, name)
+    sharded.refuse_sharded(model)  # FSDP2 shards the parameters that exist: apply_, then fully_shard
     bases = dict(named_base_modules(model))
     types = {s.name: modtypes.module_type(s.kind) for s in p.sites}
     first = {}
@@ -143,11 +144,16 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
         for keys in (site.keys, *site.task_keys.values()):
             for factor, key in keys.items():
                 first.setdefault((factor, key), place)
-    bank = FactorBank(p, first, name, {n: bases[n] for n in p.train_modules})  # may fail: the model is untouched
     a = p.spec.adapter
     wrapper = kinds.get(a.kind).wrapper
+    split = tensor_parallel.plan_split(p, bases, types, wrapper)  # a tensor-parallel model: factors follow its split
+    bank = FactorBank(p, first, name, {n: bases[n] for n in p.train_modules})  # may fail: the model is untouched
+    if split is not None:
+        split.distribute(bank)
     wrappers_ = {s.name: wrapper(occupant(model, s.name), bank, s.keys, a.scale, a.dropout, types[s.name])
                  for s in p.sites}
+    if split is not None:
+        split.attach(wrappers_)
     for s in p.sites if p.spec.tasks else ():
         wrappers_[s.name].set_task_keys(s.task_keys)
     trained = {n: TrainedModule(occupant(model, n), bank, n) for n in p.train_modules}
@@ -172,6 +178,7 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
                   model.register_load_state_dict_pre_hook(functools.partial(_read_merge_record, name)),
                   model.register_load_state_dict_post_hook(functools.partial(_accept_plain_checkpoint, name)),
                   model.register_forward_pre_hook(route.RowCheck(bank), with_kwargs=True),
+                  model.register_forward_pre_hook(sharded.PlacementCheck(bank)),
                   *link_shared_down(model, wrappers_)]  # q, k, v with one A and one input: A x once per forward
     return p.counts
 
@@ -279,6 +286,11 @@ def _merge_all(model: nn.Module, bank: FactorBank, sign: int, dequantize: bool =
     task = _merge_task(model, bank, sign, task)
     facts = bank.spec.adapter.facts
     todo = [(name, w) for name, w in wrappers(model, bank) if w.merged != (sign > 0)]
+    if todo and sharded.is_sharded(model, bank):
+        raise NotMergeableError("the model is sharded (FSDP2 or tensor parallelism): merging would edit sharded base "
+                                "weights with collectives in between, and is not supported there; nothing was merged. "
+                                "Keep the adapter unmerged, or merge on a model that is not sharded (save_adapter, "
+                                "then load_adapter into it)")
     for name, w in todo:
         if not facts.mergeable:
             raise NotMergeableError(f"module {name!r}: {w.no_merge}")

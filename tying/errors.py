@@ -47,3 +47,8 @@ class RegistryError(TyingError, ValueError):
 
 class ServingError(TyingError, ValueError):
     """Serving several adapters at once: a bad adapter name, batch map or adapter mix."""
+
+
+class ShardingError(TyingError, RuntimeError):
+    """A sharded model (FSDP2, tensor parallelism) split or wrapped so that a tied factor cannot follow, or a sharded
+    checkpoint read as a plain one."""

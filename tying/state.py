@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import sharded
 from .engine import _ONLY, apply_, bank_of, banks
 from .errors import AdapterFileError, AlreadyAppliedError
 from .files import atomic_write as _atomic_write
@@ -54,9 +55,16 @@ def _clean_stale(folder: Path) -> None:
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, name: str | None = _ONLY) -> Path:  # type: ignore[assignment]
     """Write the model's adapter (the one named ``name`` where it carries several; spec and factors) to
     ``directory``, replacing an adapter there atomically; return the folder. The folder is an ordinary adapter
-    folder whatever the adapter's name on this model."""
+    folder whatever the adapter's name on this model.
+
+    From a sharded model (FSDP2, tensor parallelism) the call is collective: every process calls it, the factors
+    are gathered whole, process 0 writes and the others wait for it (:mod:`tying.sharded`)."""
     bank = bank_of(model, name)
-    return write_adapter(directory, bank.spec, _adapter_state(model, bank))
+    tensors = _adapter_state(model, bank)
+    if sharded.is_sharded(model, bank):
+        sharded.check_placement(model, [bank])
+        return sharded.write_gathered(tensors, lambda whole: write_adapter(directory, bank.spec, whole))
+    return write_adapter(directory, bank.spec, tensors)
 
 
 def adapter_tensors(bank, state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -135,6 +143,7 @@ def read_adapter(src: str | os.PathLike) -> tuple[TyingSpec, dict[str, torch.Ten
     src = Path(src)
     path = src / WEIGHTS_FILE
     if not path.is_file():
+        sharded.refuse_checkpoint_folder(src)
         raise AdapterFileError(f"{path} not found: an adapter folder holds {SPEC_FILE} and {WEIGHTS_FILE}")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -235,7 +244,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modu
     ``replace_modules=True`` (``tying.unapply_`` puts the originals back). From a multi-task folder, ``task="x"``
     loads task x alone as a plain single-task adapter (merge, PEFT export, serving as usual); without it, the
     multi-task adapter whole. ``name`` loads it as the model's adapter of that name (None: the unnamed one), beside
-    any others the model carries.
+    any others the model carries. Into a sharded model (FSDP2, tensor parallelism) every process calls it and sets
+    its own shards; the adapter is applied before the model is sharded (:mod:`tying.sharded`).
     """
     src = Path(directory)
     spec, tensors = read_adapter(src)
@@ -258,6 +268,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modu
         if bank.merged:
             raise AlreadyAppliedError("the model's adapter is merged; call tying.unmerge_(model) before loading "
                                       "new factors (the base weights hold the old update)")
+        sharded.check_placement(model, [bank])
         p = bank.plan
     else:
         p = plan(model, spec)
@@ -271,6 +282,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modu
         tensors = task_tensors(whole, p, tensors, task, want)
     if not applied:
         apply_(model, p, name=name)
+    sharded.before_load(model)
     with torch.no_grad():
         for k, t in _adapter_state(model, bank_of(model, name)).items():
-            t.copy_(tensors[k])
+            sharded.fill_(t, tensors[k])

@@ -35,6 +35,14 @@ class Wrapper(nn.Module):
                 raise
             return getattr(base, name)
 
+    def _fqn_modifiers(self) -> dict[str, str]:
+        # torch.distributed.checkpoint's contract (torch/distributed/checkpoint/state_dict.py) with a module whose
+        # state_dict hooks rename keys: each name the base module's state has under this wrapper's prefix maps to the
+        # child it lives in, so that get/set_model_state_dict name it ``q_proj.weight`` as the state_dict does. ("":
+        # a base without state still marks ``base`` as a child left out of the names.)
+        base = unwrap(self)
+        return dict.fromkeys([*base._parameters, *base._buffers, *base._modules] or [""], "base")
+
 
 def is_wrapper(module: nn.Module) -> bool:
     """Whether ``module`` is one of tying's wrappers (it wraps its child ``base``)."""

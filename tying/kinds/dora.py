@@ -32,6 +32,8 @@ def _magnitude(m, W, dW) -> torch.Tensor:
 class DoRA(LoRA):
     """The magnitude-scaled LoRA update on modules with features on the last axis and a readable weight."""
 
+    tensor_parallel = False  # the magnitude needs the whole weight's column norms
+
     def routes_rows(self) -> bool:
         return False  # the output scale depends on each row's factors and the base weight: one task per batch
 

@@ -14,8 +14,10 @@ from . import register_kind
 class LoRA(SiteAdapter):
     """The low-rank update on any module type with down/up products (Linear, Conv1D, Conv, Embedding, quantized)."""
 
-    def routes_rows(self) -> bool:  # routed_add works in the Linear layout (features on the last axis)
-        return self.mtype.has("linear") and not self.drawn and self.router is None
+    tensor_parallel = True
+
+    def routes_rows(self) -> bool:  # routed_add works in the Linear layout (features on the last axis), on one process
+        return self.mtype.has("linear") and self.tp is None and not self.drawn and self.router is None
 
     def forward(self, x, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
