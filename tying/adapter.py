@@ -37,6 +37,26 @@ def _identity(x):
     return x
 
 
+_ABSENT = {None: None}  # stands for the bank's dict of a factor the spec leaves out: a light lookup needs no branch
+
+
+class _Decides:
+    """A site attribute whose change decides its light path again (:meth:`SiteAdapter.settle`)."""
+
+    def __init__(self, default):
+        self.default = default
+
+    def __set_name__(self, owner, name):
+        self.slot = "_" + name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else obj.__dict__.get(self.slot, self.default)
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.slot] = value
+        obj.settle()
+
+
 class SharedDown:
     """The ``h`` of one group of sites while a forward of their parent module or of the root model runs; see the
     module docstring. Scopes nest (the root's forward contains the parent's): the outermost opens and clears."""
@@ -61,22 +81,34 @@ class SharedDown:
     def __reduce__(self):
         return SharedDown, ()
 
-    def get(self, site: SiteAdapter, x: torch.Tensor) -> torch.Tensor:
+    def get(self, site: SiteAdapter, x: torch.Tensor, down: tuple) -> torch.Tensor:
+        """``h`` of ``x`` under the site's down factors ``down`` (A, u, G): reused, or computed by the site."""
         if not self.depth:
-            return site.project(x)
+            return site.project(x, down)
         stamp = (torch.is_grad_enabled(), None if x.is_inference() else x._version,
-                 *(f._version for f in site.down_factors() if f is not None))
+                 *(f._version for f in down if f is not None))
         e = self.entry
         if e is not None and e[0]() is x and e[1] == stamp:
             return e[2]
-        h = site.project(x)
+        h = site.project(x, down)
         self.entry = (weakref.ref(x), stamp, h)
         return h
 
 
 class SiteAdapter(view.Wrapper):
     """Base wrapper of one adapted module. A kind subclasses it and defines ``forward`` (and ``merge`` where its
-    facts say it merges); the low-rank helpers ``project`` and ``down``/``up`` serve the LoRA family."""
+    facts say it merges); the low-rank helpers ``project`` and ``down``/``up`` serve the LoRA family.
+
+    **The light path.** Whether a forward can skip every check but three is decided when something changes, never
+    per call: :meth:`settle` runs at apply time and whenever the site is merged, disabled, split or given tasks, and
+    sets ``light`` to the site's factors as ``(dict, key)`` pairs in ``light_factors`` order (``None``: take the
+    general path). A kind's forward then asks three things (a light site, an active adapter, no route in this call)
+    and reads its factors without a branch. A site is light without tasks, pools, a router or tensor parallelism,
+    unmerged and enabled."""
+
+    light_factors: tuple[str, ...] = ()  # a kind with a light path: its factors, in the order its forward reads them
+    merged = _Decides(False)  # the update is folded into the base weight
+    disabled = _Decides(False)  # this site computes its base alone (PEFT's per-layer enable_adapters(False))
 
     def __init__(self, base: nn.Module, bank: nn.Module, keys: Mapping[str, str], scale: float, dropout: float,
                  mtype: ModuleType):
@@ -90,8 +122,6 @@ class SiteAdapter(view.Wrapper):
         self.dropout = nn.Dropout(dropout) if dropout > 0 and mtype.input_dropout else None
         object.__setattr__(self, "drop", self.dropout or _identity)  # a plain alias: no branch per call
         self.share: SharedDown | None = None  # set by link_shared_down
-        self.merged = False
-        self.disabled = False  # this site computes its base alone (PEFT's per-layer enable_adapters(False))
         a = bank.spec.adapter
         drawn = {f: a.factors[f] for f in self.keys if f in a.factors and a.factors[f].pool is not None}
         self.drawn = {f: (d, a.pools[d.pool], a.facts.factors[f]) for f, d in drawn.items() if d.mix != "router"}
@@ -99,11 +129,20 @@ class SiteAdapter(view.Wrapper):
         # checkpoints see the unchanged base: ``q_proj.weight``, never ``q_proj.base.weight``
         self.register_state_dict_post_hook(_base_keys_out)
         self.register_load_state_dict_pre_hook(_base_keys_in)
+        self.settle()
+
+    def settle(self) -> None:
+        """Decide the light path (see the class docstring); called whenever what it depends on changes."""
+        plain = (self.light_factors and not self.task_keys and self.tp is None and not self.drawn
+                 and self.router is None and not self.merged and not self.disabled)
+        bank = self.bank
+        self.light = tuple((bank[f] if self.keys.get(f) is not None else _ABSENT, self.keys.get(f))
+                           for f in self.light_factors) if plain else None
 
     tying_site = True  # marks site wrappers for code that imports no runtime class
     shares_down = True  # a kind whose sites read ``h`` of project() may share it between siblings
     tensor_parallel = False  # a kind whose update is project() and up() alone follows tensor parallelism's split
-    tp = None  # set by apply_ on a tensor-parallel model: the site's part of the split (tying.tensor_parallel)
+    tp = None  # set by apply_ on a tensor-parallel model (then settle()): the site's part of the split
     no_merge = "this adapter kind has no merged form; keep it unmerged"  # the reason, for kinds without merge()
 
     def selection(self, x: torch.Tensor | None = None) -> Selection | None:
@@ -207,6 +246,7 @@ class SiteAdapter(view.Wrapper):
         """Make this site one of a multi-task adapter: ``task -> factor -> key`` (from the plan)."""
         self.task_keys = {t: dict(k) for t, k in task_keys.items()}
         self._rows_of = {}  # factor -> (distinct keys, position of each task's key) for task_rows
+        self.settle()
 
     def task_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor | None:
         """The factor ``name`` for the rows of a mixed batch (``rows``: each row's position in the spec's tasks):
@@ -228,15 +268,18 @@ class SiteAdapter(view.Wrapper):
     def down_factors(self) -> tuple:
         return self.factor("A"), self.factor("u"), self.factor("G")
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """h = G diag(u) A dropout(x) in the module type's layout (features of a Linear: (r, tokens))."""
+    def project(self, x: torch.Tensor, down: tuple | None = None) -> torch.Tensor:
+        """h = G diag(u) A dropout(x) in the module type's layout (features of a Linear: (r, tokens)); ``down``: the
+        factors (A, u, G) where the caller has them."""
         if self.tp is not None:
             return self.tp.project(self, x)
-        return self.mtype.down(self.base, self.drop(x), *self.down_factors())
+        return self.mtype.down(self.base, self.drop(x), *(down or self.down_factors()))
 
-    def down(self, x: torch.Tensor) -> torch.Tensor:
+    def down(self, x: torch.Tensor, down: tuple | None = None) -> torch.Tensor:
         """:meth:`project`, shared with the sibling sites of one forward where they compute the same."""
-        return self.project(x) if self.share is None else self.share.get(self, x)
+        if self.share is None:
+            return self.project(x, down)
+        return self.share.get(self, x, down or self.down_factors())
 
     def up(self, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """out + the update of the features ``h`` (scale diag(v) B h)."""
