@@ -1,4 +1,4 @@
-"""Correctness of the fast paths: the shared down projection (tying/adapter.py), mixed precision, and
+"""Correctness of the fast paths: the shared down projection (tying/site.py), mixed precision, and
 the speed benchmark's code path (cpu stands in for cuda)."""
 
 import copy
