@@ -75,6 +75,7 @@ class FactorBank(nn.ModuleDict):
         self.requires_grad_before: dict[str, bool] = {}  # apply_: every base parameter's flag, for unapply_
         self.hooks: list = []  # apply_: the root's hooks this adapter registered (state_dict, shared down)
         self.pending: tuple[dict[str, bool], str | None] = ({}, None)  # a state_dict load's merge record, in flight
+        self.unset: dict[str, torch.Tensor] | None = None  # apply_ on meta: values waiting for the base (tying.meta)
 
     def family(self) -> dict:
         """This adapter and the other named adapters of its model (name -> bank)."""
