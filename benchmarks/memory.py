@@ -24,6 +24,7 @@ Writes ``memory.json``, ``memory.md`` and ``memory.png`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -50,8 +51,16 @@ RUNS = [("tiny", "none", False), ("tiny", "nf4", False), ("smollm2-135m", "none"
         ("llama2-7b", "nf4", False), ("llama2-7b", "nf4", True)]
 
 
-def run_name(shape: str, quant: str, gc: bool, adapter: str) -> str:
-    return f"{shape}/{quant}{'/gc' if gc else ''}/{adapter}"
+ALLOCATORS = {"default": {}, "mmap1m": {"MALLOC_MMAP_THRESHOLD_": "1048576"}}  # glibc malloc: as it comes, or
+# every allocation of 1 MiB and more mapped on its own (and returned to the system when freed)
+
+
+def run_name(shape: str, quant: str, gc: bool, adapter: str, allocator: str = "default") -> str:
+    return f"{shape}/{quant}{'/gc' if gc else ''}/{adapter}{'' if allocator == 'default' else '@' + allocator}"
+
+
+def allocator(r: dict) -> str:
+    return r.get("allocator", "default")
 
 
 # ---- the measuring process ------------------------------------------------------------------------------------
@@ -190,7 +199,7 @@ def predict(shape: str, quant: str, gc: bool, adapter: str, args, overhead: int)
 
 
 def measure(spec: dict) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **ALLOCATORS[spec["allocator"]]}
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
                          env=env, check=False)
     if out.returncode != 0:
@@ -215,14 +224,14 @@ MB = 1e6
 
 
 def table(res: dict) -> list[str]:
-    lines = [("| model | base | checkpointing | adapter | predicted MB | measured MB (step 1) | error | step 2 MB | error "
+    lines = [("| model | base | checkpointing | adapter | malloc | predicted MB | measured MB (step 1) | error | step 2 MB | error "
               "vs step 2 | base (pred / exact) MB | adapter + activations + logits + working MB | overhead MB |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"].values():
         p = r["predicted"]
         err = p["total"] / r["measured"] - 1
         lines.append(f"| {r['shape']} | {'bf16' if r['quant'] == 'none' else 'nf4 (bf16 compute)'} | "
-                     f"{'on' if r['gc'] else 'off'} | {r['adapter']} | {p['total'] / MB:,.1f} | {r['measured'] / MB:,.1f} "
+                     f"{'on' if r['gc'] else 'off'} | {r['adapter']} | {allocator(r)} | {p['total'] / MB:,.1f} | {r['measured'] / MB:,.1f} "
                      f"| {err:+.1%} | {r['measured_second_step'] / MB:,.1f} | "
                      f"{p['total'] / r['measured_second_step'] - 1:+.1%} | {p['base'] / MB:,.1f} / {r['base_exact'] / MB:,.1f} | "
                      f"{(p['adapter'] + p['activations'] + p['logits'] + p['working']) / MB:,.1f} | "
@@ -237,13 +246,12 @@ def plot(res: dict, path: Path) -> None:
 
     rows = [r for r in res["rows"].values() if r["shape"] != "tiny"]
     fig, ax = plt.subplots(figsize=(6, 5))
-    for adapter, marker in zip(ADAPTERS, "os"):
-        xs = [r["measured"] / 2**30 for r in rows if r["adapter"] == adapter]
-        x2 = [r["measured_second_step"] / 2**30 for r in rows if r["adapter"] == adapter]
-        ys = [r["predicted"]["total"] / 2**30 for r in rows if r["adapter"] == adapter]
-        ax.scatter(xs, ys, marker=marker, label=f"{adapter}, step 1")
-        ax.scatter(x2, ys, marker=marker, facecolors="none", edgecolors="grey", label=f"{adapter}, step 2")
-    top = max(max(r["measured_second_step"], r["predicted"]["total"]) for r in rows) / 2**30 * 1.1
+    for (adapter, marker), (alloc, color) in itertools.product(zip(ADAPTERS, "os"), zip(ALLOCATORS, ("C0", "C1"))):
+        mine = [r for r in rows if r["adapter"] == adapter and allocator(r) == alloc]
+        if mine:
+            ax.scatter([r["measured"] / 2**30 for r in mine], [r["predicted"]["total"] / 2**30 for r in mine],
+                       marker=marker, color=color, label=f"{adapter}, malloc {alloc}")
+    top = max(max(r["measured"], r["predicted"]["total"]) for r in rows) / 2**30 * 1.1
     ax.plot([0, top], [0, top], "k-", lw=0.8, label="prediction = measurement")
     ax.fill_between([0, top], [0, top * 0.85], [0, top * 1.15], color="grey", alpha=0.2, label="within 15 %")
     ax.set_xscale("log")
@@ -264,6 +272,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--out", default="benchmarks/results/memory")
+    ap.add_argument("--allocators", default="default", help=f"comma-separated: {', '.join(ALLOCATORS)}")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -277,41 +286,43 @@ def main(argv=None) -> dict:
     res["machine"] = machine()
     res["command"] = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     want = None if args.runs == "all" else set(args.runs.split(","))
-    for shape, quant, gc in RUNS:
-        for adapter in ADAPTERS:
-            name = run_name(shape, quant, gc, adapter)
-            if name in res["rows"] or (want is not None and name not in want and shape != "tiny"):
-                continue
-            spec = {"shape": shape, "quant": quant, "gc": gc, "adapter": adapter, "rank": args.rank,
-                    "batch": args.batch, "seq": args.seq}
-            print(f"measuring {name} ...", flush=True)
-            res["rows"][name] = {**spec, **measure(spec)}
-            path.write_text(json.dumps(res, indent=1))
+    for alloc, (shape, quant, gc), adapter in itertools.product(args.allocators.split(","), RUNS, ADAPTERS):
+        name = run_name(shape, quant, gc, adapter, alloc)
+        if name in res["rows"] or (want is not None and name not in want and shape != "tiny"):
+            continue
+        spec = {"shape": shape, "quant": quant, "gc": gc, "adapter": adapter, "rank": args.rank,
+                "batch": args.batch, "seq": args.seq, "allocator": alloc}
+        print(f"measuring {name} ...", flush=True)
+        res["rows"][name] = {**spec, **measure(spec)}
+        path.write_text(json.dumps(res, indent=1))
     # the overhead, calibrated on the tiny rows: measured minus the other predicted components, mean over adapters
     overhead = {}
-    for quant in ("none", "nf4"):
-        tiny = [r for r in res["rows"].values() if r["shape"] == "tiny" and r["quant"] == quant]
-        overhead[quant] = round(sum(r["measured"] - predict(r["shape"], quant, r["gc"], r["adapter"], args, 0)["total"]
-                                    for r in tiny) / len(tiny))
+    for quant, alloc in {(r["quant"], allocator(r)) for r in res["rows"].values()}:
+        tiny = [r for r in res["rows"].values() if r["shape"] == "tiny" and r["quant"] == quant and allocator(r) == alloc]
+        overhead[f"{quant}/{alloc}"] = round(sum(r["measured"] - predict(r["shape"], quant, r["gc"], r["adapter"], args,
+                                                                         0)["total"] for r in tiny) / len(tiny))
     res["overhead"] = overhead
     for r in res["rows"].values():
-        r["predicted"] = predict(r["shape"], r["quant"], r["gc"], r["adapter"], args, overhead[r["quant"]])
+        r["predicted"] = predict(r["shape"], r["quant"], r["gc"], r["adapter"], args,
+                                 overhead[f"{r['quant']}/{allocator(r)}"])
         r["error"] = r["predicted"]["total"] / r["measured"] - 1
         r["error_second_step"] = r["predicted"]["total"] / r["measured_second_step"] - 1
     path.write_text(json.dumps(res, indent=1))
-    big = [r for r in res["rows"].values() if r["shape"] != "tiny"]
-    worst = max(big, key=lambda r: abs(r["error"])) if big else None
     md = [f"# Peak training memory: predicted vs measured (batch {args.batch} x {args.seq} tokens, rank {args.rank})", "",
           f"Machine: {res['machine']}.", f"Command: `{res['command']}`.", "",
-          f"Overhead calibrated on the tiny model: {', '.join(f'{q} {v / MB:.1f} MB' for q, v in overhead.items())}.",
-          "", *table(res), ""]
-    if worst is not None:
-        md.append(f"Largest error (tiny rows aside): {worst['error']:+.1%} "
-                  f"({run_name(worst['shape'], worst['quant'], worst['gc'], worst['adapter'])}); "
-                  f"{sum(abs(r['error']) <= 0.15 for r in big)} of {len(big)} rows within 15 % of the first step; "
-                  f"{sum(abs(r['error_second_step']) <= 0.15 for r in big)} of {len(big)} within 15 % of the second.")
+          ("Overhead calibrated on the tiny model (quantization/allocator): "
+           f"{', '.join(f'{k} {v / MB:.1f} MB' for k, v in sorted(overhead.items()))}."), "", *table(res), ""]
+    for alloc in sorted({allocator(r) for r in res["rows"].values()}):
+        big = [r for r in res["rows"].values() if r["shape"] != "tiny" and allocator(r) == alloc]
+        if big:
+            worst = max(big, key=lambda r: abs(r["error"]))
+            which = run_name(worst["shape"], worst["quant"], worst["gc"], worst["adapter"], alloc)
+            first = sum(abs(r["error"]) <= 0.15 for r in big)
+            second = sum(abs(r["error_second_step"]) <= 0.15 for r in big)
+            md.append(f"- malloc {alloc}: largest error {worst['error']:+.1%} ({which}); {first} of {len(big)} rows "
+                      f"within 15 % of the first step, {second} of the second.")
     (out / "memory.md").write_text("\n".join(md) + "\n")
-    if big:
+    if any(r["shape"] != "tiny" for r in res["rows"].values()):
         plot(res, out / "memory.png")
     print("\n".join(md))
     return res
