@@ -241,6 +241,7 @@ def table(res: dict) -> list[str]:
 
 def plot(res: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -256,6 +257,9 @@ def plot(res: dict, path: Path) -> None:
     ax.fill_between([0, top], [0, top * 0.85], [0, top * 1.15], color="grey", alpha=0.2, label="within 15 %")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("measured peak RSS of a training step over the imports (GiB)")
     ax.set_ylabel("predicted (GiB)")
     ax.set_title(f"one training step, batch {res['batch']} x {res['seq']} tokens, rank {res['rank']}")
