@@ -66,14 +66,11 @@ class MetaCheck:
             check(self.bank, "forward")
 
 
-def keep(model: nn.Module, bank, tensors: dict[str, torch.Tensor]) -> bool:
+def keep(model: nn.Module, bank, tensors: dict[str, torch.Tensor]) -> None:
     """``load_adapter`` into a waiting bank: ``tensors`` (bank key -> value) become the values it waits for, set now
-    if the base has its own, else when it arrives. False (nothing kept) when the bank is not waiting."""
-    if bank.unset is None:
-        return False
+    if the base has its own, else when it arrives."""
     bank.unset = {k: t.detach().to("cpu") for k, t in tensors.items()}
     settle(model, bank)
-    return True
 
 
 def settle(model: nn.Module, bank, loaded: set[str] | None = None) -> bool:

@@ -284,8 +284,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modu
     if not applied:
         apply_(model, p, name=name)
     bank = bank_of(model, name)
-    if meta.keep(model, bank, {k: tensors[file_key(bank, k)] for k in bank.state_dict(keep_vars=True)}):
-        return  # applied on meta: the file's values are set when the base arrives (now, if it has)
+    if bank.unset is not None:  # applied on meta: the file's values are set when the base arrives (now, if it has)
+        meta.keep(model, bank, {k: tensors[file_key(bank, k)] for k in bank.state_dict(keep_vars=True)})
+        return
     sharded.before_load(model)
     with torch.no_grad():
         for k, t in _adapter_state(model, bank).items():
