@@ -5,6 +5,7 @@
     counts = tying.apply_(model, spec)      # in place
     tying.merge_(model); tying.unmerge_(model); tying.unapply_(model, merge=False)
     tying.save_adapter(model, "out/"); tying.load_adapter(model, "out/")
+    tying.materialize_(model)  # applied on the meta device: values once the base is loaded (docs/huggingface.md)
     tying.load_adapters_(model, {"a": "out/"}); with tying.adapters(model, ["a", None]): ...  # mixed batches
     tying.register_kind(...); tying.register_module_type(...)   # extend: docs/extending.md
     spec with tasks: [a, b]; with tying.adapters(model, ["a", "b"]): ...  # one adapter, many tasks: docs/multitask.md
@@ -19,6 +20,7 @@ from . import errors, vocab
 from .count import count
 from .engine import adapters_disabled, apply_, bank_of, merge_, unapply_, unmerge_
 from .kinds import Kind, register_kind, unregister_kind
+from .meta import materialize_
 from .modtypes import ModuleType, register_module_type, unregister_module_type
 from .planner import Counts, Plan, plan
 from .serving import adapters, load_adapters_, unload_adapter_
@@ -30,6 +32,6 @@ _tying_bridges.autoload()  # PEFT learns the TYING method on its import (also do
 __version__ = "0.1.0"
 
 __all__ = ["Counts", "Kind", "ModuleType", "Plan", "TyingSpec", "__version__", "adapters", "adapters_disabled", "apply_", "bank_of",
-           "count", "errors", "load_adapter", "load_adapters_", "load_spec", "merge_", "plan", "preset_names",
+           "count", "errors", "load_adapter", "load_adapters_", "load_spec", "materialize_", "merge_", "plan", "preset_names",
            "register_kind", "register_module_type", "save_adapter", "unapply_", "unload_adapter_", "unmerge_",
            "unregister_kind", "unregister_module_type", "vocab"]

@@ -77,6 +77,7 @@ class FactorBank(nn.ModuleDict):
         self.requires_grad_before: dict[str, bool] = {}  # apply_: every base parameter's flag, for unapply_
         self.hooks: list = []  # apply_: the root's hooks this adapter registered (state_dict, shared down)
         self.pending: tuple[dict[str, bool], str | None] = ({}, None)  # a state_dict load's merge record, in flight
+        self.unset: dict[str, torch.Tensor] | None = None  # apply_ on meta: values waiting for the base (tying.meta)
 
     def family(self) -> dict:
         """This adapter and the other named adapters of its model (name -> bank)."""
@@ -164,3 +165,15 @@ class AdapterBanks(nn.ModuleDict):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for n, b in self.items():
             b.active = n in names
+
+
+def banks(model: nn.Module) -> dict[str | None, FactorBank]:
+    """Every adapter the model carries: name (None: the unnamed one) -> its bank."""
+    out = {}
+    bank = getattr(model, BANK_ATTR, None)
+    if isinstance(bank, FactorBank):
+        out[None] = bank
+    named = getattr(model, ADAPTERS_ATTR, None)
+    if named is not None:
+        out.update(named.items())
+    return out

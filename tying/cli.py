@@ -50,9 +50,12 @@ def _inspect(args) -> None:
 
 
 def _count(args) -> None:
-    counts = plan(meta_model(args.model), load_spec(args.spec, rank=args.rank, tasks=args.tasks)).counts
+    model = meta_model(args.model)
+    spec = load_spec(args.spec, rank=args.rank, tasks=args.tasks)
+    counts = plan(model, spec).counts
+    memory = _memory(model, spec, args) if args.memory else None
     if args.json:
-        print(json.dumps(counts.to_dict(), indent=2))
+        print(json.dumps({**counts.to_dict(), **({"memory": memory} if memory else {})}, indent=2))
         return
     print(f"{'factor':<8} {'trainable':>12} {'frozen':>12} {'groups':>7}")
     for f, row in counts.by_factor.items():
@@ -60,6 +63,28 @@ def _count(args) -> None:
     print(f"{'total':<8} {counts.trainable:>12,} {counts.frozen:>12,}")
     if counts.tasks:
         print(f"{counts.tasks} tasks; one more task adds {counts.per_task:,} trainable parameters")
+    if memory:
+        _print_memory(memory, args)
+
+
+def _memory(model, spec, args) -> dict[str, dict[str, int]]:
+    """Predicted peak training memory per process of the spec and of PEFT LoRA at the spec's rank (docs/memory.md)."""
+    from .integrations.memory import predict_memory
+
+    kw = {"dtype": args.dtype, "quant": args.quant, "batch": args.batch, "seq": args.seq, "processes": args.processes,
+          "checkpointing": args.checkpointing, "rank": spec.adapter.rank,
+          "overhead": None if args.overhead_mb is None else round(args.overhead_mb * 1e6)}
+    return {"tying": predict_memory(model, spec, **kw).to_dict(),
+            "peft-lora": predict_memory(model, "peft-lora", **kw).to_dict()}
+
+
+def _print_memory(memory: dict, args) -> None:
+    print(f"\npeak training memory per process, MB ({args.dtype}, base {args.quant}, batch {args.batch} x {args.seq} "
+          f"tokens, {args.processes} process{'es' if args.processes > 1 else ''}, gradient checkpointing "
+          f"{'on' if args.checkpointing else 'off'}; PEFT LoRA on q/k/v at the same rank):")
+    print(f"{'component':<12} {'tying':>12} {'peft-lora':>12}")
+    for k in memory["tying"]:
+        print(f"{k:<12} {memory['tying'][k] / 1e6:>12,.1f} {memory['peft-lora'][k] / 1e6:>12,.1f}")
 
 
 BUDGET_RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -145,6 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("count", help="trainable and frozen adapter parameters")
     _common(p)
     p.add_argument("--json", action="store_true", help="one JSON object: trainable, frozen, by_factor, by_group")
+    m = p.add_argument_group("memory", "--memory: predicted peak training memory per process, for the spec and for "
+                             "PEFT LoRA at its rank (docs/memory.md)")
+    m.add_argument("--memory", action="store_true", help="predict peak training memory")
+    m.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16 (default), float16, float32")
+    m.add_argument("--quant", default="none", help="base quantization: none (default), nf4, int8")
+    m.add_argument("--batch", type=int, default=1, help="sequences per process (default 1)")
+    m.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
+    m.add_argument("--processes", type=int, default=1, help="FSDP processes sharing the model (default 1)")
+    m.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
+    m.add_argument("--overhead-mb", type=float, default=None, help="fixed runtime overhead in MB (default: the one "
+                   "measured on a CPU; add a GPU's CUDA context)")
     p.set_defaults(run=_count)
     p = sub.add_parser("budget", help="presets and ranks whose trainable count fits a budget, sorted by count")
     p.add_argument("--model", required=True, help=_models())

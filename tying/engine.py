@@ -16,8 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import kinds, modtypes, route, sharded, tensor_parallel
-from .bank import AdapterBanks, FactorBank
+from . import kinds, meta, modtypes, route, sharded, tensor_parallel
+from .bank import AdapterBanks, FactorBank, banks
 from .errors import AlreadyAppliedError, NotAppliedError, NotMergeableError, SpecError, TyingError
 from .planner import Counts, Plan, plan
 from .site import SiteAdapter, link_shared_down
@@ -36,18 +36,6 @@ def _as_plan(model: nn.Module, spec: SpecLike | Plan) -> Plan:
     if fresh != spec:
         raise TyingError("the plan was made for a different model (or the model changed since); plan again")
     return fresh
-
-
-def banks(model: nn.Module) -> dict[str | None, FactorBank]:
-    """Every adapter the model carries: name (None: the unnamed one) -> its bank."""
-    out = {}
-    bank = getattr(model, BANK_ATTR, None)
-    if isinstance(bank, FactorBank):
-        out[None] = bank
-    named = getattr(model, ADAPTERS_ATTR, None)
-    if named is not None:
-        out.update(named.items())
-    return out
 
 
 def bank_of(model: nn.Module, name: str | None = _ONLY) -> FactorBank:  # type: ignore[assignment]
@@ -158,6 +146,8 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
         wrappers_[s.name].set_task_keys(s.task_keys)
     trained = {n: TrainedModule(occupant(model, n), bank, n) for n in p.train_modules}
     bank.unmixable = tuple(n for n, w in wrappers_.items() if not w.routes_rows())
+    if meta.waits(model, bank):  # a base on the meta device: the factors take their values when it arrives
+        bank.unset = {}
     # From here on nothing can fail: mutate.
     bank.requires_grad_before = {n: q.requires_grad for n, q in named_base_parameters(model)}
     if p.spec.freeze_base:
@@ -179,6 +169,7 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
                   model.register_load_state_dict_post_hook(functools.partial(_accept_plain_checkpoint, name)),
                   model.register_forward_pre_hook(route.RowCheck(bank), with_kwargs=True),
                   model.register_forward_pre_hook(sharded.PlacementCheck(bank)),
+                  model.register_forward_pre_hook(meta.MetaCheck(bank)),
                   *link_shared_down(model, wrappers_)]  # q, k, v with one A and one input: A x once per forward
     return p.counts
 
@@ -235,6 +226,9 @@ def _accept_plain_checkpoint(name, model, incompatible) -> None:
         bank.merged_unknown = bool(bank.spec.tasks) and merged and bank.merged_task is None
     bank.pending = ({}, None)
     ours = {k for k in incompatible.missing_keys if k.startswith(bank.path + ".") or f".{bank.path}." in k}
+    if bank.unset is not None:  # applied on meta: what the checkpoint did not hold takes its initial value
+        local = {k.partition(f"{bank.path}.")[2] for k in ours}
+        meta.settle(model, bank, set(bank.state_dict(keep_vars=True)) - local)
     if len(ours) == len(bank.state_dict()):
         incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in ours]
 
@@ -286,6 +280,8 @@ def _merge_all(model: nn.Module, bank: FactorBank, sign: int, dequantize: bool =
     task = _merge_task(model, bank, sign, task)
     facts = bank.spec.adapter.facts
     todo = [(name, w) for name, w in wrappers(model, bank) if w.merged != (sign > 0)]
+    if todo:
+        meta.check(bank, "merge_" if sign > 0 else "unmerge_")
     if todo and sharded.is_sharded(model, bank):
         raise NotMergeableError("the model is sharded (FSDP2 or tensor parallelism): merging would edit sharded base "
                                 "weights with collectives in between, and is not supported there; nothing was merged. "

@@ -52,3 +52,8 @@ class ServingError(TyingError, ValueError):
 class ShardingError(TyingError, RuntimeError):
     """A sharded model (FSDP2, tensor parallelism) split or wrapped so that a tied factor cannot follow, or a sharded
     checkpoint read as a plain one."""
+
+
+class MetaDeviceError(TyingError, RuntimeError):
+    """The adapter's factors are still on the meta device (or were materialised by ``to_empty`` and hold no values
+    yet): load the base's weights (or call ``tying.materialize_``) before a forward, a save or a merge."""

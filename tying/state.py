@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import sharded
+from . import meta, sharded
 from .engine import _ONLY, apply_, bank_of, banks
 from .errors import AdapterFileError, AlreadyAppliedError
 from .files import atomic_write as _atomic_write
@@ -60,6 +60,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, name: str | 
     From a sharded model (FSDP2, tensor parallelism) the call is collective: every process calls it, the factors
     are gathered whole, process 0 writes and the others wait for it (:mod:`tying.sharded`)."""
     bank = bank_of(model, name)
+    meta.check(bank, "save_adapter")
     tensors = _adapter_state(model, bank)
     if sharded.is_sharded(model, bank):
         sharded.check_placement(model, [bank])
@@ -282,7 +283,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modu
         tensors = task_tensors(whole, p, tensors, task, want)
     if not applied:
         apply_(model, p, name=name)
+    bank = bank_of(model, name)
+    if bank.unset is not None:  # applied on meta: the file's values are set when the base arrives (now, if it has)
+        meta.keep(model, bank, {k: tensors[file_key(bank, k)] for k in bank.state_dict(keep_vars=True)})
+        return
     sharded.before_load(model)
     with torch.no_grad():
-        for k, t in _adapter_state(model, bank_of(model, name)).items():
+        for k, t in _adapter_state(model, bank).items():
             sharded.fill_(t, tensors[k])
+    bank.unset = None  # every factor and trained copy holds the file's value
