@@ -31,7 +31,6 @@ import torch
 from tying.integrations.llm import experiment, grid, parts
 from tying.integrations.llm.finetune import finetune
 from tying.integrations.llm.models import load_model
-from tying.integrations.llm.rates import write_text
 from tying.integrations.llm.report import compare
 from tying.integrations.llm.runconfig import ConfigError, load_config
 from tying.integrations.llm.stats import MARGIN, mean_std, verdict
@@ -39,6 +38,7 @@ from tying.integrations.llm.tasks import get_task
 
 import tying
 from tying.errors import TyingError
+from tying.files import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG, RANK = "tl6", 8

@@ -138,7 +138,15 @@ def saved_bytes(fn):
 
 
 def spread(xs) -> dict:
-    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "ci95": median_interval(xs)}
+
+
+def median_interval(xs, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A 95 % bootstrap interval of the median over repetitions (seeded: the same numbers give the same interval)."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.tensor(xs, dtype=torch.float64)
+    meds = t[torch.randint(0, len(xs), (n, len(xs)), generator=gen)].median(dim=1).values
+    return float(meds.quantile(0.025)), float(meds.quantile(0.975))
 
 
 def clock(args) -> float:
@@ -393,9 +401,12 @@ def size_bench() -> dict:
     return out
 
 
-def fmt(s: dict, unit: str = "", scale: float = 1.0, digits: int = 3) -> str:
+def fmt(s: dict, unit: str = "", scale: float = 1.0, digits: int = 3, ci: bool = False) -> str:
     v = [s[k] * scale for k in ("median", "min", "max")]
-    return f"{v[0]:.{digits}f}{unit} ({v[1]:.{digits}f} to {v[2]:.{digits}f})"
+    text = f"{v[0]:.{digits}f}{unit} ({v[1]:.{digits}f} to {v[2]:.{digits}f})"
+    if ci:  # the median's 95 % interval over repetitions, what a goal is judged on
+        text += f" [{s['ci95'][0] * scale:.{digits}f}, {s['ci95'][1] * scale:.{digits}f}]"
+    return text
 
 
 def block_table(shape: str, r: dict, args) -> list[str]:
@@ -426,7 +437,8 @@ def tables(res: dict, args) -> list[str]:
         lines = [f"Machine: {res['machine']}; {args.threads} thread(s); torch.utils.benchmark medians."]
     else:
         lines = [f"Machine: {res['machine']}. Batch {args.batch} x {args.seq} tokens, rank {args.rank}, {args.threads} "
-                 f"thread(s), {args.reps} alternated repetitions (inference: {2 * args.reps}); median (min to max); "
+                 f"thread(s), {args.reps} alternated repetitions (inference: {2 * args.reps}); median (min to max), overhead / PEFT's "
+                 f"also [the median's 95 % bootstrap interval over repetitions]; "
                  + ("wall time" if args.device.startswith("cuda") else "CPU time of the process") + ".", ""]
     for key, r in res.items():
         if key.startswith("block "):
@@ -444,7 +456,7 @@ def tables(res: dict, args) -> list[str]:
             continue
         for n, row in r.items():
             ovh = [fmt(row["overhead_s"], scale=1e3, digits=1), f"{row['overhead_pct']:.1f}",
-                   fmt(row["overhead_vs_peft"], "x", digits=2)] if "overhead_s" in row else ["", "", ""]
+                   fmt(row["overhead_vs_peft"], "x", digits=2, ci=True)] if "overhead_s" in row else ["", "", ""]
             if key.startswith("train "):
                 ratio = fmt(row["time_vs_peft"], "x") if "time_vs_peft" in row else ""
                 mem = f"{row['memory_vs_peft']:.3f}x" if n != "floor" else ""

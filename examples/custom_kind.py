@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 import tying
-from tying.adapter import SiteAdapter
 from tying.errors import NotMergeableError
 from tying.modtypes import LINEAR_LIKE
+from tying.site import SiteAdapter
 
 SPEC = Path(__file__).with_suffix(".yaml")
 

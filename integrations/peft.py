@@ -28,7 +28,7 @@ from ..files import replace_folder
 from ..planner import plan
 from ..spec import preset_names
 from ..state import _want, check_tensors, read_adapter
-from ..tasks import check_task
+from ..task_files import check_task
 from .peft_imports import import_peft  # noqa: F401  (import_peft lives there; importable from here)
 
 PREFIX = "base_model.model."
@@ -94,7 +94,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, adapter: str | os.
     padded = next((v for v in VLLM_RANKS if v >= r), r) if pad_rank else r
     state, extra_config = {}, {}
     for site in p.sites:
-        mt, module = modtypes.module_type(site.kind), modules[site.name]
+        mt, module = modtypes.module_type(site.module_type), modules[site.name]
         if mt.peft is None:
             raise AdapterFileError(f"module {site.name!r} is a {mt.name}, which has no PEFT layout; it cannot be "
                                    "exported to PEFT")

@@ -31,11 +31,11 @@ import torch
 from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
-from ..adapter import SiteAdapter
 from ..bank import AdapterBanks
 from ..engine import RECORD, apply_, bank_of, banks, merge_, unapply_, unmerge_
 from ..errors import AdapterFileError, NotMergeableError, TyingError, UnsupportedModuleError
 from ..serving import adapters
+from ..site import SiteAdapter
 from ..spec import load_spec
 from ..trained import TrainedModule
 from ..view import ADAPTERS_ATTR

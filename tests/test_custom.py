@@ -77,7 +77,7 @@ def test_every_kind_merges_and_round_trips(tmp_path, net_and_input):
     with torch.no_grad():
         ref = net(x)
     tying.apply_(net, spec)
-    types = {m.mtype.name for m in net.modules() if isinstance(m, tying.adapter.SiteAdapter)}
+    types = {m.mtype.name for m in net.modules() if isinstance(m, tying.site.SiteAdapter)}
     assert {"Embedding", "Linear", "Conv2d"} <= types
     with torch.no_grad():
         adapted = net(x)

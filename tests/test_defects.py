@@ -140,7 +140,7 @@ def test_defect_03_a_module_reachable_under_two_names_is_refused():
     before = snapshot(net)
     with pytest.raises(errors.ConflictError, match=r"'a' is reachable under several names \['a', 'alias'\]"):
         tying.apply_(net, lora("a"))
-    assert same_state(net, before) and not isinstance(net.a, tying.adapter.SiteAdapter)
+    assert same_state(net, before) and not isinstance(net.a, tying.site.SiteAdapter)
 
 
 def test_defect_04_a_merged_state_dict_is_not_applied_twice(tmp_path, tokens):

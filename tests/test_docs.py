@@ -114,3 +114,13 @@ def test_every_example_has_a_script_and_is_listed():
     for spec in specs:
         assert spec.with_suffix(".py").is_file(), f"{spec.name} has no script"
         assert f"]({spec.name})" in listing and f"]({spec.stem}.py)" in listing, f"{spec.name} is not listed"
+
+
+def test_the_code_map_names_every_module():
+    """docs/design.md's code map names every module of the core and of the integrations (by file name)."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    cmap = text[text.index("## Code map"):]
+    cmap = cmap[:cmap.index("\n## ", 1)]
+    files = [*(ROOT / "tying").rglob("*.py"), *(ROOT / "integrations").rglob("*.py")]
+    missing = [str(p.relative_to(ROOT)) for p in files if p.name not in cmap and p.parent.name != "kinds"]
+    assert not missing, f"docs/design.md's code map does not name {missing}"

@@ -30,7 +30,7 @@ def check(llama, exc, match, fn):
     with pytest.raises(exc, match=match):
         fn(model)
     assert same_state(model, snap) and not hasattr(model, "tying_bank")
-    assert not any(isinstance(m, tying.adapter.SiteAdapter) for m in model.modules())
+    assert not any(isinstance(m, tying.site.SiteAdapter) for m in model.modules())
 
 
 def test_selector_matches_nothing_lists_closest(llama):

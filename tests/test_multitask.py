@@ -1,4 +1,4 @@
-"""Multi-task adapters: ``tasks: [...]`` and ``task`` as a tie axis (tying.tasks, docs/multitask.md)."""
+"""Multi-task adapters: ``tasks: [...]`` and ``task`` as a tie axis (tying.route, tying.task_files, docs/multitask.md)."""
 
 import copy
 

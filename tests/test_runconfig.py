@@ -145,7 +145,7 @@ def test_the_report_headline_is_the_tasks_metric(tmp_path):
                "metrics": {"chrf": per[0], "exact_match": 0.0, "per_example": per}}
         (tmp_path / "o" / "parts" / f"{grid.part_name(part)}.json").write_text(json.dumps(row))
     found = report.write(cfg, Rates(cfg), plots=False)
-    assert len(found) == 5 and {report.metric_of(r) for r in found} == {"chrf"}
+    assert len(found) == 5 and {report.row_metric(r) for r in found} == {"chrf"}
     md = (tmp_path / "o" / "reproduce.md").read_text()
     assert "| mine.jsonl | chrf | tl6 | 8 | 1 | 25.00 |" not in md and f"| {jsonl} | chrf | tl6 | 8 | 1 | 25.00 |" in md
     assert f"| {jsonl} | tl6 | 8 | 2 | 20.0 ± 7.1 | +5.0 [+5.0, +5.0] |" in md  # intervals on chrF, not on EM's zeros

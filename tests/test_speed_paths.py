@@ -1,4 +1,4 @@
-"""Correctness of the fast paths: the shared down projection (tying/adapter.py), mixed precision, and
+"""Correctness of the fast paths: the shared down projection (tying/site.py), mixed precision, and
 the speed benchmark's code path (cpu stands in for cuda)."""
 
 import copy
@@ -131,7 +131,7 @@ def _count_projections(model):
     calls = []
     for _, w in wrappers(model):
         project = w.project
-        w.project = lambda x, project=project: calls.append(1) or project(x)
+        w.project = lambda *a, project=project: calls.append(1) or project(*a)
     return calls
 
 
@@ -307,3 +307,61 @@ def test_training_under_autocast(tokens, checkpointing):
         assert g_auto[k].dtype == torch.float32 and torch.isfinite(g_auto[k]).all()
         cos = torch.nn.functional.cosine_similarity(g_auto[k].flatten(), g_ref[k].flatten(), dim=0)
         assert cos > 0.98, (k, cos)
+
+
+def _tying_calls(fn) -> int:
+    """Python functions of tying's own code that ``fn`` runs (deterministic, unlike a timing)."""
+    import os
+    import sys
+
+    root, calls = os.path.dirname(tying.__file__), [0]
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_filename.startswith(root):
+            calls[0] += event == "call"
+            return tracer
+        return None
+
+    sys.settrace(tracer)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    return calls[0]
+
+
+def test_a_plain_site_takes_the_light_path_decided_at_apply_time(tokens):
+    """One task, no pools, one process: the forward asks three questions and reads its factors without a branch (at
+    most 18 of tying's functions per site, the products included; the general path ran 27); merging, disabling a
+    layer, tasks and pools take the general path, decided when they change, never per call."""
+    model = tiny_llama().train()
+    tying.apply_(model, tying.load_spec("tl6", rank=4))
+    randomize_bank(model)
+    sites = dict(wrappers(model))
+    q = sites["model.layers.0.self_attn.q_proj"]
+    assert all(w.light is not None for w in sites.values())
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    assert _tying_calls(lambda: q(x)) <= 18
+
+    light_out, light_grads = _grads(model, tokens)
+    general = copy.deepcopy(model)
+    for _, w in wrappers(general):
+        w.light = None  # the general path: selection(), factor() per factor
+    out, grads = _grads(general, tokens)
+    assert torch.equal(out, light_out) and all(torch.equal(grads[k], light_grads[k]) for k in grads)
+
+    tying.merge_(model)
+    assert all(w.light is None for w in sites.values())
+    tying.unmerge_(model)
+    assert all(w.light is not None for w in sites.values())
+    q.enable_adapters(False)
+    assert q.light is None and torch.equal(q(x), q.base(x))
+    q.enable_adapters(True)
+    assert q.light is not None
+
+    tasks = tiny_llama()
+    tying.apply_(tasks, tying.load_spec("tl6", rank=4).model_copy(update={"tasks": ["a", "b"]}))
+    assert all(w.light is None for _, w in wrappers(tasks))
+    pooled = tiny_llama()
+    tying.apply_(pooled, tying.load_spec("vb-lora", rank=4, num_vectors=32, vector_length=16))
+    assert all(w.light is None for _, w in wrappers(pooled))

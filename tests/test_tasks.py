@@ -267,7 +267,7 @@ def test_real_loaders(name):
 
 @pytest.mark.slow
 def test_real_smollm2_encoding():
-    from tying.integrations.llm.smollm import load_smollm2
+    from tying.integrations.llm.models import load_smollm2
 
     model, tok = load_smollm2()
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576

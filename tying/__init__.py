@@ -11,7 +11,7 @@
     spec with tasks: [a, b]; with tying.adapters(model, ["a", "b"]): ...  # one adapter, many tasks: docs/multitask.md
 
 Layers, from the bottom: vocab (names and facts, no torch) -> spec -> module types and the update's math -> plan
--> kinds (wrappers) -> engine -> tasks (routing rows of a multi-task adapter) -> state -> serving.
+-> site wrappers and kinds -> engine -> task_files (one task out of a multi-task file) -> state -> serving.
 """
 
 import _tying_bridges

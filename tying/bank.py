@@ -1,8 +1,10 @@
 """The FactorBank: one root-owned module that holds every factor exactly once.
 
-Layout: ``bank[factor][key]`` is an ``nn.Parameter``; ``factor`` is A, B, u or v and ``key`` the tie
-group key from the plan (the module name with tied captures replaced by ``*``). Its state_dict keys,
-``A.model:layers:*:self_attn:*``, are the keys of the saved adapter file.
+Layout: ``bank[factor][key]`` is an ``nn.Parameter``; ``factor`` is one of the kind's factors (LoRA: A, B, u, v, G),
+a pool or a pool's mixing weights, and ``key`` the tie group key from the plan (the module name with tied captures
+replaced by ``*``; ``#<task>`` for a task's copy). Its state_dict keys, ``A.model:layers:*:self_attn:*``, are the keys
+of the saved adapter file; the modules the adapter trains whole are copies under ``trained``, and the merge record
+(``merged``, ``merged_task``) travels in the model's state_dict beside them (tying.engine).
 """
 
 from __future__ import annotations

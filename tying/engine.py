@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from . import kinds, meta, modtypes, route, sharded, tensor_parallel
-from .adapter import SiteAdapter, link_shared_down
 from .bank import AdapterBanks, FactorBank
 from .errors import AlreadyAppliedError, NotAppliedError, NotMergeableError, SpecError, TyingError
 from .planner import Counts, Plan, plan
+from .site import SiteAdapter, link_shared_down
 from .spec import TyingSpec, load_spec
 from .trained import TrainedModule
 from .view import ADAPTERS_ATTR, BANK_ATTR, SERVING_ATTR, named_base_modules, occupant, remove_wrapper, slot, unwrap
@@ -131,14 +131,14 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
     _check_room(model, p, name)
     sharded.refuse_sharded(model)  # FSDP2 shards the parameters that exist: apply_, then fully_shard
     bases = dict(named_base_modules(model))
-    types = {s.name: modtypes.module_type(s.kind) for s in p.sites}
+    types = {s.name: modtypes.module_type(s.module_type) for s in p.sites}
     first = {}
     for site in p.sites:
         module = bases[site.name]
         place = (torch.device(device) if device else next(module.parameters()).device,
                  dtype or types[site.name].factor_dtype(module))
         if not (isinstance(place[1], torch.dtype) and place[1].is_floating_point):
-            given = f"apply_(dtype={dtype})" if dtype else f"module type {site.kind!r} (its dtype fact)"
+            given = f"apply_(dtype={dtype})" if dtype else f"module type {site.module_type!r} (its dtype fact)"
             raise SpecError(f"{given} gives the factors of {site.name!r} the dtype {place[1]}; factors are trained, so "
                             "their dtype is a floating-point one: float32, bfloat16 or float16")
         for keys in (site.keys, *site.task_keys.values()):

@@ -62,6 +62,12 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     fsync(path.parent)
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a reader meanwhile sees the old file or the new one (results
+    files that several processes read while one writes them)."""
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
 @contextlib.contextmanager
 def locked(lock: Path, what: str) -> Iterator[None]:
     """Hold the exclusive lock ``lock`` (a file, created and removed here) while the block writes ``what``."""

@@ -18,15 +18,20 @@ from .view import BANK_ATTR, SERVING_ATTR, named_base_modules  # noqa: F401  (BA
 
 @dataclass(frozen=True)
 class Site:
-    """One adapted module: its name, module type (``kind``), dims, captures and the bank key of each factor."""
+    """One adapted module: its name, module type, dims, captures and the bank key of each factor."""
 
     name: str
-    kind: str  # the module type's name (tying.modtypes)
+    module_type: str  # the module type's name (tying.modtypes); an adapter's kind is the spec's, never a site's
     d_in: int
     d_out: int
     captures: Mapping[str, str]
     keys: Mapping[str, str]  # factor -> group key (of a multi-task spec: the key without the task's suffix)
     task_keys: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # task -> factor -> group key
+
+    @property
+    def kind(self) -> str:
+        """The module type's name: the older name of :attr:`module_type`, kept for code that reads it."""
+        return self.module_type
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ class Plan:
         a = self.spec.adapter
         lines = [f"{len(self.sites)} sites, {len(self.groups)} tie groups, rank {a.rank}, scale {a.scale:g}", "",
                  f"{'site':<48} {'type':<9} {'d_in':>6} {'d_out':>6}"]
-        lines += [f"{s.name:<48} {s.kind:<9} {s.d_in:>6} {s.d_out:>6}" for s in self.sites]
+        lines += [f"{s.name:<48} {s.module_type:<9} {s.d_in:>6} {s.d_out:>6}" for s in self.sites]
         lines += ["", f"{'factor':<6} {'group':<48} {'shape':<12} {'members':>7} {'params':>10}  train"]
         for g in self.groups:
             shape = "x".join(map(str, g.shape))

@@ -63,6 +63,11 @@ def current(owner: object) -> Selection | None:
     return stack[-1][1].get(owner) if stack else None
 
 
+def routed_now() -> bool:
+    """Whether any route is open in this call (a light site takes its general path then)."""
+    return bool(_STACK.get())
+
+
 def is_routed(owner: object) -> bool:
     """Whether ``owner`` has an entry in this call's route."""
     stack = _STACK.get()

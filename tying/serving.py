@@ -35,7 +35,7 @@ from .errors import AlreadyAppliedError, NotAppliedError, NotMergeableError, Ser
 from .planner import SERVING_ATTR, Plan, plan
 from .serving_bank import COL, NEUTRAL, ROLES, ServingBank, stack_key
 from .state import _want, check_tensors, read_adapter
-from .tasks import multi_want, task_tensors
+from .task_files import multi_want, task_tensors
 
 
 @dataclass
@@ -200,7 +200,7 @@ def _read(model: nn.Module, name: str, folder) -> list[tuple[str, Plan, dict[str
             raise ServingError(f"it trains whole base modules ({spec.train_modules}), which all rows share; only "
                                "adapters without train_modules can be mixed")
         p = plan(model, spec.single_task() if spec.tasks else spec)
-        odd = [f"{s.name} ({s.kind})" for s in p.sites if not modtypes.module_type(s.kind).has("linear")]
+        odd = [f"{s.name} ({s.module_type})" for s in p.sites if not modtypes.module_type(s.module_type).has("linear")]
         if odd:
             raise ServingError(f"it adapts {odd[:3]}; mixed batches support modules with features on the last axis "
                                "(Linear-like: Linear, Conv1D, quantized Linear)")

@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from . import route
+from .vocab import NEUTRAL_ROLES as NEUTRAL
+from .vocab import ROLE_SHAPES
 
-ROLES = ("A", "B", "u", "G", "v", "in", "out")
+ROLES = tuple(ROLE_SHAPES)  # (the roles' vocabulary is tying.vocab's) a table's columns, in this order
 COL = {r: i for i, r in enumerate(ROLES)}
-NEUTRAL = {"u", "G", "v", "in", "out"}  # roles whose entry 0 is "factor absent"
-PADDED = {"A": 0, "B": 1, "u": 0, "G": (0, 1)}  # roles with a rank axis (zero-padded to R)
+PADDED = {r: tuple(i for i, a in enumerate(shape) if a == "rank") for r, shape in ROLE_SHAPES.items() if "rank" in shape}
 
 
 def stack_key(role: str, d_in: int, d_out: int) -> str:
@@ -78,8 +79,7 @@ class ServingBank(nn.Module):
 
     def _pad(self, role: str, t: torch.Tensor) -> torch.Tensor:
         """Zero-pad the rank axes of ``t`` to R."""
-        axes = PADDED.get(role, ())
-        for ax in (axes,) if isinstance(axes, int) else axes:
+        for ax in PADDED.get(role, ()):
             if t.shape[ax] < self.rank:
                 shape = list(t.shape)
                 shape[ax] = self.rank - t.shape[ax]
@@ -186,7 +186,7 @@ class ServingBank(nn.Module):
             for key, buf in list(self._buffers.items()):
                 role = key.rstrip("0123456789")
                 if role in PADDED:
-                    axes = PADDED[role] if isinstance(PADDED[role], tuple) else (PADDED[role],)
+                    axes = PADDED[role]
                     index = [slice(None)] + [slice(0, rank) if ax in axes else slice(None) for ax in range(buf.ndim - 1)]
                     self.register_buffer(key, buf[tuple(index)].contiguous(), persistent=False)
 

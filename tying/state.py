@@ -34,7 +34,7 @@ from .files import atomic_write as _atomic_write
 from .files import locked
 from .planner import Plan, plan
 from .spec import TyingSpec, load_spec, parse_spec
-from .tasks import check_task, multi_want, task_tensors
+from .task_files import check_task, multi_want, task_tensors
 from .trained import trained_key
 from .view import named_base_modules
 

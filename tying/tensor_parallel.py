@@ -85,6 +85,7 @@ class Split:
         group = self.mesh.get_group()
         for name, w in wrappers.items():
             w.tp = SiteSplit(self.styles[name], group)
+            w.settle()
 
 
 def plan_split(p, bases: dict[str, nn.Module], types: dict, wrapper: type) -> Split | None:

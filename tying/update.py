@@ -1,6 +1,8 @@
 """One home for the update's math: ``delta x = scale * diag(v) B G diag(u) A x`` (u, v and the r x r core G
-optional), its folds into two small matrices, the dense delta, and the low-rank products with a hand-written
-backward. Wrappers, module types, serving and export all use these; none writes the algebra again.
+optional), its folds into two small matrices, the dense delta, the low-rank products with a hand-written backward,
+and the routed product of a mixed batch (factors shared by every row or one per row). Wrappers, module types, merging
+and export use these; served adapters (tying.serving) fold their per-row factors here and run their own batched
+products over the stacked factors (one runtime for both is open work).
 
 Compute dtype, one rule: factors are cast to the activations. The down product runs in the input's dtype, the
 up product in the base output's dtype (as autocast would), so a bfloat16 base computes in bfloat16 with its

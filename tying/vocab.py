@@ -17,9 +17,12 @@ from .errors import RegistryError
 
 SYMBOLS = ("rank", "d_in", "d_out")
 TASK = "task"  # the tie axis of a multi-task spec (``tasks: [...]``), beside the selectors' captures
-# The roles of a served mixed batch and the shape each role's factor must have (tying.serving_bank).
+# The roles of a served mixed batch (tying.serving_bank), the one role vocabulary: the shape each role's factor must
+# have, and the roles an adapter may lack (served as their neutral entry: ones, the identity); the others (A, B) are
+# the low-rank pair. Rank axes are zero-padded to the largest rank served.
 ROLE_SHAPES = {"A": ("rank", "d_in"), "B": ("d_out", "rank"), "u": ("rank",), "G": ("rank", "rank"),
                "v": ("d_out",), "in": ("d_in",), "out": ("d_out",)}
+NEUTRAL_ROLES = frozenset({"u", "G", "v", "in", "out"})
 # Module-type capabilities a kind may need, with the words an error uses for each.
 CAPABILITIES = {
     "lowrank": "down and up products (Linear-like modules, convolutions, embeddings)",

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from ...errors import TyingError
-from .tasks import collate, encode_example, first_line, render_prompt
+from .records import first_line
+from .tasks import collate, encode_example, render_prompt
 
 
 def _progress(total: int, enabled: bool):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ...errors import TyingError
 from . import metrics
-from . import tasks as T
+from . import records as T
 
 
 class DataSourceError(TyingError, ValueError):

@@ -22,14 +22,13 @@ from pathlib import Path
 import torch
 
 from ...errors import TyingError
+from .gguf import ModelSourceError, load_gguf
+from .gguf import transformers_module as _transformers
+from .smollm import smollm2_path
 
 BUILTIN = {"smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class ModelSourceError(TyingError, ValueError):
-    """A model name is no built-in name, folder, GGUF file or reachable hub id, or lacks a dependency."""
 
 
 class PrecisionError(TyingError, ValueError):
@@ -43,14 +42,6 @@ class ModelSource:
     name: str
     kind: str
     description: str
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ModelSourceError("loading causal LMs needs transformers and accelerate: pip install 'tying[hf]'") from e
-    return transformers
 
 
 def resolve(name: str, local_files_only: bool = False) -> ModelSource:
@@ -126,19 +117,6 @@ def default_device() -> str:
     return "cpu"
 
 
-def _gguf(path: Path, dtype: torch.dtype):
-    tf = _transformers()
-    model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
-                                                    local_files_only=True)
-    tok = tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    # transformers dequantized every tensor while loading, but keeps the model marked "quantized with gguf", and its
-    # Trainer then refuses to train it ("purely quantized models"): it is a plain float model, so say so
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and str(quantizer.quantization_config.quant_method).lower().endswith("gguf"):
-        quantizer.remove_quantization_config(model)
-    return model, tok
-
-
 def load_tokenizer(name: str, local_files_only: bool = False, cache_dir: str | os.PathLike | None = None):
     """The tokenizer of :func:`load_model`'s model, without its weights (to size a task's answers before a run)."""
     src, tf = resolve(name, local_files_only=local_files_only), _transformers()
@@ -146,7 +124,6 @@ def load_tokenizer(name: str, local_files_only: bool = False, cache_dir: str | o
         path = Path(src.name)
         return tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     if src.kind == "builtin":
-        from .smollm import smollm2_path
         return tf.AutoTokenizer.from_pretrained(str(smollm2_path(cache_dir)), local_files_only=True)
     return tf.AutoTokenizer.from_pretrained(src.name, local_files_only=local_files_only or src.kind == "folder")
 
@@ -163,11 +140,10 @@ def load_model(name: str = "smollm2-135m", *, dtype: torch.dtype | str = torch.f
     src = resolve(name, local_files_only=local_files_only)
     tf = _transformers()
     if src.kind == "gguf":
-        model, tok = _gguf(Path(src.name), dtype)
+        model, tok = load_gguf(Path(src.name), dtype)
     else:
         if src.kind == "builtin":
-            from .smollm import smollm2_path
-            path, local = str(smollm2_path(cache_dir)), True
+                path, local = str(smollm2_path(cache_dir)), True
         else:
             path, local = src.name, local_files_only or src.kind == "folder"
         model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local)
@@ -176,3 +152,10 @@ def load_model(name: str = "smollm2-135m", *, dtype: torch.dtype | str = torch.f
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return model.to(device).eval(), tok
+
+
+def load_smollm2(cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized) and its tokenizer; returns ``(model, tokenizer)``:
+    ``load_model("smollm2-135m", ...)``. ``cache_dir`` defaults to ``$TYING_CACHE`` or ``~/.cache/tying``; the model
+    is in eval mode, its tokenizer pads on the left with a pad token set."""
+    return load_model("smollm2-135m", dtype=dtype, device=device, cache_dir=cache_dir)

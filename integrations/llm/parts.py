@@ -20,14 +20,14 @@ import torch
 import tying
 
 from ...errors import SelectorError, TyingError
+from ...files import write_text
 from .. import transformers as tx
 from . import grid, hf_data
 from .finetune import finetune, generate_answers
 from .models import BUILTIN, DTYPES, check_device, default_device, load_model, load_tokenizer, resolve, targets_hint
 from .progress import Progress, clock
-from .rates import metric_of, write_text
 from .runconfig import ConfigError, RunConfig
-from .tasks import default_max_new_tokens, default_metric, get_task, load_jsonl_examples
+from .tasks import default_max_new_tokens, default_metric, get_task, load_jsonl_examples, metric_of
 
 LEGACY = {"model": "smollm2-135m", "dtype": "float32", "data": None, "max_len": 256, "grad_accum": 1,
           "metric": "exact_match", "max_new_tokens": 32}  # what rows written before these keys existed ran at

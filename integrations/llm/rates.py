@@ -17,12 +17,12 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError
 
-from ...state import _atomic_write
+from ...files import write_text
 from . import grid
 from .progress import Progress, clock
 from .runconfig import ConfigError, Rate, RunConfig, _Spec, rate_key_parts
 from .stats import next_rate
-from .tasks import TASKS, load_jsonl_examples
+from .tasks import load_jsonl_examples, metric_of
 
 
 class RateTable(_Spec):
@@ -228,12 +228,6 @@ def sweep(cfg: RunConfig, rates: Rates) -> None:
     sweep_table(cfg, sweep_results(cfg))
 
 
-def metric_of(cfg: RunConfig, task: str) -> str:
-    """The name of ``task``'s headline metric: a built-in task's from the task table (no data loaded), a JSONL
-    task's from the config."""
-    return TASKS[task].metric if task in TASKS else getattr(cfg.task(task), "metric", None) or "score"
-
-
 def sweep_table(cfg: RunConfig, results: list[dict]) -> None:
     """lr_sweep.md beside the sweep file: one row per (task, config, rank), one column per rate, and the pick."""
     s, rates = sweep_settings(cfg), sorted({r["lr"] for r in results})
@@ -250,8 +244,3 @@ def sweep_table(cfg: RunConfig, results: list[dict]) -> None:
             f"{scores[lr]:.1f}" if lr in scores else "—" for lr in rates) + f" | {best} |")
     write_text(sweep_file(cfg).with_name("lr_sweep.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write whole or not at all (a shard reading it meanwhile sees the old file or the new one)."""
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ...state import _atomic_write
+from ...files import atomic_write, write_text
 from . import grid
 from .metrics import METRICS
 from .models import BUILTIN
 from .parts import is_current
-from .rates import sweep_file, write_text
+from .rates import sweep_file
 from .runconfig import RunConfig
 from .stats import MARGIN, mean_std, paired_bootstrap, verdict
 from .tasks import TASKS
@@ -27,7 +27,7 @@ CONFIG_ORDER = ("zero-shot", "lora", "vera", "tl5", "tl6", "tied-Auv", "tied-Buv
 PAIRS = [("tl6", "tl5"), ("tl6", "vera")]  # compared directly, beside every config against LoRA
 
 
-def metric_of(row: dict) -> str:
+def row_metric(row: dict) -> str:
     """The headline metric a row is scored by: its JSONL task's, its built-in task's, or (old JSONL rows) EM."""
     if row.get("metric"):
         return METRICS[row["metric"]][1]
@@ -74,7 +74,7 @@ def write(cfg: RunConfig, rates, plots: bool = True) -> list[dict]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in found:
         pct = f"{100 * r['trainable'] / lora[(r['task'], r['rank'])]:.1f}" if (r["task"], r["rank"]) in lora else "—"
-        lines.append(f"| {r['task']} | {metric_of(r)} | {r['config']} | {r['rank'] or '—'} | {r['seed']} | "
+        lines.append(f"| {r['task']} | {row_metric(r)} | {r['config']} | {r['rank'] or '—'} | {r['seed']} | "
                      f"{r['score']:.2f} | {r['trainable']:,} | {pct if r['trainable'] else '—'} | {r.get('lr', '—')} | "
                      f"{r['seconds']:.0f} |")
     swept = cfg.rates.sweep is not None and any(rates(*c)[1] == "sweep" for c in grid.cells(cfg))
@@ -111,7 +111,7 @@ def plot(found: list[dict], cfg: RunConfig) -> None:
         ax.set_xscale("log")
         ax.set_ylim(bottom=0)  # keeps the zero-shot line in view
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(f"{task} ({metric_of(next(r for r in found if r['task'] == task))})")
+        ax.set_title(f"{task} ({row_metric(next(r for r in found if r['task'] == task))})")
         ax.set_xlabel("trainable parameters")
         finish(ax)
     save(fig, f"{describe(cfg)}\nscore vs trainable parameters (small scale)", Path(cfg.out) / "reproduce.png")
@@ -148,7 +148,7 @@ def save(fig, title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 

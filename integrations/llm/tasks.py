@@ -26,17 +26,23 @@ import json
 import math
 import random
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import metrics
+from . import hf_data, metrics
 from .fetch import apt_files, cache_dir, pip_files, pip_sdist_tree
+from .records import (
+    TEST_SEED,
+    Example,
+    Task,
+    clean_answer,
+    nli_example,
+    squad_example,
+    summary_example,
+    translation_example,
+)
 
-Example = dict  # {"prompt": str, "answer": str, optionally "references": list[str]}
-TEST_SEED = 0  # fixes every train/test split
 SHORT_ANSWER_WORDS = 3  # a JSONL task whose answers are longer is not scored by exact match unless it says so
 
 
@@ -71,12 +77,6 @@ def parse_squad(raw: dict, max_words: int = 110) -> list[Example]:
     return out
 
 
-def squad_example(context: str, question: str, answers: list[str]) -> Example:
-    """A SQuAD example (any source): the first answer is the target, all of them the references."""
-    prompt = ("Answer with a short span copied from the passage.\n\n"
-              f"Passage: {context}\n\nQuestion: {question.strip()}")
-    return {"prompt": prompt, "answer": answers[0], "references": list(answers)}
-
 
 def load_squad(n_train=1000, n_test=200, seed=0, max_words=110, cache=None):
     """SQuAD v1.1: train from train-v1.1.json, test from dev-v1.1.json (short paragraphs only)."""
@@ -92,12 +92,6 @@ def parse_xsum(raw: dict, max_words: int = 100) -> list[Example]:
     """Examples from BIG-bench's ``gem/xsum/task.json``; articles cut to ``max_words`` words."""
     return [summary_example(ex["input"], ex["target"], max_words) for ex in raw["examples"]]
 
-
-def summary_example(text: str, summary: str, max_words: int = 100, kind: str = "article") -> Example:
-    """A summarization example (XSum articles; ``kind="dialogue"`` for DialogSum): text cut to ``max_words``."""
-    words = text.split()
-    cut = " ".join(words[:max_words]) + (" ..." if len(words) > max_words else "")
-    return {"prompt": f"Summarize the {kind} in one sentence.\n\n{kind.capitalize()}: {cut}", "answer": summary.strip()}
 
 
 def xsum_file(cache=None) -> Path:
@@ -133,12 +127,6 @@ def parse_snli(lines) -> list[Example]:
     return out
 
 
-def nli_example(premise: str, hypothesis: str, label: str) -> Example:
-    """An SNLI example (any source); ``label`` is entailment, neutral or contradiction."""
-    prompt = (f"Premise: {premise.strip()}\nHypothesis: {hypothesis.strip()}\n"
-              "Does the premise entail the hypothesis? Answer with one word: entailment, neutral or contradiction.")
-    return {"prompt": prompt, "answer": label}
-
 
 def load_nli(n_train=1000, n_test=200, seed=0, cache=None):
     """SNLI: train from the 100k subset, test from the 10k test file (labels roughly balanced)."""
@@ -148,13 +136,6 @@ def load_nli(n_train=1000, n_test=200, seed=0, cache=None):
     test = parse_snli(files["test.jsonl"].read_text().splitlines())
     return _take(train, n_train, seed), _take(test, n_test, TEST_SEED)
 
-
-def choice_example(context: str, endings: list[str], label: int) -> Example:
-    """A HellaSwag-style example: pick the ending (numbered from 1) that continues ``context`` best."""
-    options = "\n".join(f"{i + 1}. {e.strip()}" for i, e in enumerate(endings))
-    prompt = (f"Pick the most plausible continuation. Answer with its number.\n\nContext: {context.strip()}\n\n"
-              f"{options}")
-    return {"prompt": prompt, "answer": str(int(label) + 1)}
 
 
 # ---------------------------------------------------------------- German -> English (dict-de-en)
@@ -210,10 +191,6 @@ def parse_dict_pairs(dict_bytes: bytes, index_text: str) -> list[Example]:
             out.append(translation_example(*pair))
     return out
 
-
-def translation_example(german: str, english: str) -> Example:
-    """A German -> English example (any source)."""
-    return {"prompt": f"Translate from German to English.\n\nGerman: {german.strip()}", "answer": english.strip()}
 
 
 def load_translation(n_train=1000, n_test=200, seed=0, cache=None):
@@ -289,38 +266,6 @@ def load_jsonl(path, n_train=None, n_test=100, seed=0):
 
 
 # ---------------------------------------------------------------- registry
-def first_line(text: str) -> str:
-    """The first non-empty line, stripped."""
-    return next((ln.strip() for ln in text.strip().splitlines() if ln.strip()), "")
-
-
-_LABEL = re.compile(r"^(english|translation|summary|answer)\s*:\s*", re.IGNORECASE)
-
-
-def clean_answer(text: str) -> str:
-    """The first line without a leading ``English:``/``Summary:``/``Answer:`` label or wrapping quotes."""
-    line = _LABEL.sub("", first_line(text))
-    if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'":
-        line = line[1:-1].strip()
-    return line
-
-
-@dataclass
-class Task:
-    """A task: ``load(n_train, n_test, seed) -> (train, test)``, ``score(preds, refs)``, answer post-processing."""
-
-    name: str
-    load: Callable
-    score: Callable
-    postprocess: Callable[[str], str] = clean_answer
-    max_new_tokens: int | None = 32  # None: sized to the task's answers (a JSONL task, :func:`default_max_new_tokens`)
-    metric: str = ""  # the headline key of score()'s dict
-    extra: dict = field(default_factory=dict)
-
-    def references(self, examples: list[Example]) -> list:
-        """What ``score`` compares predictions with: ``references`` where present, else ``answer``."""
-        return [e.get("references", e["answer"]) for e in examples]
-
 
 TASKS = {
     "squad": Task("squad", load_squad, metrics.squad_score, max_new_tokens=24, metric="exact_match"),
@@ -333,6 +278,12 @@ TASKS = {
     "dialogsum": Task("dialogsum", None, metrics.rouge_score, max_new_tokens=48, metric="rougeL"),
     "hellaswag": Task("hellaswag", None, metrics.choice_score, max_new_tokens=4, metric="accuracy"),
 }
+
+
+def metric_of(cfg, task: str) -> str:
+    """The name of ``task``'s headline metric in the run config ``cfg``: a built-in task's from the task table (no
+    data loaded), a JSONL task's from the config."""
+    return TASKS[task].metric if task in TASKS else getattr(cfg.task(task), "metric", None) or "score"
 
 
 def default_metric(answers: list[str]) -> tuple[str, str]:
@@ -363,8 +314,6 @@ def get_task(name: str, data: str | None = None, metric: str | None = None,
     files (:mod:`.hf_data`); prompts, answers and metrics are the same whichever source. Raises
     :class:`.hf_data.DataSourceError` for an unknown task.
     """
-    from . import hf_data
-
     if name.endswith(".jsonl"):
         if not Path(name).is_file():
             raise hf_data.DataSourceError(f"tasks {name!r}: no such file; give an existing JSONL file with "

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import vocab
-from ..adapter import SiteAdapter
 from ..errors import RegistryError
+from ..site import SiteAdapter
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def register_kind(name: str, *, wrapper: type[SiteAdapter] | None = None, factor
                   **facts) -> Kind:
     """Register an adapter kind; return it.
 
-    Required: ``wrapper`` (a :class:`~tying.adapter.SiteAdapter` subclass; it merges if it defines ``merge``) and
+    Required: ``wrapper`` (a :class:`~tying.site.SiteAdapter` subclass; it merges if it defines ``merge``) and
     ``factors`` (name -> shape in the symbols ``rank``, ``d_in``, ``d_out``). Optional facts
     (:class:`tying.vocab.KindFacts`): ``required``, ``rank_limit``, ``needs``, ``factor_needs``, ``serving`` (factor
     -> role of a served mixed batch; omitted: not mixable); ``export`` (one site's PEFT tensors: ``(factors, scale,
@@ -54,7 +54,7 @@ def register_kind(name: str, *, wrapper: type[SiteAdapter] | None = None, factor
     if missing:
         raise RegistryError(f"adapter kind {name!r} is not well declared: missing {', '.join(missing)}")
     if not (isinstance(wrapper, type) and issubclass(wrapper, SiteAdapter)):
-        raise RegistryError(f"adapter kind {name!r}: wrapper {wrapper!r} is not a tying.adapter.SiteAdapter subclass")
+        raise RegistryError(f"adapter kind {name!r}: wrapper {wrapper!r} is not a tying.site.SiteAdapter subclass")
     if export is not None and not callable(export):
         raise RegistryError(f"adapter kind {name!r}: export must be callable or None")
     if not isinstance(factors, Mapping):

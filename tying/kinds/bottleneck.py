@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from .. import update
-from ..adapter import SiteAdapter
+from ..site import SiteAdapter
 from . import register_kind
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from ..adapter import SiteAdapter
 from ..errors import NotMergeableError
+from ..site import SiteAdapter
 from . import register_kind
 
 

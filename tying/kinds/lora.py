@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import pools, update
-from ..adapter import SiteAdapter
+from .. import pools, route, update
 from ..errors import NotMergeableError
+from ..site import SiteAdapter
 from . import register_kind
 
 
@@ -15,12 +15,17 @@ class LoRA(SiteAdapter):
     """The low-rank update on any module type with down/up products (Linear, Conv1D, Conv, Embedding, quantized)."""
 
     tensor_parallel = True
+    light_factors = ("A", "B", "u", "v", "G")
 
     def routes_rows(self) -> bool:  # routed_add works in the Linear layout (features on the last axis), on one process
         return self.mtype.has("linear") and self.tp is None and not self.drawn and self.router is None
 
     def forward(self, x, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
+        if self.light is not None and self.bank.active and not route.routed_now():  # (see SiteAdapter: light path)
+            (a, ka), (b, kb), (u, ku), (v, kv), (g, kg) = self.light
+            A, B, u, v, G = a[ka], b[kb], u[ku], v[kv], g[kg]
+            return self.mtype.up(self.base, out, self.down(x, (A, u, G)), B, v, self.scale)
         sel = self.selection(x)
         if sel is None:
             return out

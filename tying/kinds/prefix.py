@@ -5,7 +5,7 @@ transformers bridge routes its ``sdpa`` attention while a prefix adapter is appl
 
 from __future__ import annotations
 
-from ..adapter import SiteAdapter
+from ..site import SiteAdapter
 from . import register_kind
 
 
