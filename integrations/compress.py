@@ -93,6 +93,10 @@ def _lora(task: str, folder) -> dict:
                 raise AdapterFileError(f"adapter {task!r} ({where}): module {m!r} is not a Linear-like LoRA (lora_A "
                                        "and lora_B matrices); only those compress")
             updates[m] = (a.float(), b.float() * scale)
+    rest = sorted(set(tensors) - {f"{PREFIX}{m}.lora_{x}.weight" for m in updates for x in "AB"})
+    if rest:  # an embedding's LoRA, LoRA biases, modules_to_save: compressing without them would change the task
+        raise AdapterFileError(f"adapter {task!r} ({where}) holds more than the lora_A / lora_B matrices of Linear "
+                               f"modules, which alone compress: {', '.join(rest[:3])}{' ...' * (len(rest) > 3)}")
     if not updates:
         raise AdapterFileError(f"adapter {task!r} ({where}) holds no lora_A / lora_B matrices")
     return {"base": cfg.get("base_model_name_or_path"), "rank": r, "updates": updates, "where": where}

@@ -106,3 +106,16 @@ def test_the_command_line(tmp_path, three, capsys):
     assert "3-task tied adapter (rank 10; exact from rank 10)" in out and "nli" in out
     assert main(["compress-peft", "nonsense", "--rank", "4", "--out", str(tmp_path / "x")]) == 2
     assert "NAME=FOLDER" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [{"target_modules": [*TARGETS, "embed_tokens"]}, {"lora_bias": True},
+                                   {"modules_to_save": ["lm_head"]}])
+def test_a_lora_with_more_than_linear_lora_factors_is_refused_not_compressed_without_it(tmp_path, three, extra):
+    """A folder whose file holds tensors beyond lora_A / lora_B weights of Linear modules (an embedding's LoRA, LoRA
+    biases, modules_to_save) was compressed without them: a task's adapter silently lost part of its update."""
+    model = peft.get_peft_model(tiny_llama(layers=3), peft.LoraConfig(r=4, lora_alpha=8, **{"target_modules": TARGETS,
+                                                                                            **extra}))
+    model.save_pretrained(tmp_path / "more")
+    with pytest.raises(AdapterFileError, match="'more'.*(lora_embedding|lora_B.bias|lm_head)"):
+        compress_peft({"nli": three["nli"][0], "more": tmp_path / "more"}, tmp_path / "out", rank=4)
+    assert not (tmp_path / "out").exists()
