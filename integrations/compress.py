@@ -66,7 +66,10 @@ def compress_peft(adapters: dict[str, str | os.PathLike], out_dir: str | os.Path
             part = "G" if core == "full" else "u"
             tensors[f"{part}.{site.task_keys[t][part]}"] = small if core == "full" else small.diagonal().clone()
             errors[t][m] = _error(a, b, B, small if core == "full" else torch.diag(small.diagonal()), A)
-    report = {"rank": rank, "core": core, "share": share, "exact_at": sum(lr["rank"] for lr in loras.values()),
+    dims = {m: min(a.shape[1], b.shape[0]) for m, (a, b) in first["updates"].items()}
+    exact_at = max(min(len(members) * sum(lr["rank"] for lr in loras.values()), *(dims[m] for m in members))
+                   for members in groups.values())  # a pair of bases spans every update of its group
+    report = {"rank": rank, "core": core, "share": share, "exact_at": exact_at,
               "tasks": {t: {"relative_error": _overall(errors[t], loras[t]["updates"]), "modules": errors[t]}
                         for t in loras}}
     out = write_adapter(out_dir, spec, {k: v.float().contiguous() for k, v in tensors.items()})
