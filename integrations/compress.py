@@ -66,7 +66,10 @@ def compress_peft(adapters: dict[str, str | os.PathLike], out_dir: str | os.Path
             part = "G" if core == "full" else "u"
             tensors[f"{part}.{site.task_keys[t][part]}"] = small if core == "full" else small.diagonal().clone()
             errors[t][m] = _error(a, b, B, small if core == "full" else torch.diag(small.diagonal()), A)
-    report = {"rank": rank, "core": core, "share": share, "exact_at": sum(lr["rank"] for lr in loras.values()),
+    dims = {m: min(a.shape[1], b.shape[0]) for m, (a, b) in first["updates"].items()}
+    exact_at = max(min(len(members) * sum(lr["rank"] for lr in loras.values()), *(dims[m] for m in members))
+                   for members in groups.values())  # a pair of bases spans every update of its group
+    report = {"rank": rank, "core": core, "share": share, "exact_at": exact_at,
               "tasks": {t: {"relative_error": _overall(errors[t], loras[t]["updates"]), "modules": errors[t]}
                         for t in loras}}
     out = write_adapter(out_dir, spec, {k: v.float().contiguous() for k, v in tensors.items()})
@@ -93,6 +96,10 @@ def _lora(task: str, folder) -> dict:
                 raise AdapterFileError(f"adapter {task!r} ({where}): module {m!r} is not a Linear-like LoRA (lora_A "
                                        "and lora_B matrices); only those compress")
             updates[m] = (a.float(), b.float() * scale)
+    rest = sorted(set(tensors) - {f"{PREFIX}{m}.lora_{x}.weight" for m in updates for x in "AB"})
+    if rest:  # an embedding's LoRA, LoRA biases, modules_to_save: compressing without them would change the task
+        raise AdapterFileError(f"adapter {task!r} ({where}) holds more than the lora_A / lora_B matrices of Linear "
+                               f"modules, which alone compress: {', '.join(rest[:3])}{' ...' * (len(rest) > 3)}")
     if not updates:
         raise AdapterFileError(f"adapter {task!r} ({where}) holds no lora_A / lora_B matrices")
     return {"base": cfg.get("base_model_name_or_path"), "rank": r, "updates": updates, "where": where}

@@ -106,3 +106,31 @@ def test_the_command_line(tmp_path, three, capsys):
     assert "3-task tied adapter (rank 10; exact from rank 10)" in out and "nli" in out
     assert main(["compress-peft", "nonsense", "--rank", "4", "--out", str(tmp_path / "x")]) == 2
     assert "NAME=FOLDER" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [{"target_modules": [*TARGETS, "embed_tokens"]}, {"lora_bias": True},
+                                   {"modules_to_save": ["lm_head"]}])
+def test_a_lora_with_more_than_linear_lora_factors_is_refused_not_compressed_without_it(tmp_path, three, extra):
+    """A folder whose file holds tensors beyond lora_A / lora_B weights of Linear modules (an embedding's LoRA, LoRA
+    biases, modules_to_save) was compressed without them: a task's adapter silently lost part of its update."""
+    model = peft.get_peft_model(tiny_llama(layers=3), peft.LoraConfig(r=4, lora_alpha=8, **{"target_modules": TARGETS,
+                                                                                            **extra}))
+    model.save_pretrained(tmp_path / "more")
+    with pytest.raises(AdapterFileError, match="'more'.*(lora_embedding|lora_B.bias|lm_head)"):
+        compress_peft({"nli": three["nli"][0], "more": tmp_path / "more"}, tmp_path / "out", rank=4)
+    assert not (tmp_path / "out").exists()
+
+
+def test_shared_across_layers_the_report_says_the_rank_that_is_exact(tmp_path, tokens):
+    """With share="layers" one pair of bases serves a projection in every layer, so exactness needs the ranks summed
+    over the tasks and the layers; the report (and the command line) said the tasks' sum, 4, where 12 is exact."""
+    two = {n: lora(tmp_path, n, seed, r=2) for n, seed in (("a", 1), ("b", 2))}
+    folders = {n: f for n, (f, _) in two.items()}
+    assert compress_peft(folders, tmp_path / "c4", rank=4, share="layers")["exact_at"] == 12  # 3 layers x (2 + 2)
+    report = compress_peft(folders, tmp_path / "c12", rank=12, share="layers")
+    assert all(t["relative_error"] < 1e-5 for t in report["tasks"].values())
+    for name, (_, model) in two.items():
+        alone = tiny_llama()
+        tying.load_adapter(alone, tmp_path / "c12", task=name)
+        with torch.no_grad():
+            assert torch.allclose(alone(tokens).logits, model(input_ids=tokens).logits, atol=1e-4)

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_export_peft)
     p = sub.add_parser("compress-peft", help="many PEFT LoRAs of one base into one tied multi-task adapter")
     p.add_argument("adapters", nargs="+", metavar="NAME=FOLDER", help="each LoRA folder with its task name")
-    p.add_argument("--rank", type=int, required=True, help="the shared rank (exact from the sum of the LoRAs' ranks)")
+    p.add_argument("--rank", type=int, required=True, help="the shared rank (exact from the sum of the LoRAs' ranks; with --share layers, times the layers)")
     p.add_argument("--out", required=True, help="folder for the tied adapter (spec.yaml, adapter.safetensors, "
                    "compression.json)")
     p.add_argument("--core", choices=("full", "diag"), default="full", help="each task's small factor: an r x r "
