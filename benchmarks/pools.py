@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
 import yaml
+from tying.integrations.llm.report import compare
+from tying.integrations.llm.stats import MARGIN, paired_bootstrap, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "benchmarks" / "configs" / "pools"
@@ -43,8 +46,8 @@ BUDGETS = {
 NOT_RUN = {  # method -> budget -> why (the closest it gets, counted like the rest)
     "vera": {"370k": "the VeRA-like setting trains u and v only: 30 x (960 + r) grows by 30 per rank and r <= 192 "
                      "(k/v are 192 wide), so at most 34,560"},
-    "hydralora": {"40k": "a site's own A and a router on its input cost at least 3L(rd + 2dr + 2d) = 213,120 at "
-                         "rank 1 with 2 heads"},
+    "hydralora": {"40k": "each site's own A, its heads' B's and a router of heads x d_in on its input cost at least "
+                         "213,120 (rank 1, 2 heads)"},
 }
 PAIRS = [("lily", "peft-lily"), ("vb-lora", "peft-vb-lora")]  # ours against PEFT's own, same knobs
 
@@ -79,15 +82,156 @@ def write_configs() -> dict:
     return counts
 
 
+def cell_of(row: dict) -> tuple[str, str] | None:
+    """(budget, method) of a finished part, by its config and rank; None for zero-shot."""
+    for budget, methods in BUDGETS.items():
+        for method, (_, rank, _) in methods.items():
+            if Path(config_name(method, budget)).stem == Path(row["config"]).stem and rank == row["rank"]:
+                return budget, method
+    return None
+
+
+def mean_interval(by_seed: dict[int, list[float]]) -> tuple[float, float, float]:
+    """Mean over seeds and examples with a 95 % bootstrap interval (test examples resampled, paired by seed)."""
+    runs = list(by_seed.values())
+    return paired_bootstrap(runs, [[0.0] * len(r) for r in runs])
+
+
+def claim(a: dict, b: dict, margin: float = 0.0) -> tuple[str, str]:
+    """(a - b [95 % CI], the verdict on "a >= b - margin") over the seeds both have."""
+    got = compare(a, b)
+    if got is None:
+        return "—", "—"
+    d, lo, hi = got
+    return f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]", verdict(lo, hi, margin)
+
+
+def agreement(a: dict, b: dict) -> tuple[str, str]:
+    """Ours against PEFT's: the difference and whether they agree within 10 % of PEFT's mean either way
+    (both one-sided claims supported: supported; either refuted: refuted; else undecided at this scale)."""
+    got = compare(a, b)
+    if got is None:
+        return "—", "—"
+    d, lo, hi = got
+    margin = MARGIN * mean_interval(b)[0]
+    up, down = verdict(lo, hi, margin), verdict(-hi, -lo, margin)
+    word = ("supported" if up == down == "supported" else "refuted" if "refuted" in (up, down)
+            else "undecided at this scale")
+    return f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]", word
+
+
+def summarise(found: list[dict]) -> dict:
+    """The per-budget results: every (task, budget, method) with its count, seeds, mean and interval; the claims."""
+    cells: dict[tuple, dict] = {}
+    for r in found:
+        where = cell_of(r)
+        per = r.get("metrics", {}).get("per_example")
+        if where is None or per is None:
+            continue
+        c = cells.setdefault((r["task"], *where), {"trainable": r["trainable"], "lr": r["lr"], "runs": {}})
+        c["runs"][r["seed"]] = per
+    out = {"rows": [], "claims": []}
+    for (task, budget, method), c in cells.items():
+        m, lo, hi = mean_interval(c["runs"])
+        out["rows"].append({"task": task, "budget": budget, "method": method, "config": config_name(method, budget),
+                            "rank": BUDGETS[budget][method][1], "trainable": c["trainable"], "lr": c["lr"],
+                            "seeds": sorted(c["runs"]), "n_test": len(next(iter(c["runs"].values()))),
+                            "seed_means": [statistics.fmean(v) for v in c["runs"].values()],
+                            "mean": m, "low": lo, "high": hi})
+    runs = {k: c["runs"] for k, c in cells.items()}
+    for task, budget in dict.fromkeys((t, b) for t, b, _ in cells):
+        at = {m: v for (t, b, m), v in runs.items() if (t, b) == (task, budget)}
+        todo = [("lily", "lora", ">="), ("tl6", "lora", ">=")]
+        todo += [("tl6", m, ">=") for m in at if m not in ("lora", "tl6", "vera") and not m.startswith("peft-")]
+        todo += [(a, b, "~") for a, b in PAIRS]
+        for a, b, kind in todo:
+            if a in at and b in at:
+                diff, word = claim(at[a], at[b]) if kind == ">=" else agreement(at[a], at[b])
+                text = f"{a} >= {b}" if kind == ">=" else f"{a} agrees with {b} (within 10 %)"
+                out["claims"].append({"task": task, "budget": budget, "claim": text, "difference": diff,
+                                      "verdict": word})
+    return out
+
+
+def markdown(summary: dict, header: str) -> str:
+    lines = [header, "", "| task | budget | method | config | rank | trainable | LR | seeds | score [95 % CI] |",
+             "|---|---|---|---|---|---:|---|---|---|"]
+    order = [*BUDGETS["370k"], *BUDGETS["40k"]]
+    key = lambda r: (r["task"], -int(r["budget"][:-1]), order.index(r["method"]))
+    for r in sorted(summary["rows"], key=key):
+        lines.append(f"| {r['task']} | {r['budget']} | {r['method']} | {Path(r['config']).stem} | {r['rank']} | "
+                     f"{r['trainable']:,} | {r['lr']:g} | {len(r['seeds'])} | {r['mean']:.1f} "
+                     f"[{r['low']:.1f}, {r['high']:.1f}] |")
+    lines += ["", "Not run: " + "; ".join(f"{m} at {b}: {why}" for m, w in NOT_RUN.items() for b, why in w.items()),
+              "", ("Claims (difference of means with a 95 % paired bootstrap interval: test examples resampled, "
+              "paired by example and seed; supported where the interval lies above 0 (or, for agreement, within "
+              "10 % of PEFT's mean on both sides), refuted where it lies below, else undecided at this scale):"), "",
+              "| task | budget | claim | difference [95 % CI] | verdict |", "|---|---|---|---|---|"]
+    lines += [f"| {c['task']} | {c['budget']} | {c['claim']} | {c['difference']} | {c['verdict']} |"
+              for c in summary["claims"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    """Score against trainable parameters, one panel per task: each method's mean with its 95 % interval."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in summary["rows"]))
+    if not tasks:
+        return
+    methods = list(dict.fromkeys([*BUDGETS["370k"], *BUDGETS["40k"]]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in (r for r in summary["rows"] if r["task"] == task):
+            peft = r["method"].startswith("peft-")
+            colour = f"C{methods.index(r['method'].removeprefix('peft-')) % 10}"
+            ax.errorbar(r["trainable"], r["mean"], yerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]],
+                        fmt="s" if peft else "o", mfc="none" if peft else colour, color=colour, capsize=3)
+            ax.annotate(r["method"], (r["trainable"], r["mean"]), fontsize=7, xytext=(4, 2 if not peft else -8),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel("accuracy" if task == "nli" else "exact match")
+        ax.set_title(f"{task}: mean over seeds, 95 % interval (open squares: PEFT's own)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(config: Path) -> None:
+    """The kit's report of every finished part (reproduce.*), then pools.{json,md,png} beside it."""
+    from tying.integrations.llm import experiment
+    from tying.integrations.llm import report as kit
+    from tying.integrations.llm.runconfig import load_config
+
+    cfg, policy = experiment.prepare(load_config(config, ["stage=report"]))
+    found = kit.write(cfg, policy)
+    summary = summarise(found)
+    hours = sum(r.get("seconds", 0) + r.get("eval_seconds", 0) for r in found) / 3600
+    header = (f"{kit.header(cfg, found)} Budgets: about 40k and about 370k trainable parameters; parts took "
+              f"{hours:.2f} one-thread CPU hours (training and scoring).")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "pools.json").write_text(json.dumps({"settings": cfg.model_dump(mode="json"), "header": header,
+                                                   "not_run": NOT_RUN, **summary}, indent=1))
+    text = markdown(summary, header)
+    (RESULTS / "pools.md").write_text(text)
+    print(text)
+    plot(summary, RESULTS / "pools.png", f"{kit.describe(cfg)}: the pool family at equal budgets (small scale)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["configs", "report"])
-    p.add_argument("--out", default="benchmarks/results/pools/run", help="the kit's out folder (pools.yaml's)")
+    p.add_argument("--config", default=str(ROOT / "benchmarks" / "configs" / "pools.yaml"), help="the run config")
     a = p.parse_args(argv)
     if a.what == "configs":
         write_configs()
     else:
-        report(Path(a.out))
+        report(Path(a.config))
 
 
 if __name__ == "__main__":

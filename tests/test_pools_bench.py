@@ -1,0 +1,55 @@
+"""benchmarks/pools.py (issue 37.5): the per-budget configs count what the plan says, and the report turns finished
+parts into a table per budget with intervals and the verdicts, from rows of known per-example scores."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+ROOT = Path(__file__).parents[1]
+_spec = importlib.util.spec_from_file_location("pools_bench", ROOT / "benchmarks" / "pools.py")
+pools = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pools)
+
+
+def _row(method, budget, seed, per, task="nli"):
+    _, rank, _ = pools.BUDGETS[budget][method]
+    return {"task": task, "config": pools.config_name(method, budget), "rank": rank, "seed": seed, "lr": 0.01,
+            "trainable": 1000, "metrics": {"per_example": per}}
+
+
+def test_the_committed_configs_meet_their_budgets():
+    """Every method's config counts within its budget's band on SmolLM2's meta twin (as benchmarks/pools.py
+    configs printed them), and PEFT's files count what ours do at the same knobs."""
+    from tying.integrations.llm.parts import trainable_of
+    from tying.integrations.meta_models import meta_model
+    model = meta_model(pools.MODEL)
+    counts = {(b, m): trainable_of(model, str(ROOT / pools.config_name(m, b)) if "/" in pools.config_name(m, b)
+                                   else pools.config_name(m, b), rank)
+              for b, methods in pools.BUDGETS.items() for m, (_, rank, _) in methods.items()}
+    assert counts["40k", "lora"] == 46_080 and counts["370k", "lora"] == 368_640 and counts["40k", "tl6"] == 41_328
+    assert all(30_000 < n < 50_000 for (b, _), n in counts.items() if b == "40k")
+    assert all(320_000 < n < 380_000 for (b, _), n in counts.items() if b == "370k")
+    for b in pools.BUDGETS:
+        for ours, theirs in pools.PAIRS:
+            assert counts[b, ours] == counts[b, theirs]
+
+
+def test_the_report_gives_each_budget_its_table_and_verdicts():
+    n = 40
+    good, bad = [100.0] * n, [0.0] * (n // 2) + [100.0] * (n // 2)
+    found = [_row("lora", "370k", s, bad) for s in range(3)] + [_row("lily", "370k", s, good) for s in range(3)]
+    found += [_row("peft-lily", "370k", s, good) for s in range(3)] + [_row("tl6", "370k", s, bad) for s in range(3)]
+    found += [_row("lora", "40k", s, good) for s in range(2)] + [{"config": "zero-shot", "rank": 0, "task": "nli"}]
+    out = pools.summarise(found)
+    got = {(r["budget"], r["method"]): r for r in out["rows"]}
+    assert set(got) == {("370k", "lora"), ("370k", "lily"), ("370k", "peft-lily"), ("370k", "tl6"), ("40k", "lora")}
+    assert got["370k", "lily"]["mean"] == 100.0 and got["370k", "lora"]["seeds"] == [0, 1, 2]
+    assert got["370k", "lora"]["low"] < 50.0 < got["370k", "lora"]["high"]
+    claims = {(c["budget"], c["claim"]): c["verdict"] for c in out["claims"]}
+    assert claims["370k", "lily >= lora"] == "supported"
+    assert claims["370k", "tl6 >= lily"] == "refuted"
+    assert claims["370k", "lily agrees with peft-lily (within 10 %)"] == "supported"
+    assert ("40k", "lily >= lora") not in claims  # no Lily at 40k: no claim
+    text = pools.markdown(out, "header")
+    assert "| nli | 370k | lily | lily-370k | 32 |" in text and "hydralora at 40k" in text
