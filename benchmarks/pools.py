@@ -1,7 +1,11 @@
 """Issue 37.5, the pool family side by side at equal trainable budgets (docs/pools.md, "Side by side").
 
     python benchmarks/pools.py configs   # write benchmarks/configs/pools/*.yaml (our specs, PEFT's configs); counts
-    python benchmarks/reproduce.py benchmarks/configs/pools.yaml          # the parts (resumable; shard=K/N)
+    python benchmarks/pools.py task nli --sweep > pools-nli-sweep.yaml   # pools.yaml on SNLI alone, with the sweep
+    python benchmarks/reproduce.py pools-nli-sweep.yaml stage=sweep       # every method and budget at 1e-2, 3e-2
+    python benchmarks/pools.py table     # benchmarks/configs/rates/pools.yaml: the sweep's pick per method and budget
+    python benchmarks/pools.py task nli > pools-nli.yaml                  # and squad: one task at a time
+    python benchmarks/reproduce.py pools-nli.yaml stage=train             # the parts (resumable; shard=K/N)
     python benchmarks/pools.py report    # pools.{json,md,png}: each budget's table, intervals, verdicts
 
 The run itself is the LLM kit's (benchmarks/configs/pools.yaml); this script only writes the per-budget config files
@@ -223,13 +227,65 @@ def report(config: Path) -> None:
     plot(summary, RESULTS / "pools.png", f"{kit.describe(cfg)}: the pool family at equal budgets (small scale)")
 
 
+def write_table(sweep: Path, table: Path) -> dict:
+    """The rate table of the sweep (the kit's rule, ``rates.best_lr``: the best validation score, the smaller rate on
+    a tie), one rate per method and budget (config and rank), for ``rates.table``; cells whose rates all scored the
+    same (no signal) take the smaller rate by that tie rule and are named in the file."""
+    from tying.integrations.llm.rates import best_lr, no_signal
+
+    data = json.loads(sweep.read_text())
+    cells: dict[tuple, dict[float, float]] = {}
+    for r in data["results"]:
+        cells.setdefault((r["task"], Path(r["config"]).stem, r["rank"]), {})[r["lr"]] = r["score"]
+    tasks = sorted({t for t, _, _ in cells})
+    lr = {f"{c}/r{k}": best_lr(v) for (_, c, k), v in sorted(cells.items())}
+    flat = [f"{c}/r{k}" for (_, c, k), v in sorted(cells.items()) if no_signal(v)]
+    for budget, methods in BUDGETS.items():  # PEFT's rows take our pick at the same method and budget
+        for ours, theirs in PAIRS:
+            key = f"{Path(config_name(theirs, budget)).stem}/r{methods[theirs][1]}"
+            lr.setdefault(key, lr[f"{Path(config_name(ours, budget)).stem}/r{methods[ours][1]}"])
+    s = data["settings"]
+    head = (f"# The pool family's rates (issue 37.5, benchmarks/configs/pools.yaml), written by benchmarks/pools.py table\n"
+            f"# from {sweep.relative_to(ROOT) if sweep.is_relative_to(ROOT) else sweep}: every method and budget at "
+            f"{', '.join(f'{x:g}' for x in sorted({r['lr'] for r in data['results']}))} on {tasks} ({s.get('n_val')} held-out "
+            f"training examples, seed 0, the run's {s.get('steps')} steps x batch {s.get('batch')}); the kit's rule "
+            "(rates.best_lr).\n# PEFT's Lily and VB-LoRA take our pick at the same budget (one rate for both implementations); the "
+            "SQuAD parts use these too (no SQuAD sweep at this budget; the run warns).\n"
+            + (f"# No signal (every rate scored the same; the smaller rate by the tie rule): {', '.join(flat)}\n" if flat else ""))
+    table.write_text(head + yaml.safe_dump({"swept_on": tasks, "lr": lr}, sort_keys=False))
+    print(table.read_text())
+    return lr
+
+
+SWEEP = {"grid": [0.01, 0.03], "extend": False, "n_val": 30, "file": "benchmarks/results/pools/lr_sweep.json"}
+
+
+def one_task(config: Path, task: str, sweep: bool) -> str:
+    """``config`` restricted to one task (its ``also`` cells too), as YAML: the kit runs one task of a config whose
+    cells name several only this way; with ``sweep``, the rates are the SNLI sweep's (:data:`SWEEP`)."""
+    cfg = yaml.safe_load(config.read_text())
+    cfg["tasks"] = [t for t in cfg["tasks"] if (t if isinstance(t, str) else t["name"]) == task]
+    if not cfg["tasks"]:
+        raise SystemExit(f"{config}: no task {task!r}")
+    cfg["also"] = [{**a, "tasks": [task]} for a in cfg.get("also", []) if task in a["tasks"]]
+    if sweep:
+        cfg["rates"] = {"sweep": SWEEP}
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["configs", "report"])
+    p.add_argument("what", choices=["configs", "task", "table", "report"])
+    p.add_argument("task", nargs="?", help="task: the task to keep")
+    p.add_argument("--sweep", action="store_true", help="task: with the SNLI sweep's rates")
     p.add_argument("--config", default=str(ROOT / "benchmarks" / "configs" / "pools.yaml"), help="the run config")
     a = p.parse_args(argv)
     if a.what == "configs":
         write_configs()
+    elif a.what == "task":
+        print(one_task(Path(a.config), a.task, a.sweep), end="")
+    elif a.what == "table":
+        write_table(RESULTS / "lr_sweep.json", ROOT / "benchmarks" / "configs" / "rates" / "pools.yaml")
     else:
         report(Path(a.config))
 

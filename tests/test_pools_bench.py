@@ -1,6 +1,7 @@
 """benchmarks/pools.py (issue 37.5): the per-budget configs count what the plan says, and the report turns finished
 parts into a table per budget with intervals and the verdicts, from rows of known per-example scores."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,37 @@ def test_the_report_gives_each_budget_its_table_and_verdicts():
     assert ("40k", "lily >= lora") not in claims  # no Lily at 40k: no claim
     text = pools.markdown(out, "header")
     assert "| nli | 370k | lily | lily-370k | 32 |" in text and "hydralora at 40k" in text
+
+
+def test_the_rate_table_follows_the_kits_rule_and_gives_peft_our_pick(tmp_path):
+    from tying.integrations.llm.rates import load_table
+    runs = [("lora", 1, 0.01, 40.0), ("lora", 1, 0.03, 50.0), ("lily-40k", 5, 0.01, 30.0), ("lily-40k", 5, 0.03, 30.0),
+            ("vb-lora-40k", 2, 0.01, 20.0), ("vb-lora-40k", 2, 0.03, 10.0),
+            ("lily-370k", 32, 0.01, 1.0), ("lily-370k", 32, 0.03, 2.0), ("vb-lora-370k", 1, 0.01, 3.0),
+            ("vb-lora-370k", 1, 0.03, 3.5)]
+    sweep = tmp_path / "lr_sweep.json"
+    sweep.write_text(json.dumps({"settings": {"n_val": 30, "steps": 12, "batch": 4}, "results": [
+        {"task": "nli", "config": f"benchmarks/configs/pools/{c}.yaml" if "-" in c else c, "rank": r, "lr": lr,
+         "score": sc} for c, r, lr, sc in runs]}))
+    lr = pools.write_table(sweep, tmp_path / "t.yaml")
+    assert lr["lora/r1"] == 0.03 and lr["vb-lora-40k/r2"] == 0.01
+    assert lr["lily-40k/r5"] == 0.01  # no signal: the smaller rate, and the file says so
+    assert lr["peft-lily-40k/r5"] == lr["lily-40k/r5"] and lr["peft-vb-lora-370k/r1"] == lr["vb-lora-370k/r1"] == 0.03
+    assert "No signal (every rate scored the same; the smaller rate by the tie rule): lily-40k/r5" in (
+        tmp_path / "t.yaml").read_text()
+    assert load_table(str(tmp_path / "t.yaml")).swept_on == ["nli"]
+
+
+def test_one_task_of_the_config_loads_and_keeps_every_cell_of_that_task(tmp_path, monkeypatch):
+    from tying.integrations.llm import grid
+    from tying.integrations.llm.runconfig import load_config
+    config = ROOT / "benchmarks" / "configs" / "pools.yaml"
+    monkeypatch.chdir(ROOT)  # the config's paths are relative to the working directory
+    both = load_config(config)
+    for task in ("nli", "squad"):
+        path = tmp_path / f"{task}.yaml"
+        path.write_text(pools.one_task(config, task, sweep=task == "nli"))
+        one = load_config(path)
+        assert grid.cells(one) == [c for c in grid.cells(both) if c[0] == task]
+        assert one.n_test_of(one.tasks[0]) == both.n_test_of(both.task(task))
+    assert one.rates == both.rates and len(grid.cells(one)) == 16
