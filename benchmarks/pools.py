@@ -247,7 +247,7 @@ def write_table(sweep: Path, table: Path) -> dict:
     s = data["settings"]
     head = (f"# The pool family's rates (issue 37.5, benchmarks/configs/pools.yaml), written by benchmarks/pools.py table\n"
             f"# from {sweep.relative_to(ROOT) if sweep.is_relative_to(ROOT) else sweep}: every method and budget at "
-            f"{', '.join(f'{x:g}' for x in sorted({r['lr'] for r in data['results']}))} on {tasks} ({s.get('n_val')} held-out "
+            f"{', '.join(f'{x:g}' for x in sorted({r['lr'] for r in data['results']}))} on {', '.join(tasks)} ({s.get('n_test')} held-out "
             f"training examples, seed 0, the run's {s.get('steps')} steps x batch {s.get('batch')}); the kit's rule "
             "(rates.best_lr).\n# PEFT's Lily and VB-LoRA take our pick at the same budget (one rate for both implementations); the "
             "SQuAD parts use these too (no SQuAD sweep at this budget; the run warns).\n"

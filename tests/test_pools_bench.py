@@ -63,7 +63,7 @@ def test_the_rate_table_follows_the_kits_rule_and_gives_peft_our_pick(tmp_path):
             ("lily-370k", 32, 0.01, 1.0), ("lily-370k", 32, 0.03, 2.0), ("vb-lora-370k", 1, 0.01, 3.0),
             ("vb-lora-370k", 1, 0.03, 3.5)]
     sweep = tmp_path / "lr_sweep.json"
-    sweep.write_text(json.dumps({"settings": {"n_val": 30, "steps": 12, "batch": 4}, "results": [
+    sweep.write_text(json.dumps({"settings": {"n_test": 30, "steps": 12, "batch": 4}, "results": [
         {"task": "nli", "config": f"benchmarks/configs/pools/{c}.yaml" if "-" in c else c, "rank": r, "lr": lr,
          "score": sc} for c, r, lr, sc in runs]}))
     lr = pools.write_table(sweep, tmp_path / "t.yaml")
