@@ -188,18 +188,20 @@ def plot(summary: dict, path: Path, title: str) -> None:
     methods = list(dict.fromkeys([*BUDGETS["370k"], *BUDGETS["40k"]]))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
+        seen: set[str] = set()
         for r in (r for r in summary["rows"] if r["task"] == task):
             peft = r["method"].startswith("peft-")
             colour = f"C{methods.index(r['method'].removeprefix('peft-')) % 10}"
             ax.errorbar(r["trainable"], r["mean"], yerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]],
-                        fmt="s" if peft else "o", mfc="none" if peft else colour, color=colour, capsize=3)
-            ax.annotate(r["method"], (r["trainable"], r["mean"]), fontsize=7, xytext=(4, 2 if not peft else -8),
-                        textcoords="offset points")
+                        fmt="s" if peft else "o", mfc="none" if peft else colour, color=colour, capsize=3,
+                        label=r["method"] if r["method"] not in seen else None)
+            seen.add(r["method"])
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("accuracy" if task == "nli" else "exact match")
-        ax.set_title(f"{task}: mean over seeds, 95 % interval (open squares: PEFT's own)")
+        ax.set_title(f"{task}: mean, 95 % interval; open squares: PEFT's", fontsize=9)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
