@@ -460,6 +460,41 @@ def test_unknown_family_names_its_modules_and_runs_with_a_yaml_spec(tmp_path):
     assert (tmp_path / "out" / "parts" / "add.jsonl-bloom-tl6-r8-s0.json").exists()
 
 
+def test_a_peft_config_runs_in_the_same_harness_as_ours(tiny_run, tmp_path):
+    """A ``peft:`` file builds PEFT's own method with get_peft_model (the cell's rank as r) and runs as any config:
+    trained, scored and saved (PEFT's folder) beside ours; counted on the meta model as it trains (the plan), the same
+    count as our preset at the same knobs. The PEFT Lily and ours start from other random draws, so only the counts
+    and the harness are compared here (their outputs: tests/test_pools.py)."""
+    peft = pytest.importorskip("peft")
+    from tying.integrations.llm.models import load_model
+    folder, jsonl = tiny_run
+    theirs = tmp_path / "peft-lily.yaml"
+    theirs.write_text(yaml.safe_dump({"peft": {"peft_type": "LILY", "r": 99, "stride_A": 2, "num_B": 3,
+                                               "target_modules": ["q_proj", "k_proj", "v_proj"]}}))
+    ours = tmp_path / "lily.yaml"
+    ours.write_text(tying.load_spec("lily", rank=4, stride_a=2, num_b=3,
+                                    targets=[{"select": "model.layers.{layer:#}.self_attn.{proj:q_proj|k_proj|v_proj}"}])
+                    .to_yaml())
+    config = tiny_config(tmp_path / "c.yaml", folder, jsonl, configs=[str(theirs), str(ours)], ranks=[4],
+                         rates={"lr": {"peft-lily": 0.01, "lily": 0.01}})
+    report = run_cli(config)
+    rows = {Path(r["config"]).stem: r for r in report["rows"] if r["config"] != "zero-shot"}
+    model, _ = load_model(str(folder), dtype="float32", device="cpu")
+    want = peft.get_peft_model(model, peft.LilyConfig(r=4, stride_A=2, num_B=3, target_modules=["q_proj", "k_proj",
+                                                                                               "v_proj"]))
+    assert rows["peft-lily"]["trainable"] == rows["lily"]["trainable"] == want.get_nb_trainable_parameters()[0]
+    assert all(0 <= r["score"] <= 100 and r["loss_last"] > 0 for r in rows.values())
+    saved = tmp_path / "out" / "adapters" / "add.jsonl-peft-lily-r4-s0"
+    assert json.loads((saved / "adapter_config.json").read_text())["r"] == 4  # the cell's rank, not the file's 99
+    planned = {r["config"]: r["trainable"] for r in grid.plan_rows(load_config(config))}
+    assert planned[str(theirs)] == planned[str(ours)] == rows["lily"]["trainable"]
+    # a file with peft and anything else, or without peft_type, is refused before anything is written
+    theirs.write_text(yaml.safe_dump({"peft": {"peft_type": "LILY"}, "adapter": {"rank": 4}}))
+    refused([config], tmp_path / "o2", "holds one key, peft, a mapping with peft_type")
+    theirs.write_text(yaml.safe_dump({"peft": {"peft_type": "NOPE"}}))
+    refused([config], tmp_path / "o2", "peft config .*NOPE")
+
+
 def test_default_precision_is_bfloat16_on_cuda_and_float32_elsewhere():
     got = [grid.dtype_of(load_config(QUICK, over)) for over in (["model.device=cuda"], ["model.device=cpu"],
            ["model.device=cuda", "model.dtype=float32"], ["model.device=cuda:1"])]

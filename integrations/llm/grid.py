@@ -75,9 +75,7 @@ def plan_rows(cfg: RunConfig) -> list[dict]:
     model's own config.json or built-in name); raises :class:`GridError` naming the config and rank that fail."""
     from tying.integrations.meta_models import meta_model
 
-    import tying
-
-    from .parts import spec_of  # as a run adapts: presets on q/k/v, a spec file with its own targets
+    from .parts import trainable_of  # as a run adapts: presets on q/k/v, a spec file with its own targets
 
     shape = cfg.model.shape or cfg.model.name
     if Path(shape).is_dir():
@@ -93,7 +91,7 @@ def plan_rows(cfg: RunConfig) -> list[dict]:
     for _, config, rank in cells(cfg):
         if (config, rank) not in counts:
             try:
-                counts[config, rank] = tying.count(model, spec_of(model, config, rank)).trainable
+                counts[config, rank] = trainable_of(model, config, rank)
             except TyingError as e:
                 raise GridError(f"config {config!r} at rank {rank} on {shape}: {e}") from e
     return [{"model": Path(shape).stem if shape.endswith(".json") else shape, **{k: p[k] for k in
