@@ -344,4 +344,4 @@ def test_the_llm_kit_imports_one_way():
     assert circles == KNOWN_KIT_CIRCLES, circles
 
 
-KNOWN_KIT_CIRCLES = [("grid", "parts")]  # open work (issue 39): grid counts a config as parts adapts it
+KNOWN_KIT_CIRCLES: list = []  # none left: keep it so

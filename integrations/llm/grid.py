@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import TyingError
+from .adapting import trainable_of  # as a run adapts: presets on q/k/v, a spec file with its own targets
 from .runconfig import RunConfig
 
 TRAINING = ("steps", "n_train", "batch", "max_len", "grad_accum")  # a trained part is reused only where these match
@@ -75,7 +76,6 @@ def plan_rows(cfg: RunConfig) -> list[dict]:
     model's own config.json or built-in name); raises :class:`GridError` naming the config and rank that fail."""
     from tying.integrations.meta_models import meta_model
 
-    from .parts import trainable_of  # as a run adapts: presets on q/k/v, a spec file with its own targets
 
     shape = cfg.model.shape or cfg.model.name
     if Path(shape).is_dir():
