@@ -266,12 +266,18 @@ def main(out: str, names: list[str]) -> None:
     NF4_BASE["folder"] = out / f"nf4-base-{os.environ['RANK']}"
     if "nf4" in names:  # saved before the process group exists: inside one, transformers saves on process 0 only
         llama().to(torch.bfloat16).save_pretrained(NF4_BASE["folder"])
+    run_scenarios(SCENARIOS, names, out)
+
+
+def run_scenarios(scenarios: dict, names: list[str], out: Path) -> None:
+    """Run the named scenarios (all by default) in a gloo process group, each process's record (or its crash)
+    gathered; process 0 writes them to ``out/result.json``; then leave without interpreter teardown."""
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     results = {}
-    for name in names or list(SCENARIOS):
+    for name in names or list(scenarios):
         try:
-            record = SCENARIOS[name](out)
+            record = scenarios[name](out)
         except Exception:  # noqa: BLE001  recorded, so that the other scenarios still run
             record = {"crash": traceback.format_exc()[-3000:]}
             print(f"process {rank}, scenario {name}:\n{record['crash']}", file=sys.stderr, flush=True)

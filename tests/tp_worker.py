@@ -6,10 +6,8 @@ references are the same functions without a split (``reference``).
     torchrun --nproc_per_node 2 tests/tp_worker.py OUT [SCENARIO ...]
 """
 
-import json
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -17,8 +15,7 @@ import torch.distributed as dist
 import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_worker import leave
-from fsdp_worker import ROWS, error, llama, local, same
+from fsdp_worker import ROWS, error, llama, local, run_scenarios, same
 
 import tying
 
@@ -145,22 +142,7 @@ def main(out: str, names: list[str]) -> None:
     out = Path(out)
     rank = os.environ["RANK"]
     llama().save_pretrained(out / f"base-{rank}")  # before the process group: inside one, only process 0 saves
-    dist.init_process_group("gloo")
-    results = {}
-    for name in names or list(SCENARIOS):
-        try:
-            record = SCENARIOS[name](out)
-        except Exception:  # noqa: BLE001  recorded, so that the other scenarios still run
-            record = {"crash": traceback.format_exc()[-3000:]}
-            print(f"process {rank}, scenario {name}:\n{record['crash']}", file=sys.stderr, flush=True)
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, record)
-        results[name] = {str(i): r for i, r in enumerate(gathered)}
-    if dist.get_rank() == 0:
-        (out / "result.json").write_text(json.dumps(results, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
-    leave()
+    run_scenarios(SCENARIOS, names, out)
 
 
 if __name__ == "__main__":
