@@ -23,8 +23,8 @@ class LoRA(SiteAdapter):
     def forward(self, x, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
         if self.light is not None and self.bank.active and not route.routed_now():  # (see SiteAdapter: light path)
-            (a, ka), (b, kb), (u, ku), (v, kv), (g, kg) = self.light
-            A, B, u, v, G = a[ka], b[kb], u[ku], v[kv], g[kg]
+            (dA, kA), (dB, kB), (du, ku), (dv, kv), (dG, kG) = self.light  # (the bank's dict, key) per factor
+            A, B, u, v, G = dA[kA], dB[kB], du[ku], dv[kv], dG[kG]
             return self.mtype.up(self.base, out, self.down(x, (A, u, G)), B, v, self.scale)
         sel = self.selection(x)
         if sel is None:
