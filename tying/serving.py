@@ -11,10 +11,11 @@ kinds (bottleneck, prefix, dora) and adapters with ``train_modules`` are refused
 ``model.tying_serving`` (:mod:`tying.serving_bank`), once per tie group and adapter. Each served module
 keeps its place in the model (so ``state_dict`` keys and ``tying.plan`` see the plain base) and gains two
 hooks. Entering ``adapters(model, names)`` gathers, once per batch, each site's per-row factors:
-``A`` (one shared entry, or one per row) and ``Bt = (scale diag(v) B G diag(u))^T`` per row, with u, v, G
-and the scale folded in. Each call of a site is then ``out + bmm(A x, Bt)`` (``A x`` one matmul for the
-whole batch when all rows share A, as VeRA-like adapters do); no Python loop over adapters.
-Outside an ``adapters`` block the model computes the base model.
+``A`` (one shared entry, or one per row) and ``B' = scale diag(v) B G diag(u)`` per row, with u, v, G and the
+scale folded in (or, when every row shares A, B and G, the shared ``A`` and ``B G`` and each row's u and scale
+diag(v)). Each call of a site is then :func:`tying.update.routed_add`, the routed product the wrappers of applied
+adapters run too (``A x`` one matmul for the whole batch when all rows share A, as VeRA-like adapters do); no
+Python loop over adapters. Outside an ``adapters`` block the model computes the base model.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import modtypes, pools, route, update
@@ -40,14 +40,14 @@ from .task_files import multi_want, task_tensors
 
 @dataclass
 class _Route:
-    """What one site needs for one batch of ``rows`` rows (tensors gathered when the block is entered)."""
+    """What one site needs for one batch of ``rows`` rows (tensors gathered when the block is entered): the factors
+    of :func:`tying.update.routed_add`, each shared by every row or one per row."""
 
     rows: int
-    A: torch.Tensor | None = None  # (R, d_in) shared by every row, or (rows, d_in, R)
-    Bt: torch.Tensor | None = None  # (rows, R, d_out): scale diag(v) B G diag(u), transposed
-    B: torch.Tensor | None = None  # (d_out, R): B G shared by every row (with A), the rows differing in u, v, scale
-    u: torch.Tensor | None = None  # (rows, R) with B
-    vs: torch.Tensor | None = None  # (rows, d_out) or (rows, 1): scale diag(v), with B
+    A: torch.Tensor | None = None  # (R, d_in) shared by every row, or (rows, R, d_in); None: no low-rank part
+    B: torch.Tensor | None = None  # (d_out, R) shared (B G), or (rows, d_out, R): scale diag(v) B G diag(u) per row
+    u: torch.Tensor | None = None  # (rows, R) with a shared B
+    v: torch.Tensor | None = None  # (rows, d_out) or (rows, 1): scale diag(v), with a shared B
     x_scale: torch.Tensor | None = None  # (rows, d_in) IA3 input scaling
     y_scale: torch.Tensor | None = None  # (rows, d_out) IA3 output scaling
 
@@ -85,20 +85,7 @@ class _Site:
             return None
         if r.y_scale is not None:
             out = out * r.y_scale.view(out.shape[0], *[1] * (out.ndim - 2), -1).to(out.dtype)
-        b = out.shape[0]
-        if r.B is not None:  # every row shares A and B: two dense products and per-row scales, no per-row B
-            h = F.linear(args[0].reshape(b, -1, args[0].shape[-1]).to(r.B.dtype), r.A)  # (rows, tokens, R)
-            if r.u is not None:
-                h = h * r.u[:, None, :]
-            return out + (F.linear(h, r.B) * r.vs[:, None, :]).view(out.shape).to(out.dtype)
-        if r.Bt is None:
-            return out
-        x = args[0].reshape(b, -1, args[0].shape[-1]).to(r.Bt.dtype)
-        h = F.linear(x, r.A) if r.A.ndim == 2 else torch.bmm(x, r.A)  # (rows, tokens, R)
-        o = out.reshape(b, -1, out.shape[-1])
-        if o.dtype == r.Bt.dtype:
-            return torch.baddbmm(o, h, r.Bt).view(out.shape)  # out + h @ Bt in one kernel
-        return out + torch.bmm(h, r.Bt).view(out.shape).to(out.dtype)
+        return out if r.A is None else update.routed_add(out, args[0], r.A, r.B, r.u, r.v)
 
 
 def load_adapters_(model: nn.Module, adapters: Mapping[str, str | os.PathLike], *, trainable: bool = False,
@@ -253,6 +240,7 @@ def _routes(bank: ServingBank, names: list[str | None]) -> dict[str, _Route]:
     table = torch.stack([none if s is None else s.table for s in served]).long()  # (rows, sites, roles)
     scale = torch.tensor([0.0 if s is None else s.scale for s in served])
     lowrank = list(range(COL["v"] + 1))  # columns A, B, u, G, v
+    shared = [COL["A"], COL["B"], COL["G"]]
     routes, gathered = {}, {}
     for site, (d_in, d_out) in bank.sites.items():
         t = table[:, bank.row[site]]
@@ -260,42 +248,39 @@ def _routes(bank: ServingBank, names: list[str | None]) -> dict[str, _Route]:
         def rows(role, t=t, d_in=d_in, d_out=d_out):
             return _gather(bank.stack(stack_key(role, d_in, d_out)), t[:, COL[role]], role)
 
-        r = routes[site] = _Route(len(names))
+        r = routes[site] = _Route(len(names), x_scale=rows("in"), y_scale=rows("out"))
         lora = t[:, COL["A"]] >= 0
-        if lora.any():  # rows without a low-rank part borrow a LoRA row's entries; their scale is 0
-            t[:, lowrank] = torch.where(lora[:, None], t[:, lowrank], t[lora][0, lowrank])
-            if bool((t[:, [COL["A"], COL["B"], COL["G"]]] == t[0, [COL["A"], COL["B"], COL["G"]]]).all()):
-                _shared_route(r, bank, t, d_in, d_out, rows("u"), rows("v"), scale)
-                r.x_scale, r.y_scale = rows("in"), rows("out")
-                continue
-            B = rows("B").float()  # buffers follow model.to(); the tables and scales stay on the CPU
-            u, v, G = (None if f is None else f.float() for f in (rows("u"), rows("v"), rows("G")))
-            B = update.fold_into_up(B, u, v, G, scale.to(B.device))
-            key, idx = stack_key("A", d_in, d_out), t[:, COL["A"]]
-            A = bank.stack(key)
-            r.Bt = B.transpose(1, 2).to(A.dtype).contiguous()
-            if bool((idx == idx[0]).all()):
-                r.A = A[idx[0]]  # a view: one `A x` for the whole batch
-            else:  # gathered once per batch for all sites that share these entries (a tied A: every site)
-                memo = (key, tuple(idx.tolist()))
-                if memo not in gathered:
-                    gathered[memo] = A[idx.to(A.device)].transpose(1, 2).contiguous()
-                r.A = gathered[memo]
-        r.x_scale, r.y_scale = rows("in"), rows("out")
+        if not lora.any():
+            continue
+        t[:, lowrank] = torch.where(lora[:, None], t[:, lowrank], t[lora][0, lowrank])  # rows without a low-rank
+        # part borrow a LoRA row's entries; their scale is 0
+        key, idx = stack_key("A", d_in, d_out), t[:, COL["A"]]
+        A = bank.stack(key)
+        if bool((t[:, shared] == t[0, shared]).all()):  # one A, B and G for every row: B G once, per-row u and v
+            B = _entry(bank, "B", d_in, d_out, t).float()
+            if int(t[0, COL["G"]]) > 0:
+                B = B @ _entry(bank, "G", d_in, d_out, t).float()
+            v = rows("v")
+            r.A, r.B = A[int(idx[0])], B.to(A.dtype)
+            r.v = (scale.to(B.device)[:, None] * (1.0 if v is None else v.float())).to(A.dtype)
+            r.u = rows("u")
+            continue
+        B = rows("B").float()  # buffers follow model.to(); the tables and scales stay on the CPU
+        u, v, G = (None if f is None else f.float() for f in (rows("u"), rows("v"), rows("G")))
+        r.B = update.fold_into_up(B, u, v, G, scale.to(B.device)).to(A.dtype)
+        if bool((idx == idx[0]).all()):
+            r.A = A[int(idx[0])]  # one `A x` for the whole batch
+        else:  # gathered once per batch for all sites that share these entries (a tied A: every site)
+            memo = (key, tuple(idx.tolist()))
+            if memo not in gathered:
+                gathered[memo] = A[idx.to(A.device)]
+            r.A = gathered[memo]
     return routes
 
 
-def _shared_route(r: _Route, bank: ServingBank, t: torch.Tensor, d_in: int, d_out: int, u, v, scale) -> None:
-    """The route of a site whose rows all use one A, one B and one G (the tasks of a multi-task adapter with tied
-    A and B; one adapter alone): B G once, and per-row u and scale diag(v)."""
-    A = bank.stack(stack_key("A", d_in, d_out))[int(t[0, COL["A"]])]
-    B = bank.stack(stack_key("B", d_in, d_out))[int(t[0, COL["B"]])].float()
-    G = bank.stack("G")
-    if G is not None and int(t[0, COL["G"]]) > 0:
-        B = B @ G[int(t[0, COL["G"]])].float()
-    vs = scale.to(B.device)[:, None] * (1.0 if v is None else v.float())
-    r.A, r.B, r.vs = A, B.to(A.dtype), vs.to(A.dtype)
-    r.u = None if u is None else u.to(A.dtype)
+def _entry(bank: ServingBank, role: str, d_in: int, d_out: int, t: torch.Tensor) -> torch.Tensor:
+    """The one entry of ``role`` that every row of the table ``t`` uses."""
+    return bank.stack(stack_key(role, d_in, d_out))[int(t[0, COL[role]])]
 
 
 @contextmanager

@@ -1,8 +1,8 @@
 """One home for the update's math: ``delta x = scale * diag(v) B G diag(u) A x`` (u, v and the r x r core G
 optional), its folds into two small matrices, the dense delta, the low-rank products with a hand-written backward,
 and the routed product of a mixed batch (factors shared by every row or one per row). Wrappers, module types, merging
-and export use these; served adapters (tying.serving) fold their per-row factors here and run their own batched
-products over the stacked factors (one runtime for both is open work).
+and export use these, and so do served adapters (tying.serving): they fold each row's factors here and run the same
+routed product as the wrappers of applied adapters.
 
 Compute dtype, one rule: factors are cast to the activations. The down product runs in the input's dtype, the
 up product in the base output's dtype (as autocast would), so a bfloat16 base computes in bfloat16 with its
@@ -130,7 +130,8 @@ def _per_row(t: torch.Tensor, ndim: int) -> bool:
 def routed_add(out: torch.Tensor, x: torch.Tensor, A, B, u=None, v=None, G=None, scale: float = 1.0) -> torch.Tensor:
     """out + scale diag(v) B G diag(u) A x for a mixed batch, rows on the first axis of ``x`` and ``out``: each
     factor is either shared by every row (its own shape: one dense product for the batch) or one per row (a
-    leading row axis: batched products). Down in x's dtype, up in out's, as the rest of this module."""
+    leading row axis: batched products). Down in x's dtype, up in out's, as the rest of this module. The one routed
+    product: wrappers of applied adapters (with autograd) and served adapters (their rows' factors gathered) run it."""
     b = out.shape[0]
     xs = x.reshape(b, -1, x.shape[-1])
     A = A.to(x.dtype)
@@ -141,6 +142,8 @@ def routed_add(out: torch.Tensor, x: torch.Tensor, A, B, u=None, v=None, G=None,
         G = G.to(h.dtype)
         h = torch.bmm(h, G.transpose(1, 2)) if _per_row(G, 2) else F.linear(h, G)
     h, B = h.to(out.dtype), B.to(out.dtype)
+    if v is None and scale == 1.0 and _per_row(B, 2):  # B folded per row (served adapters): out + h B^T, one kernel
+        return torch.baddbmm(out.reshape(b, -1, out.shape[-1]), h, B.transpose(1, 2)).view(out.shape)
     y = torch.bmm(h, B.transpose(1, 2)) if _per_row(B, 2) else F.linear(h, B)  # (rows, tokens, d_out)
     s = scale if v is None else (v[:, None, :] if _per_row(v, 1) else v).to(out.dtype) * scale
     return out + (y * s).view(out.shape)
