@@ -31,8 +31,8 @@ import torch
 from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
-from ..bank import AdapterBanks
-from ..engine import RECORD, apply_, bank_of, banks, merge_, unapply_, unmerge_
+from ..bank import AdapterBanks, MergeRecord
+from ..engine import apply_, bank_of, banks, merge_, unapply_, unmerge_
 from ..errors import AdapterFileError, NotMergeableError, TyingError, UnsupportedModuleError
 from ..serving import adapters
 from ..site import SiteAdapter
@@ -141,7 +141,7 @@ class TyingTuner(BaseTuner):
         config.spec = spec.model_dump(mode="json", exclude_defaults=True)
         config.rank = config.alpha = config.dropout = config.target_set = config.target_modules = None
         config.modules_to_save, config.init_weights = None, True
-        active = bank.active = adapter_name in self.active_adapters
+        active = bank.state.active = adapter_name in self.active_adapters
         self._train(adapter_name, active and not config.inference_mode)
 
     def _train(self, adapter_name: str, train: bool) -> None:
@@ -154,7 +154,7 @@ class TyingTuner(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
-        if bank_of(self.model, adapter_name).merged:  # PEFT's words
+        if bank_of(self.model, adapter_name).state.merged:  # PEFT's words
             raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
                              "first.")
         unapply_(self.model, name=adapter_name)
@@ -177,9 +177,9 @@ class TyingTuner(BaseTuner):
             raise ValueError(f"Only one adapter can be set at a time for ModulesToSaveWrapper (here: modules that "
                              f"several of {names} train whole: {sorted({m for m in trained if trained.count(m) > 1})})")
         for n, bank in banks(self.model).items():
-            if n not in names and bank.merged:
+            if n not in names and bank.state.merged:
                 unmerge_(self.model, name=n)
-            bank.active = n in names
+            bank.state.active = n in names
             self._train(n, n in names and not inference_mode)
         self.active_adapter = adapter_name
 
@@ -223,13 +223,13 @@ class TyingTuner(BaseTuner):
             return
         beams = kwargs.get("num_beams") or 1  # generate() runs num_beams rows per input, as PEFT repeats the names
         names = [n for n in names for _ in range(beams)]
-        if any(b.merged for b in banks(self.model).values()):
+        if any(b.state.merged for b in banks(self.model).values()):
             raise ValueError("adapter_names cannot mix rows while an adapter is merged; unmerge it first")
         with adapters(self.model, [None if n == BASE else n for n in names]):
             yield
 
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
-        todo = [n for n in adapter_names or self.active_adapters if not bank_of(self.model, n).merged]
+        todo = [n for n in adapter_names or self.active_adapters if not bank_of(self.model, n).state.merged]
         if not todo:
             warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
         for n in todo:
@@ -254,7 +254,7 @@ class TyingTuner(BaseTuner):
 
     def unmerge_adapter(self) -> None:
         for n, bank in banks(self.model).items():
-            if bank.merged:
+            if bank.state.merged:
                 unmerge_(self.model, name=n)
 
 
@@ -262,7 +262,7 @@ class TyingTuner(BaseTuner):
         names = list(adapter_names or self.active_adapters) if merge else []
         if merge:  # every merge first (each checked), then nothing can fail
             for n in names:
-                if not bank_of(self.model, n).merged:
+                if not bank_of(self.model, n).state.merged:
                     self._merge(n, safe_merge)
         for n in list(banks(self.model)):
             unapply_(self.model, merge=n in names, name=n)
@@ -283,7 +283,7 @@ class TyingTuner(BaseTuner):
         out = {}
         for k, v in state_dict.items():
             head, _, tail = k.partition(ours)
-            if tail and (not head or head.endswith(".")) and tail not in RECORD:  # the merge record: the model's
+            if tail and (not head or head.endswith(".")) and tail not in MergeRecord.KEYS:  # the merge record: the model's
                 out[f"{head}{FILE_BANK}{tail}"] = v
         return out  # the factors and the copies of modules trained whole (as PEFT keeps modules_to_save)
 

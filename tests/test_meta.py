@@ -80,7 +80,7 @@ def test_apply_on_meta_then_load_gives_the_spec_initial_values(how, one_thread):
     bank = tying.bank_of(m)
     assert all(t.is_meta for t in bank.parameters())  # nothing allocated for the adapter either
     load_base(m, base_state(real()), how)
-    assert bank.unset is None and not any(t.is_meta for t in m.parameters())
+    assert bank.state.unset is None and not any(t.is_meta for t in m.parameters())
     assert same(bank.state_dict(), tying.bank_of(ref).state_dict())  # factors (seeded) and the trained lm_head copy
     assert torch.equal(m(IDS).logits, ref(IDS).logits)
     assert [n for n, p in m.named_parameters() if p.requires_grad] == [n for n, p in ref.named_parameters()
@@ -95,7 +95,7 @@ def test_meta_factors_refuse_forward_save_and_merge_and_change_nothing(tmp_path,
         with pytest.raises(MetaDeviceError, match=f"{what}: the adapter's factors \\(tying_bank\\) are on the meta "
                                                   "device.*load_state_dict"):
             call()
-    assert not (tmp_path / "a").exists() and not tying.bank_of(m).merged
+    assert not (tmp_path / "a").exists() and not tying.bank_of(m).state.merged
     m.to_empty(device="cpu")  # materialised, but no values yet: still refused
     with pytest.raises(MetaDeviceError, match="were materialised by to_empty and hold no values yet"):
         m(IDS)

@@ -506,3 +506,30 @@ def test_a_multi_task_spec_through_peft_get_peft_model(tmp_path):
     fresh = peft.PeftModel.from_pretrained(tiny_llama(layers=2), tmp_path)
     with torch.no_grad(), tying.adapters(fresh.base_model.model, ["a", "b", "c"]):
         torch.testing.assert_close(fresh(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+
+
+def test_the_merge_record_reads_back_from_a_checkpoint_file(tmp_path):
+    """Issue 39.4: the bank's typed state says what is merged, and a checkpoint's record reads back without a model
+    (from a state dict, a torch.save file and a safetensors file, also under a PEFT-like key prefix)."""
+    from safetensors.torch import save_file
+
+    model = tiny_llama(layers=2)
+    tying.apply_(model, tying.load_spec("tl6", rank=4, tasks=["a", "b"]))
+    n = len(tying.bank_of(model).plan.sites)
+    assert tying.merge_record(model.state_dict()) == tying.MergeRecord(flags=(False,) * n, task=None)
+    tying.merge_(model, task="b")
+    state = tying.bank_of(model).state
+    assert isinstance(state, tying.BankState) and state.merged and state.merged_task == "b"
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    want = tying.MergeRecord(flags=(True,) * n, task="b")
+    torch.save(sd, tmp_path / "ckpt.pt")
+    save_file({f"base_model.model.{k}": v for k, v in sd.items()}, tmp_path / "ckpt.safetensors")
+    assert tying.merge_record(sd) == want == tying.merge_record(tmp_path / "ckpt.pt")
+    assert tying.merge_record(tmp_path / "ckpt.safetensors") == want
+    assert tying.merge_record(sd, name="other") is None  # no record of that adapter
+    assert tying.merge_record(tiny_llama(layers=2).state_dict()) is None  # a plain base checkpoint
+    with pytest.raises(AdapterFileError, match="no such checkpoint"):
+        tying.merge_record(tmp_path / "missing.pt")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(AdapterFileError, match="not a readable checkpoint"):
+        tying.merge_record(tmp_path / "bad.safetensors")

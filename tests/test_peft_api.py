@@ -121,7 +121,7 @@ def test_merge_on_this_peft_and_safe_merge_refuses_non_finite(tokens):
     before = snapshot(model.get_base_model())
     with pytest.raises(ValueError, match="NaN"):
         model.merge_and_unload(safe_merge=True)
-    assert same_state(model.get_base_model(), before) and tying.bank_of(model.get_base_model()).merged is False
+    assert same_state(model.get_base_model(), before) and tying.bank_of(model.get_base_model()).state.merged is False
 
 
 def test_merge_and_unload_leaves_a_plain_model(tokens):

@@ -17,6 +17,7 @@ Layers, from the bottom: vocab (names and facts, no torch) -> spec -> module typ
 import _tying_bridges
 
 from . import errors, vocab
+from .bank import BankState, MergeRecord
 from .count import count
 from .engine import adapters_disabled, apply_, bank_of, merge_, unapply_, unmerge_
 from .kinds import Kind, register_kind, unregister_kind
@@ -25,13 +26,13 @@ from .modtypes import ModuleType, register_module_type, unregister_module_type
 from .planner import Counts, Plan, plan
 from .serving import adapters, load_adapters_, unload_adapter_
 from .spec import TyingSpec, load_spec, preset_names
-from .state import load_adapter, save_adapter
+from .state import load_adapter, merge_record, save_adapter
 
 _tying_bridges.autoload()  # PEFT learns the TYING method on its import (also done at start-up: tying-bridges.pth)
 
 __version__ = "0.1.0"
 
-__all__ = ["Counts", "Kind", "ModuleType", "Plan", "TyingSpec", "__version__", "adapters", "adapters_disabled", "apply_", "bank_of",
-           "count", "errors", "load_adapter", "load_adapters_", "load_spec", "materialize_", "merge_", "plan", "preset_names",
+__all__ = ["BankState", "Counts", "Kind", "MergeRecord", "ModuleType", "Plan", "TyingSpec", "__version__", "adapters", "adapters_disabled", "apply_", "bank_of",
+           "count", "errors", "load_adapter", "load_adapters_", "load_spec", "materialize_", "merge_", "merge_record", "plan", "preset_names",
            "register_kind", "register_module_type", "save_adapter", "unapply_", "unload_adapter_", "unmerge_",
            "unregister_kind", "unregister_module_type", "vocab"]

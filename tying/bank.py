@@ -3,14 +3,18 @@
 Layout: ``bank[factor][key]`` is an ``nn.Parameter``; ``factor`` is one of the kind's factors (LoRA: A, B, u, v, G),
 a pool or a pool's mixing weights, and ``key`` the tie group key from the plan (the module name with tied captures
 replaced by ``*``; ``#<task>`` for a task's copy). Its state_dict keys, ``A.model:layers:*:self_attn:*``, are the keys
-of the saved adapter file; the modules the adapter trains whole are copies under ``trained``, and the merge record
-(``merged``, ``merged_task``) travels in the model's state_dict beside them (tying.engine).
+of the saved adapter file; the modules the adapter trains whole are copies under ``trained``. What ``apply_`` changed
+and what is merged is one typed record, :class:`BankState` (``bank.state``); its merge part, a :class:`MergeRecord`,
+travels in the model's state_dict beside the factors (``merged``, ``merged_task``) and reads back from a checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -45,11 +49,58 @@ def init_(t: torch.Tensor, init: Init, index: int = 0) -> torch.Tensor:
     return t.copy_(tmp)
 
 
+@dataclass(frozen=True)
+class MergeRecord:
+    """Which sites' base weights hold the update (one flag per site, in the adapter's site order) and whose (a
+    multi-task adapter's task; None: none, or a single-task adapter). A checkpoint of an adapted model carries it under
+    the bank's path: ``<path>.merged`` (uint8 flags) and ``<path>.merged_task`` (the task's name in UTF-8, empty for
+    none), always, so that merging does not change the state_dict's keys."""
+
+    flags: tuple[bool, ...] = ()
+    task: str | None = None
+    KEYS: ClassVar[tuple[str, str]] = ("merged", "merged_task")  # under the bank's path in the model's state_dict
+
+    def tensors(self, path: str, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The record as state_dict entries under ``path``."""
+        task = list((self.task or "").encode()) if any(self.flags) else []
+        return {f"{path}.merged": torch.tensor(self.flags, dtype=torch.uint8, device=device),
+                f"{path}.merged_task": torch.tensor(task, dtype=torch.uint8, device=device)}
+
+    @classmethod
+    def read(cls, state_dict: Mapping[str, torch.Tensor], path: str = BANK_ATTR, *, pop: bool = False
+             ) -> MergeRecord | None:
+        """The record under ``path`` in ``state_dict`` (None: it holds none, as a plain base checkpoint); ``pop``
+        takes its entries out."""
+        get = state_dict.pop if pop else state_dict.get
+        flags, task = get(f"{path}.merged", None), get(f"{path}.merged_task", None)
+        if flags is None and task is None:
+            return None
+        task = bytes(task.tolist()).decode(errors="replace") if task is not None and task.numel() else None
+        return cls(() if flags is None else tuple(bool(f) for f in flags.tolist()), task)
+
+
+@dataclass
+class BankState:
+    """What ``apply_`` changed and what is merged, so that the adapter can be merged, disabled and taken out again:
+    one adapter's state, owned by its bank (``bank.state``) and kept by the engine and the state_dict hooks."""
+
+    active: bool = True  # chosen (PEFT's set_adapter); False: outside a route, every site computes its base alone
+    merged: bool = False  # the update is folded into the base weights (every site)
+    merged_task: str | None = None  # the task whose update merge_ folded into the base weights
+    merged_unknown: bool = False  # sites loaded merged from a checkpoint that does not say which task's update
+    unmixable: tuple[str, ...] = ()  # the sites that cannot mix rows (empty: all can)
+    requires_grad_before: dict[str, bool] = field(default_factory=dict)  # every base parameter's flag, for unapply_
+    hooks: list = field(default_factory=list)  # the root's hooks this adapter registered (state_dict, checks)
+    pending: dict[str, bool] = field(default_factory=dict)  # a state_dict load in flight: its sites' merge flags
+    pending_task: str | None = None  # and the task it says is merged (None: none, or not one of the adapter's)
+    unset: dict[str, torch.Tensor] | None = None  # apply_ on meta: values waiting for the base (tying.meta)
+
+
 class FactorBank(nn.ModuleDict):
     """Owns every factor of one adapter once; see the module docstring. ``plan`` is the plan it was built from.
 
-    Besides the factors (its only state_dict entries) it declares what ``apply_`` changed and what is merged, so the
-    adapter can be merged, disabled and taken out again; the engine and the state_dict hooks keep these."""
+    Besides the factors (its only state_dict entries) it owns :class:`BankState`, what ``apply_`` changed and what is
+    merged."""
 
     def __init__(self, plan: Plan, placement: dict[tuple[str, str], tuple[torch.device, torch.dtype]] | None = None,
                  name: str | None = None, modules: dict[str, nn.Module] | None = None):
@@ -68,16 +119,19 @@ class FactorBank(nn.ModuleDict):
             self[g.factor][g.key] = nn.Parameter(torch.empty(g.shape, device=dev, dtype=dt), requires_grad=g.train)
             self._inits[(g.factor, g.key)] = (plan.spec.adapter.part(g.factor).init, g.index)
         self.reset_parameters()
-        self.active = True  # chosen (PEFT's set_adapter); False: outside a route, every site computes its base alone
-        self.merged = False  # the update is folded into the base weights (every site; kept by the engine)
-        self.merged_task: str | None = None  # the task whose update merge_ folded into the base weights
-        self.merged_unknown = False  # sites loaded merged from a checkpoint that does not say which task's update
         self.task_index = {t: i for i, t in enumerate(plan.spec.tasks or ())}  # a task's position in spec.tasks
-        self.unmixable: tuple[str, ...] = ()  # set by apply_: the sites that cannot mix rows (empty: all can)
-        self.requires_grad_before: dict[str, bool] = {}  # apply_: every base parameter's flag, for unapply_
-        self.hooks: list = []  # apply_: the root's hooks this adapter registered (state_dict, shared down)
-        self.pending: tuple[dict[str, bool], str | None] = ({}, None)  # a state_dict load's merge record, in flight
-        self.unset: dict[str, torch.Tensor] | None = None  # apply_ on meta: values waiting for the base (tying.meta)
+        self.state = BankState()
+
+    @property
+    def merged(self) -> bool:
+        """``state.merged``; also what the merge record's state_dict key ``<path>.merged`` names (torch's distributed
+        checkpoint resolves each key as attributes)."""
+        return self.state.merged
+
+    @property
+    def merged_task(self) -> str | None:
+        """``state.merged_task``, and the record's key ``<path>.merged_task``."""
+        return self.state.merged_task
 
     def family(self) -> dict:
         """This adapter and the other named adapters of its model (name -> bank)."""
@@ -136,7 +190,7 @@ class AdapterBanks(nn.ModuleDict):
 
     @property
     def active_adapters(self) -> list[str]:
-        return [n for n, b in self.items() if b.active]
+        return [n for n, b in self.items() if b.state.active]
 
     @property
     def disable_adapters(self) -> bool:
@@ -144,11 +198,11 @@ class AdapterBanks(nn.ModuleDict):
 
     @property
     def merged_adapters(self) -> list[str]:
-        return [n for n, b in self.items() if b.merged]
+        return [n for n, b in self.items() if b.state.merged]
 
     @property
     def merged(self) -> bool:
-        return any(b.merged for b in self.values())
+        return any(b.state.merged for b in self.values())
 
     def _get_available_adapters(self) -> set[str]:
         return set(self.keys())
@@ -164,7 +218,7 @@ class AdapterBanks(nn.ModuleDict):
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for n, b in self.items():
-            b.active = n in names
+            b.state.active = n in names
 
 
 def banks(model: nn.Module) -> dict[str | None, FactorBank]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import kinds, meta, modtypes, route, sharded, tensor_parallel
-from .bank import AdapterBanks, FactorBank, banks
+from .bank import AdapterBanks, FactorBank, MergeRecord, banks
 from .errors import AlreadyAppliedError, NotAppliedError, NotMergeableError, SpecError, TyingError
 from .planner import Counts, Plan, plan
 from .site import SiteAdapter, link_shared_down
@@ -145,11 +145,11 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
     for s in p.sites if p.spec.tasks else ():
         wrappers_[s.name].set_task_keys(s.task_keys)
     trained = {n: TrainedModule(occupant(model, n), bank, n) for n in p.train_modules}
-    bank.unmixable = tuple(n for n, w in wrappers_.items() if not w.routes_rows())
+    bank.state.unmixable = tuple(n for n, w in wrappers_.items() if not w.routes_rows())
     if meta.waits(model, bank):  # a base on the meta device: the factors take their values when it arrives
-        bank.unset = {}
+        bank.state.unset = {}
     # From here on nothing can fail: mutate.
-    bank.requires_grad_before = {n: q.requires_grad for n, q in named_base_parameters(model)}
+    bank.state.requires_grad_before = {n: q.requires_grad for n, q in named_base_parameters(model)}
     if p.spec.freeze_base:
         for _, q in named_base_parameters(model):
             q.requires_grad_(False)
@@ -164,7 +164,7 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
     for n, w in wrappers_.items():
         setattr(*slot(model, n), w)
         w.attach()
-    bank.hooks = [model.register_state_dict_post_hook(functools.partial(_record_merge, name)),
+    bank.state.hooks = [model.register_state_dict_post_hook(functools.partial(_record_merge, name)),
                   model.register_load_state_dict_pre_hook(functools.partial(_read_merge_record, name)),
                   model.register_load_state_dict_post_hook(functools.partial(_accept_plain_checkpoint, name)),
                   model.register_forward_pre_hook(route.RowCheck(bank), with_kwargs=True),
@@ -174,22 +174,16 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
     return p.counts
 
 
-RECORD = ("merged", "merged_task")  # the merge record's keys under a bank's path in the model's state_dict
-
-
 def _record_merge(name, model, state_dict, prefix, local_metadata) -> None:
-    """state_dict post-hook of an adapted root: the merge record. Merged sites' base weights hold the update; the
-    record says which (``<bank>.merged``, one flag per site) and whose (``<bank>.merged_task``, a multi-task
-    adapter's task name in UTF-8, empty for none), so that loading the checkpoint into an adapted model marks them
-    merged instead of adding the update twice. Always present, so merging does not change the state_dict's keys."""
+    """state_dict post-hook of an adapted root: the merge record (:class:`~tying.bank.MergeRecord`). Merged sites'
+    base weights hold the update; the record says which and whose, so that loading the checkpoint into an adapted
+    model marks them merged instead of adding the update twice."""
     bank = banks(model).get(name)
     if bank is None:
         return
-    flags = [w.merged for _, w in wrappers(model, bank)]
+    flags = tuple(w.merged for _, w in wrappers(model, bank))
     device = next(iter(bank.parameters())).device  # where the model is: its state_dict's tensors all are there
-    state_dict[f"{prefix}{bank.path}.merged"] = torch.tensor(flags, dtype=torch.uint8, device=device)
-    task = list((bank.merged_task or "").encode()) if any(flags) else []
-    state_dict[f"{prefix}{bank.path}.merged_task"] = torch.tensor(task, dtype=torch.uint8, device=device)
+    state_dict.update(MergeRecord(flags, bank.state.merged_task).tensors(prefix + bank.path, device))
 
 
 def _read_merge_record(name, model, state_dict, prefix, *args) -> None:
@@ -198,15 +192,13 @@ def _read_merge_record(name, model, state_dict, prefix, *args) -> None:
     bank = banks(model).get(name)
     if bank is None:
         return
-    record = state_dict.pop(f"{prefix}{bank.path}.merged", None)
-    task = state_dict.pop(f"{prefix}{bank.path}.merged_task", None)
+    record = MergeRecord.read(state_dict, prefix + bank.path, pop=True) or MergeRecord()
     names = [n for n, _ in wrappers(model, bank)]
-    flags = [False] * len(names) if record is None else [bool(f) for f in record.tolist()]
-    if len(flags) != len(names):
-        flags = [False] * len(names)  # a record of another adapter: its weights cannot be told apart; unmerged
-    pending = {n: f for n, f in zip(names, flags) if any(prefix + n + k in state_dict for k in (".weight", ".base.weight"))}
-    task = bytes(task.tolist()).decode(errors="replace") if task is not None and task.numel() else None
-    bank.pending = (pending, task if task in (bank.spec.tasks or ()) else None)  # unknown: merged_task_of refuses
+    flags = record.flags if len(record.flags) == len(names) else [False] * len(names)  # another adapter's
+    # record (or none): its weights cannot be told apart; unmerged
+    bank.state.pending = {n: f for n, f in zip(names, flags)
+                          if any(prefix + n + k in state_dict for k in (".weight", ".base.weight"))}
+    bank.state.pending_task = record.task if record.task in (bank.spec.tasks or ()) else None  # unknown: refused
 
 
 def _accept_plain_checkpoint(name, model, incompatible) -> None:
@@ -216,17 +208,16 @@ def _accept_plain_checkpoint(name, model, incompatible) -> None:
     bank = banks(model).get(name)
     if bank is None:
         return
-    pending, task = bank.pending
-    found = dict(wrappers(model, bank))
-    for site, merged in pending.items():  # the load succeeded: the record holds
+    state, found = bank.state, dict(wrappers(model, bank))
+    for site, merged in state.pending.items():  # the load succeeded: the record holds
         found[site].merged = merged
-    if pending:
-        merged = bank.merged = any(w.merged for w in found.values())
-        bank.merged_task = task if merged else None
-        bank.merged_unknown = bool(bank.spec.tasks) and merged and bank.merged_task is None
-    bank.pending = ({}, None)
+    if state.pending:
+        state.merged = any(w.merged for w in found.values())
+        state.merged_task = state.pending_task if state.merged else None
+        state.merged_unknown = bool(bank.spec.tasks) and state.merged and state.merged_task is None
+    state.pending, state.pending_task = {}, None
     ours = {k for k in incompatible.missing_keys if k.startswith(bank.path + ".") or f".{bank.path}." in k}
-    if bank.unset is not None:  # applied on meta: what the checkpoint did not hold takes its initial value
+    if bank.state.unset is not None:  # applied on meta: what the checkpoint did not hold takes its initial value
         local = {k.partition(f"{bank.path}.")[2] for k in ours}
         meta.settle(model, bank, set(bank.state_dict(keep_vars=True)) - local)
     if len(ours) == len(bank.state_dict()):
@@ -237,12 +228,12 @@ def merged_task_of(model: nn.Module, name: str | None = _ONLY) -> str | None:  #
     """The task whose update is merged into the base weights (None: no task merged). Sites loaded merged from a
     checkpoint that does not say which task's update they hold are a clear error, never a guess."""
     bank = bank_of(model, name)
-    if bank.merged_unknown:  # set by a load (_accept_plain_checkpoint), the one way to get there
+    if bank.state.merged_unknown:  # set by a load (_accept_plain_checkpoint), the one way to get there
         raise NotMergeableError(
             "the base weights hold a merged task update, but the checkpoint they were loaded from does not say which "
             f"task's (tasks: {', '.join(map(repr, bank.spec.tasks))}), so it can be neither taken out nor routed "
             "around; load base weights saved unmerged (or saved by this version of tying, which records the task)")
-    return bank.merged_task
+    return bank.state.merged_task
 
 
 def _merge_task(model: nn.Module, bank: FactorBank, sign: int, task: str | None) -> str | None:
@@ -309,8 +300,8 @@ def _merge_all(model: nn.Module, bank: FactorBank, sign: int, dequantize: bool =
             _check_finite(todo, sign)
         for _, w in todo:
             w.merge(sign)
-    bank.merged = sign > 0
-    bank.merged_task = task if sign > 0 else None
+    bank.state.merged = sign > 0
+    bank.state.merged_task = task if sign > 0 else None
 
 
 def _check_finite(todo, sign: int) -> None:
@@ -336,7 +327,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     the call (other threads are not affected). A merged adapter cannot be disabled (its update is in the weights)."""
     have = banks(model)
     for name, bank in have.items():
-        if bank.merged:
+        if bank.state.merged:
             raise NotMergeableError(f"the adapter{'' if name is None else f' {name!r}'} is merged into the base "
                                     "weights, so it cannot be disabled; call tying.unmerge_(model) first")
     with route.routed(dict.fromkeys(have.values(), route.OFF)):
@@ -383,8 +374,8 @@ def unapply_(model: nn.Module, merge: bool = False, *, dequantize: bool = False,
         del named[bank.name]
         if not len(named):
             delattr(model, ADAPTERS_ATTR)
-    for hook in bank.hooks:
+    for hook in bank.state.hooks:
         hook.remove()
     for n, q in named_base_parameters(model):
-        if n in bank.requires_grad_before:
-            q.requires_grad_(bank.requires_grad_before[n])
+        if n in bank.state.requires_grad_before:
+            q.requires_grad_(bank.state.requires_grad_before[n])

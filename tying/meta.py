@@ -2,7 +2,7 @@
 
 ``apply_`` on a model whose weights are on the meta device (``with torch.device("meta"): model = ...``) creates its
 factors (and its copies of the spec's ``train_modules``) on the meta device too: no memory, no values. The bank then
-waits for the base (``bank.unset`` is not None) and takes its values when the base gets its own:
+waits for the base (``bank.state.unset`` is not None) and takes its values when the base gets its own:
 
 - ``model.to_empty(device=...)`` then ``model.load_state_dict(base_state_dict[, assign=True])`` (or
   ``load_state_dict(..., assign=True)`` straight on the meta model): after the load, every factor the checkpoint did
@@ -47,7 +47,7 @@ def waits(model: nn.Module, bank) -> bool:
 
 def check(bank, what: str) -> None:
     """A clear error when ``bank``'s factors have no values yet (still on meta, or emptied by ``to_empty``)."""
-    if bank.unset is None:
+    if bank.state.unset is None:
         return
     where = ("are on the meta device" if any(t.is_meta for t in bank.parameters())
              else "were materialised by to_empty and hold no values yet")
@@ -62,14 +62,14 @@ class MetaCheck:
         self.bank = bank
 
     def __call__(self, model: nn.Module, *_) -> None:
-        if self.bank.unset is not None:
+        if self.bank.state.unset is not None:
             check(self.bank, "forward")
 
 
 def keep(model: nn.Module, bank, tensors: dict[str, torch.Tensor]) -> None:
     """``load_adapter`` into a waiting bank: ``tensors`` (bank key -> value) become the values it waits for, set now
     if the base has its own, else when it arrives."""
-    bank.unset = {k: t.detach().to("cpu") for k, t in tensors.items()}
+    bank.state.unset = {k: t.detach().to("cpu") for k, t in tensors.items()}
     settle(model, bank)
 
 
@@ -77,13 +77,13 @@ def settle(model: nn.Module, bank, loaded: set[str] | None = None) -> bool:
     """The base has arrived (or part of it): give each of the waiting bank's tensors whose key (of the bank's
     state_dict) is not in ``loaded`` its value, on the device of the base module it belongs to. Nothing happens while
     a base module the adapter touches is still on meta. Returns whether the bank is settled."""
-    if bank.unset is None:
+    if bank.state.unset is None:
         return True
     bases = _base_modules(model, bank)
     if any(map(_meta, bases.values())):
         return False
     loaded = loaded or set()
-    values = bank.unset
+    values = bank.state.unset
     with torch.no_grad():
         for g in bank.plan.groups:
             key = f"{g.factor}.{g.key}"
@@ -103,7 +103,7 @@ def settle(model: nn.Module, bank, loaded: set[str] | None = None) -> bool:
             _settle_copy(bank, name, bases[name], values, loaded)
     if any(t.is_meta for t in bank.parameters()) or any(t.is_meta for t in bank.buffers()):
         return False  # a key the checkpoint named but could not set (loaded into meta without assign=True)
-    bank.unset = None
+    bank.state.unset = None
     return True
 
 
@@ -125,7 +125,7 @@ def materialize_(model: nn.Module) -> None:
     loading it in a way that runs no ``load_state_dict`` hook, such as accelerate's per-tensor loading): initial
     values from the spec (or those of an adapter ``load_adapter`` read), on the device of the weights they adapt;
     trained copies of ``train_modules`` from the base. Adapters whose factors have values are left as they are."""
-    waiting = [b for b in banks(model).values() if b.unset is not None]
+    waiting = [b for b in banks(model).values() if b.state.unset is not None]
     for bank in waiting:
         meta = [n for n, m in _base_modules(model, bank).items() if _meta(m)]
         if meta:

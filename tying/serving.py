@@ -356,9 +356,9 @@ def _selection(model: nn.Module, bank, rows: list[int], tasks: list[str | None],
     """What ``bank``'s adapter computes when ``rows`` (with ``tasks``) of a batch of ``n`` take it. A merged adapter
     cannot be routed, not even to no row: its update is in the weights, so every row gets it."""
     if bank.spec.tasks and merged_task_of(model, bank.name) is not None:
-        raise NotMergeableError(f"the update of task {bank.merged_task!r} is merged into the base weights, so every "
+        raise NotMergeableError(f"the update of task {bank.state.merged_task!r} is merged into the base weights, so every "
                                 "row gets it; call tying.unmerge_(model) before routing rows to tasks")
-    if bank.merged:
+    if bank.state.merged:
         which = "the adapter" if bank.name is None else f"adapter {bank.name!r}"
         raise NotMergeableError(f"{which} is merged into the base weights, so every row gets it; call "
                                 "tying.unmerge_(model) before routing rows")
@@ -368,8 +368,8 @@ def _selection(model: nn.Module, bank, rows: list[int], tasks: list[str | None],
     sel = route.Selection(rows=None if len(rows) == n else torch.tensor(rows), task=task, count=count,
                           tasks=None if task is not None or not bank.spec.tasks else
                           torch.tensor([bank.task_index[t] for t in tasks]))
-    if sel.mixed and bank.unmixable:
-        odd = bank.unmixable
+    if sel.mixed and bank.state.unmixable:
+        odd = bank.state.unmixable
         raise ServingError(f"module {odd[0]!r} ({len(odd)} in all) cannot mix tasks or adapters row by row (a "
                            f"{bank.spec.adapter.kind} adapter there; see its routes_rows()): give every row of the "
                            "batch this adapter, with one task, or split the batch")

@@ -152,7 +152,7 @@ class SiteAdapter(view.Wrapper):
         fit the route is a clear error."""
         sel = route.current(self.bank)
         if sel is None:
-            return None if self.merged or self.disabled or not self.bank.active else route.ALL
+            return None if self.merged or self.disabled or not self.bank.state.active else route.ALL
         if sel.off:
             return None
         if x is not None and sel.count is not None:
@@ -172,7 +172,7 @@ class SiteAdapter(view.Wrapper):
     # (active, merged and available adapters are the model's: PEFT sets and reads them for every layer alike)
     @property
     def active_adapters(self) -> list[str]:
-        return [n for n, b in self.bank.family().items() if b.active]
+        return [n for n, b in self.bank.family().items() if b.state.active]
 
     @property
     def active_adapter(self) -> list[str]:
@@ -184,7 +184,7 @@ class SiteAdapter(view.Wrapper):
 
     @property
     def merged_adapters(self) -> list[str]:
-        return [n for n, b in self.bank.family().items() if b.merged]
+        return [n for n, b in self.bank.family().items() if b.state.merged]
 
     def _get_available_adapters(self) -> set[str]:
         return set(self.bank.family())
@@ -206,7 +206,7 @@ class SiteAdapter(view.Wrapper):
         self.disabled = not enabled
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
-        self.bank.active = self.bank.name in ([adapter_names] if isinstance(adapter_names, str) else adapter_names)
+        self.bank.state.active = self.bank.name in ([adapter_names] if isinstance(adapter_names, str) else adapter_names)
 
     def get_base_layer(self) -> nn.Module:
         """The base module under this and any other wrappers."""

@@ -19,7 +19,9 @@ The folder is the unit users save, ship and serve, and one from someone else is 
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import meta, sharded
+from .bank import MergeRecord
 from .engine import _ONLY, apply_, bank_of, banks
 from .errors import AdapterFileError, AlreadyAppliedError
 from .files import atomic_write as _atomic_write
@@ -36,7 +39,7 @@ from .planner import Plan, plan
 from .spec import TyingSpec, load_spec, parse_spec
 from .task_files import check_task, multi_want, task_tensors
 from .trained import trained_key
-from .view import named_base_modules
+from .view import ADAPTERS_ATTR, BANK_ATTR, named_base_modules
 
 SPEC_FILE = "spec.yaml"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -266,7 +269,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modu
             raise AlreadyAppliedError(f"{src} holds an adapter whose spec differs from the model's (in {diff}); "
                                       "nothing was loaded. Load it into a model without an adapter, or call "
                                       "tying.unapply_(model) first." + hint)
-        if bank.merged:
+        if bank.state.merged:
             raise AlreadyAppliedError("the model's adapter is merged; call tying.unmerge_(model) before loading "
                                       "new factors (the base weights hold the old update)")
         sharded.check_placement(model, [bank])
@@ -284,11 +287,38 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modu
     if not applied:
         apply_(model, p, name=name)
     bank = bank_of(model, name)
-    if bank.unset is not None:  # applied on meta: the file's values are set when the base arrives (now, if it has)
+    if bank.state.unset is not None:  # applied on meta: the file's values are set when the base arrives (now, if it has)
         meta.keep(model, bank, {k: tensors[file_key(bank, k)] for k in bank.state_dict(keep_vars=True)})
         return
     sharded.before_load(model)
     with torch.no_grad():
         for k, t in _adapter_state(model, bank).items():
             sharded.fill_(t, tensors[k])
-    bank.unset = None  # every factor and trained copy holds the file's value
+    bank.state.unset = None  # every factor and trained copy holds the file's value
+
+
+def merge_record(checkpoint: Mapping[str, torch.Tensor] | str | os.PathLike, name: str | None = None) -> MergeRecord | None:
+    """What a checkpoint of an adapted model says is merged into its base weights: the
+    :class:`~tying.bank.MergeRecord` of the unnamed adapter (or of adapter ``name``), read from a state dict or a
+    file (``.safetensors``, else a ``torch.save`` file); the keys may carry a prefix (a PEFT model's). None: the
+    checkpoint holds no record of that adapter (a plain base checkpoint). Loads nothing into any model."""
+    if not isinstance(checkpoint, Mapping):
+        src = Path(checkpoint)
+        if not src.is_file():
+            raise AdapterFileError(f"{src}: no such checkpoint file")
+        try:
+            if src.suffix == ".safetensors":
+                with safe_open(str(src), "pt") as f:
+                    checkpoint = {k: f.get_tensor(k) for k in f.keys() if k.rpartition(".")[2] in MergeRecord.KEYS}  # noqa: SIM118 (safe_open is not iterable)
+            else:
+                checkpoint = torch.load(src, map_location="cpu", weights_only=True)
+        except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as e:
+            raise AdapterFileError(f"{src}: not a readable checkpoint ({e})") from None
+        if not isinstance(checkpoint, Mapping):
+            raise AdapterFileError(f"{src}: holds a {type(checkpoint).__name__}, not a state dict")
+    path = BANK_ATTR if name is None else f"{ADAPTERS_ATTR}.{name}"
+    found = {k[:-len(".merged")] for k in checkpoint if k == f"{path}.merged" or k.endswith(f".{path}.merged")}
+    if len(found) > 1:
+        raise AdapterFileError(f"the checkpoint holds several merge records of this adapter ({sorted(found)}); "
+                               "read the state dict of one model")
+    return MergeRecord.read(checkpoint, found.pop()) if found else None

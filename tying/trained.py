@@ -47,9 +47,9 @@ class TrainedModule(Wrapper):
     def forward(self, *args, **kwargs):
         sel = route.current(self.bank)
         if sel is None:
-            if self.disabled or not self.bank.active:
+            if self.disabled or not self.bank.state.active:
                 return self.base(*args, **kwargs)
-            if any(t.bank.active for t in self.chain()[1:]):
+            if any(t.bank.state.active for t in self.chain()[1:]):
                 raise ServingError(f"module {self.name!r} is trained whole by several active adapters "
                                    f"({', '.join(repr(n) for n in self.active_adapters)}), and whole modules do not "
                                    "add up: activate one of them, or route rows with tying.adapters")
@@ -99,7 +99,7 @@ class TrainedModule(Wrapper):
 
     @property
     def active_adapters(self) -> list[str]:
-        return [t.bank.name for t in self.chain() if t.bank.active]
+        return [t.bank.name for t in self.chain() if t.bank.state.active]
 
     @property
     def disable_adapters(self) -> bool:
@@ -120,7 +120,7 @@ class TrainedModule(Wrapper):
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
         for t in self.chain():
-            t.bank.active = t.bank.name in names
+            t.bank.state.active = t.bank.name in names
 
 
 class Copies(Mapping):

@@ -22,7 +22,7 @@ class LoRA(SiteAdapter):
 
     def forward(self, x, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
-        if self.light is not None and self.bank.active and not route.routed_now():  # (see SiteAdapter: light path)
+        if self.light is not None and self.bank.state.active and not route.routed_now():  # (see SiteAdapter: light path)
             (dA, kA), (dB, kB), (du, ku), (dv, kv), (dG, kG) = self.light  # (the bank's dict, key) per factor
             A, B, u, v, G = dA[kA], dB[kB], du[ku], dv[kv], dG[kG]
             return self.mtype.up(self.base, out, self.down(x, (A, u, G)), B, v, self.scale)
