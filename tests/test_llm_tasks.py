@@ -53,7 +53,8 @@ def test_joint_against_separate_on_two_jsonl_tasks(tmp_path, capsys):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 8 * 32 + (32 + 16 + 16) * 8 + per_task
     got = part["tasks"][str(twice)]
     task = get_task(str(twice), metric=got["metric"], max_new_tokens=got["max_new_tokens"])
-    _, test = parts.data_of({"task": str(twice), "n_train": 6, "n_test": 4, "seed": 1}, task)
+    one = next(p for p in grid.parts(load_config(config, ["seeds=[1]"])) if p.task == str(twice))  # n_train 6, n_test 4
+    _, test = parts.data_of(one, task)
     alone = parts.evaluate(model, tok, task, test)
     assert alone["examples"] == got["metrics"]["examples"] and alone["per_example"] == got["metrics"]["per_example"]
     assert len(set(alone["examples"])) > 1  # answers that tell adapters apart (a tiny random model: not the targets)
