@@ -13,8 +13,9 @@ Any run config (docs/llm.md) and ``key=value`` overrides: ``python benchmarks/ll
 The joint run sees what the separate runs see together: every task's ``n_train`` training examples of that seed,
 shuffled into one stream, ``steps`` x (number of tasks) steps of ``batch`` rows, each row routed to its task
 (``TyingTrainer``'s task column). Each task's own u and v train at its swept TL6 rate, the shared A and B at the
-median of those rates. Each seed is a part, written to ``<out>/parts/`` as it finishes and skipped when there;
-the report (``llm_tasks.md``, ``.json``) compares with ``--separate`` (default: the config's ``out``).
+median of those rates. Each seed is a part, run by the kit's driver (:func:`parts.drive`): written to
+``<out>/parts/`` as it finishes, skipped when there, a line per finished seed with the time left; the report
+(``llm_tasks.md``, ``.json``) compares with ``--separate`` (default: the config's ``out``).
 """
 
 from __future__ import annotations
