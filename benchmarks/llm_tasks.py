@@ -13,8 +13,9 @@ Any run config (docs/llm.md) and ``key=value`` overrides: ``python benchmarks/ll
 The joint run sees what the separate runs see together: every task's ``n_train`` training examples of that seed,
 shuffled into one stream, ``steps`` x (number of tasks) steps of ``batch`` rows, each row routed to its task
 (``TyingTrainer``'s task column). Each task's own u and v train at its swept TL6 rate, the shared A and B at the
-median of those rates. Each seed is a part, written to ``<out>/parts/`` as it finishes and skipped when there;
-the report (``llm_tasks.md``, ``.json``) compares with ``--separate`` (default: the config's ``out``).
+median of those rates. Each seed is a part, run by the kit's driver (:func:`parts.drive`): written to
+``<out>/parts/`` as it finishes, skipped when there, a line per finished seed with the time left; the report
+(``llm_tasks.md``, ``.json``) compares with ``--separate`` (default: the config's ``out``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from tying.integrations.llm import experiment, grid, parts
 from tying.integrations.llm.finetune import finetune
 from tying.integrations.llm.models import load_model
+from tying.integrations.llm.progress import clock
 from tying.integrations.llm.report import compare
 from tying.integrations.llm.runconfig import ConfigError, load_config
 from tying.integrations.llm.stats import MARGIN, mean_std, verdict
@@ -38,7 +40,6 @@ from tying.integrations.llm.tasks import get_task
 
 import tying
 from tying.errors import TyingError
-from tying.files import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG, RANK = "tl6", 8
@@ -60,8 +61,8 @@ def is_current(row: dict, want: dict) -> bool:
 
 def joint_part(cfg, want: dict, seed: int, out: Path) -> dict:
     """Train one TL6 across ``cfg``'s tasks at ``seed`` and score every task on its own test set."""
-    settings = {p["task"]: p for p in grid.parts(cfg.model_copy(update={"seeds": [seed]})) if p["config"] == "zero-shot"}
-    tasks = {name: get_task(name, p["data"], p.get("metric"), p.get("max_new_tokens")) for name, p in settings.items()}
+    settings = {p.task: p for p in grid.parts(cfg.model_copy(update={"seeds": [seed]})) if p.config == "zero-shot"}
+    tasks = {name: get_task(name, p.data, p.metric, p.max_new_tokens) for name, p in settings.items()}
     data = {name: parts.data_of(p, tasks[name]) for name, p in settings.items()}  # the separate parts' examples
     keys, lrs, shared = list(want["lr"]), want["lr"], want["lr_shared"]
     model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
@@ -77,7 +78,7 @@ def joint_part(cfg, want: dict, seed: int, out: Path) -> dict:
                     schedule="linear", warmup=max(1, want["steps"] // 10), max_len=cfg.max_len,
                     grad_accum=cfg.grad_accum, gradient_checkpointing=cfg.gradient_checkpointing,
                     progress=sys.stderr.isatty())
-    tying.save_adapter(model, out / "adapters" / f"joint-{CONFIG}-r{RANK}-s{seed}")
+    tying.save_adapter(model, out / "adapters" / joint_name(seed))
     scores = {}
     for key, (name, (_, test)) in zip(keys, data.items()):
         start = time.perf_counter()
@@ -86,10 +87,20 @@ def joint_part(cfg, want: dict, seed: int, out: Path) -> dict:
         scores[name] = {"score": metrics[tasks[name].metric], "metric": tasks[name].metric, "metrics": metrics,
                         "max_new_tokens": tasks[name].max_new_tokens,
                         "eval_seconds": time.perf_counter() - start, "n_test": len(test)}
-        print(f"   {name}: {scores[name]['score']:.2f}", flush=True)
     return {**{k: v for k, v in want.items() if k != "n_test"}, "seed": seed, "config": CONFIG, "rank": RANK,
             "trainable": counts.trainable, "per_task": counts.per_task, "seconds": hist["seconds"],
             "tokens": hist["tokens"], "loss": [round(x, 4) for x in hist["loss"]], "tasks": scores}
+
+
+def joint_name(seed: int) -> str:
+    """A joint seed's name: its part file's (with ``.json``) and its adapter folder's."""
+    return f"joint-{CONFIG}-r{RANK}-s{seed}"
+
+
+def joint_line(row: dict) -> str:
+    """A finished joint seed in one line: its name, each task's score, and the process time it took."""
+    scores = ", ".join(f"{task} {t['score']:.2f}" for task, t in row["tasks"].items())
+    return f"{joint_name(row['seed'])}: {scores} ({clock(row['cpu_seconds'])} CPU)"
 
 
 def task_key(name: str) -> str:
@@ -196,21 +207,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {e}")
     out = Path(given[-1].partition("=")[2] if given else ROOT / "benchmarks/results/llm-tasks")
     want = wanted(cfg, rates)
-    (out / "parts").mkdir(parents=True, exist_ok=True)
-    joint = {}
-    for seed in cfg.seeds:
-        f = out / "parts" / f"joint-{CONFIG}-r{RANK}-s{seed}.json"
-        if f.exists() and is_current(json.loads(f.read_text()), want):
-            print(f"done already: {f.name}")
-        elif args.report:
-            continue
-        else:
-            print(f"== joint {CONFIG} r{RANK} seed {seed}: {', '.join(want['lr'])}", flush=True)
-            start = time.process_time()
-            row = joint_part(cfg, want, seed, out)
-            row["cpu_seconds"] = time.process_time() - start
-            write_text(f, json.dumps(row, indent=1))
-        joint[seed] = json.loads(f.read_text())
+
+    def run_seed(seed: int) -> dict:
+        start = time.process_time()
+        row = joint_part(cfg, want, seed, out)
+        return {**row, "cpu_seconds": time.process_time() - start}
+
+    items = [(joint_name(seed), out / "parts" / f"{joint_name(seed)}.json", lambda row: is_current(row, want),
+              lambda seed=seed: run_seed(seed)) for seed in cfg.seeds]
+    rows = parts.drive(items, "joint seeds", joint_line, only_done=args.report)  # --report: the finished seeds only
+    joint = {seed: row for seed, row in zip(cfg.seeds, rows) if row is not None}
     if not joint:
         sys.exit(f"error: no finished joint seed at these settings under {out / 'parts'}")
     print(report(cfg, rates, joint, out))

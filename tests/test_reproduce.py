@@ -34,7 +34,7 @@ def test_the_cli_is_thin():
 
 
 def _row(config, score, lr=None, rank=8, trainable=1000, **settings):
-    part = {**grid.parts(load_config(QUICK))[0], **settings}
+    part = {**grid.parts(load_config(QUICK))[0].row(), **settings}
     part.update(config=config, rank=0 if config == "zero-shot" else rank)
     row = {**part, "score": score, "trainable": 0 if config == "zero-shot" else trainable, "seconds": 1.0,
            "metrics": {"accuracy": score}}
@@ -78,7 +78,7 @@ def test_resume_reuses_parts_and_reports_every_current_part(tmp_path, monkeypatc
         (tmp_path / "parts" / f"{grid.part_name(r)}.json").write_text(json.dumps(r))
 
     def fake_run_part(part, out, lr=None, val=0):
-        assert part["config"] == "vera" and lr == 0.03, "only the stale part is rerun, at the table's rate"
+        assert part.config == "vera" and lr == 0.03, "only the stale part is rerun, at the table's rate"
         return _row("vera", 2.0, trainable=50)
 
     monkeypatch.setattr(parts, "run_part", fake_run_part)
@@ -102,7 +102,7 @@ def test_sweeps_side_by_side_keep_each_others_results(tmp_path, monkeypatch):
         {"task": "nli", "config": "lora", "lr": 0.01, "score": 30.0}]}))
 
     def fake_run_part(part, out, lr=None, val=0):
-        assert val == 100 and part["seed"] == 0, "the sweep scores held-out training examples, seed 0"
+        assert val == 100 and part.seed == 0, "the sweep scores held-out training examples, seed 0"
         other = json.loads(f.read_text())  # another sweep finishes a point while this one trains
         other["results"].append({"task": "nli", "config": "vera", "lr": lr, "score": 5.0})
         f.write_text(json.dumps(other))
@@ -155,7 +155,7 @@ def _fake_run(part, out, lr=None, val=0):
     """A sweep run (``val``) or a part, finished at once: a peak inside the default grid, a 3 s run, a 1 min part."""
     if val:
         return {"score": {3e-3: 1.0, 1e-2: 5.0, 3e-2: 2.0}[lr], "seconds": 2.0, "eval_seconds": 1.0, "loss_last": 0.5}
-    return {**part, "lr": lr, "trainable": 0 if lr is None else 41328, "seconds": 50.0, "eval_seconds": 10.0,
+    return {**part.row(), "lr": lr, "trainable": 0 if lr is None else 41328, "seconds": 50.0, "eval_seconds": 10.0,
             "score": 38.3, "metrics": {"accuracy": 38.3}, "loss": [2.0, 1.0]}
 
 
@@ -208,8 +208,8 @@ def test_on_a_terminal_a_sweep_shows_a_bar_with_the_time_left(tmp_path, monkeypa
 
 def test_seeds_and_per_task_test_sizes_add_up_to_one_report(tmp_path, monkeypatch):
     def fake_run_part(part, out, lr=None, val=0):
-        per = [100.0] * (part["seed"] + 1) + [0.0] * (part["n_test"] - part["seed"] - 1)
-        return {**part, "lr": lr, "trainable": 10, "seconds": 3600.0, "eval_seconds": 0.0, "score": sum(per) / len(per),
+        per = [100.0] * (part.seed + 1) + [0.0] * (part.n_test - part.seed - 1)
+        return {**part.row(), "lr": lr, "trainable": 10, "seconds": 3600.0, "eval_seconds": 0.0, "score": sum(per) / len(per),
                 "metrics": {"accuracy": 0.0, "per_example": per}, "loss": [4.0, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0]}
 
     monkeypatch.setattr(parts, "run_part", fake_run_part)

@@ -102,8 +102,8 @@ def test_torchrun_processes_each_take_their_gpu(monkeypatch, tmp_path):
 @pytest.mark.parametrize("n", [1, 2, 3, 7])
 def test_shards_are_disjoint_and_cover_every_part(n):
     cfg = load_config(CONFIGS / "seeded.yaml")
-    every = [grid.part_name(p) for p in grid.parts(cfg)]
-    shares = [[grid.part_name(p) for p in grid.shard(load_config(CONFIGS / "seeded.yaml", [f"shard={k}/{n}"]),
+    every = [p.name for p in grid.parts(cfg)]
+    shares = [[p.name for p in grid.shard(load_config(CONFIGS / "seeded.yaml", [f"shard={k}/{n}"]),
                                                        grid.parts(cfg))] for k in range(1, n + 1)]
     assert sorted(x for s in shares for x in s) == sorted(every) and len(set(every)) == len(every)
 
@@ -140,10 +140,10 @@ def test_the_report_headline_is_the_tasks_metric(tmp_path):
                               "configs=[lora, tl6]", "seeds=[0, 1]", "rates.lr={lora: 0.01, tl6: 0.01}"])
     (tmp_path / "o" / "parts").mkdir(parents=True)
     for part in grid.parts(cfg):
-        per = [10.0 * (part["seed"] + 1) + (5.0 if part["config"] == "tl6" else 0.0)] * 4
-        row = {**part, "lr": 0.01, "trainable": 10, "seconds": 1.0, "score": per[0],
+        per = [10.0 * (part.seed + 1) + (5.0 if part.config == "tl6" else 0.0)] * 4
+        row = {**part.row(), "lr": 0.01, "trainable": 10, "seconds": 1.0, "score": per[0],
                "metrics": {"chrf": per[0], "exact_match": 0.0, "per_example": per}}
-        (tmp_path / "o" / "parts" / f"{grid.part_name(part)}.json").write_text(json.dumps(row))
+        (tmp_path / "o" / "parts" / f"{part.name}.json").write_text(json.dumps(row))
     found = report.write(cfg, Rates(cfg), plots=False)
     assert len(found) == 5 and {report.row_metric(r) for r in found} == {"chrf"}
     md = (tmp_path / "o" / "reproduce.md").read_text()
@@ -184,7 +184,7 @@ def test_held_out_sweep_examples_are_never_test_examples(tmp_path):
     from tying.integrations.llm.parts import data_of
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(40)))
-    part = {"task": str(path), "n_train": 10, "n_test": 12, "seed": 0}
+    part = grid.parts(load_config(QUICK, [f"tasks=[{path}]", "n_train=10", "n_test=12"]))[0]
     task = tasks.get_task(str(path))
     _, test = data_of(part, task)
     sweep_train, held = data_of(part, task, val=4)

@@ -40,8 +40,8 @@ def execute(cfg: RunConfig, rates: Rates | None) -> None:
         sweep(cfg, rates)
         rates = Rates(cfg)  # the picks just made
     if cfg.stage in ("all", "train"):
-        todo = rates.unswept(cfg, [(p["task"], p["config"], p["rank"]) for p in grid.shard(cfg, grid.parts(cfg))
-                                   if p["config"] != "zero-shot"])
+        todo = rates.unswept(cfg, [(p.task, p.config, p.rank) for p in grid.shard(cfg, grid.parts(cfg))
+                                   if p.config != "zero-shot"])
         if todo:
             raise ConfigError(f"the sweep gave no rate for {', '.join(todo)}: widen rates.sweep.grid, turn on "
                               "rates.sweep.extend, or give those cells a rate in rates.lr")

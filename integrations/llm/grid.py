@@ -2,7 +2,7 @@
 task), a shard's share of them, and the plan: every part with its exact trainable count on a meta-device model.
 
     cells(cfg)          # [(task, config, rank), ...], task by task
-    parts(cfg)          # one dict per part, seed by seed: what run_part needs and what its row records
+    parts(cfg)          # one records.Part per part, seed by seed: what run_part needs and what its row records
     shard(cfg, items)   # the K-th of N shards: every N-th item from the K-th (cfg.shard = "K/N")
     plan_rows(cfg)      # parts with trainable counts, tokens and GPU-hours; loads no weights
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ...errors import TyingError
 from .adapting import trainable_of  # as a run adapts: presets on q/k/v, a spec file with its own targets
+from .records import Part, name_of
 from .runconfig import RunConfig
 
 TRAINING = ("steps", "n_train", "batch", "max_len", "grad_accum")  # a trained part is reused only where these match
@@ -41,7 +42,7 @@ def dtype_of(cfg: RunConfig) -> str:
     return cfg.model.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
 
 
-def parts(cfg: RunConfig) -> list[dict]:
+def parts(cfg: RunConfig) -> list[Part]:
     """Every part, seed by seed (a stop leaves whole seeds); zero-shot once per task, at the first seed (greedy
     decoding of a fixed test set is the same at every seed). A part holds what its row records."""
     base = {"steps": cfg.steps, "n_train": cfg.n_train, "batch": cfg.batch, "model": cfg.model.name,
@@ -55,14 +56,14 @@ def parts(cfg: RunConfig) -> list[dict]:
             if t.name.endswith(".jsonl"):
                 at.update(metric=t.metric, max_new_tokens=t.max_new_tokens)
             if seed == cfg.seeds[0]:
-                out.append({**at, "config": "zero-shot", "rank": 0})
-            out += [{**at, "config": c, "rank": r} for task, c, r in cells(cfg) if task == t.name]
+                out.append(Part(**at, config="zero-shot", rank=0))
+            out += [Part(**at, config=c, rank=r) for task, c, r in cells(cfg) if task == t.name]
     return out
 
 
-def part_name(p: dict) -> str:
-    """A part's file name: a .jsonl task's file name (not its path), a spec file's stem."""
-    return f"{Path(p['task']).name}-{Path(p['config']).stem}-r{p['rank']}-s{p['seed']}"
+def part_name(row: dict) -> str:
+    """A finished row's file name (a part's is :attr:`.records.Part.name`)."""
+    return name_of(row["task"], row["config"], row["rank"], row["seed"])
 
 
 def shard(cfg: RunConfig, items: list) -> list:
@@ -94,9 +95,9 @@ def plan_rows(cfg: RunConfig) -> list[dict]:
                 counts[config, rank] = trainable_of(model, config, rank)
             except TyingError as e:
                 raise GridError(f"config {config!r} at rank {rank} on {shape}: {e}") from e
-    return [{"model": Path(shape).stem if shape.endswith(".json") else shape, **{k: p[k] for k in
-             ("task", "config", "rank", "seed")}, "trainable": counts[p["config"], p["rank"]], "tokens": tokens,
-             "gpu_hours": round(hours, 4)} for p in parts(cfg) if p["config"] != "zero-shot"]
+    return [{"model": Path(shape).stem if shape.endswith(".json") else shape, "task": p.task, "config": p.config,
+             "rank": p.rank, "seed": p.seed, "trainable": counts[p.config, p.rank], "tokens": tokens,
+             "gpu_hours": round(hours, 4)} for p in parts(cfg) if p.config != "zero-shot"]
 
 
 def table(rows: list[dict], cfg: RunConfig) -> str:

@@ -1,5 +1,6 @@
 """One part of an experiment (load -> adapt -> train -> evaluate -> row), the checks before a run, and the run:
-a shard's parts written one by one to ``<out>/parts/``, finished ones reused (resume).
+a shard's parts written one by one to ``<out>/parts/``, finished ones reused (resume), by the driver every run of
+parts shares (:func:`drive`; benchmarks/llm_tasks.py's joint seeds too).
 
     cfg = prepare(load_config("my.yaml"))   # every input checked, defaults filled; nothing written
     run(cfg, rates.Rates(cfg))              # this shard's parts
@@ -13,6 +14,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import tying
@@ -24,6 +26,7 @@ from .adapting import Adapted, adapt, peft_settings, spec_of, trainable_of  # no
 from .finetune import finetune, generate_answers
 from .models import BUILTIN, DTYPES, check_device, default_device, load_model, load_tokenizer, resolve
 from .progress import Progress, clock
+from .records import Part
 from .runconfig import ConfigError, RunConfig
 from .tasks import default_max_new_tokens, default_metric, get_task, load_jsonl_examples, metric_of
 
@@ -40,39 +43,39 @@ def evaluate(model, tok, task, test, batch_size: int = 16, progress: bool = Fals
     return {**task.score(preds, task.references(test)), "examples": [p for p in preds[:5]]}
 
 
-def data_of(part: dict, task, val: int = 0) -> tuple[list, list]:
+def data_of(part: Part, task, val: int = 0) -> tuple[list, list]:
     """A part's (train, test) examples; with ``val``, (train, ``val`` held-out *training* examples) for the rate
     sweep. The test split is fixed by the run's ``n_test`` either way, so held-out examples are never test examples."""
-    train, test = task.load(n_train=part["n_train"] + val, n_test=part["n_test"], seed=part["seed"])
-    return (train[:part["n_train"]], train[part["n_train"]:]) if val else (train, test)
+    train, test = task.load(n_train=part.n_train + val, n_test=part.n_test, seed=part.seed)
+    return (train[:part.n_train], train[part.n_train:]) if val else (train, test)
 
 
-def run_part(part: dict, out: Path, lr: float | None = None, val: int = 0) -> dict:
+def run_part(part: Part, out: Path, lr: float | None = None, val: int = 0) -> dict:
     """Fine-tune (or not, for zero-shot) one config on one task and score it on the test split (or, with ``val``,
     on that many held-out training examples, for the rate sweep); the row is the part plus what it measured."""
-    task = get_task(part["task"], part.get("data"), part.get("metric"), part.get("max_new_tokens"))
+    task = get_task(part.task, part.data, part.metric, part.max_new_tokens)
     train, test = data_of(part, task, val)
     with _loading_bars(sys.stderr.isatty()):
-        model, tok = load_model(part["model"], dtype=part["dtype"], device=part["device"])
+        model, tok = load_model(part.model, dtype=part.dtype, device=part.device)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    row = {**part, "model_name": resolve(part["model"]).description, "cpus": cpus}
-    if part["config"] == "zero-shot":
+    row = {**part.row(), "model_name": resolve(part.model).description, "cpus": cpus}
+    if part.config == "zero-shot":
         row.update(trainable=0, seconds=0.0)
     else:
         if lr is None:
-            raise ValueError(f"{grid.part_name(part)}: no learning rate given")
-        adapted = adapt(model, part["config"], part["rank"], part["seed"])
-        hist = finetune(model, train, tok, steps=part["steps"], lr=lr, batch_size=part["batch"], seed=part["seed"],
-                        schedule="linear", warmup=max(1, part["steps"] // 10), max_len=part["max_len"],
-                        grad_accum=part["grad_accum"], gradient_checkpointing=part["gradient_checkpointing"],
+            raise ValueError(f"{part.name}: no learning rate given")
+        adapted = adapt(model, part.config, part.rank, part.seed)
+        hist = finetune(model, train, tok, steps=part.steps, lr=lr, batch_size=part.batch, seed=part.seed,
+                        schedule="linear", warmup=max(1, part.steps // 10), max_len=part.max_len,
+                        grad_accum=part.grad_accum, gradient_checkpointing=part.gradient_checkpointing,
                         progress=sys.stderr.isatty())
         if not val:
-            adapted.save(out / "adapters" / grid.part_name(part))
+            adapted.save(out / "adapters" / part.name)
         row.update(trainable=adapted.trainable, lr=lr, seconds=hist["seconds"], tokens=hist["tokens"],
                    loss_first=sum(hist["loss"][:5]) / 5, loss_last=sum(hist["loss"][-5:]) / 5,
                    loss=[round(x, 4) for x in hist["loss"]])
     start = time.perf_counter()
-    row["metrics"] = evaluate(model, tok, task, test, part.get("gen_batch", 16), progress=sys.stderr.isatty())
+    row["metrics"] = evaluate(model, tok, task, test, part.gen_batch, progress=sys.stderr.isatty())
     row["eval_seconds"] = time.perf_counter() - start
     row["score"] = row["metrics"][task.metric]
     return row
@@ -106,34 +109,55 @@ def is_current(row: dict, cfg: RunConfig, rates) -> bool:
         row["model"] = "smollm2-135m"
     want = grid.parts(cfg.model_copy(update={"tasks": [task], "seeds": [row["seed"]]}))[0]
     keys = ["model", "dtype", "data", *(["metric", "max_new_tokens"] if task.name.endswith(".jsonl") else [])]
-    if any(row[k] != want[k] for k in keys):
+    if any(row[k] != getattr(want, k) for k in keys):
         return False
     if row["config"] == "zero-shot":
         return True
-    return all(row[k] == want[k] for k in grid.TRAINING) and row.get("lr") == rates(task.name, row["config"],
-                                                                                  row["rank"])[0]
+    return all(row[k] == getattr(want, k) for k in grid.TRAINING) and row.get("lr") == rates(
+        task.name, row["config"], row["rank"])[0]
+
+
+Item = tuple[str, Path, Callable[[dict], bool], Callable[[], dict]]  # (name, file, is_current(row), run() -> row)
+
+
+def drive(items: list[Item], what: str, line: Callable[[dict], str], resume: bool = True,
+          only_done: bool = False) -> list[dict | None]:
+    """Run ``items`` one by one, each row written to its file as soon as it finishes; with ``resume`` an item whose
+    file holds a row that ``is_current`` accepts is kept ("done already") and not rerun; with ``only_done`` nothing
+    runs. Prints one line per finished item (``line(row)``) with the time left (:class:`.progress.Progress`; on a
+    terminal also a bar). Returns each item's row as its file holds it, None for one that did not run."""
+    rows: list[dict | None] = [None] * len(items)
+    todo = []
+    for i, (_, f, current, _) in enumerate(items):
+        row = json.loads(f.read_text()) if resume and f.exists() else None
+        if row is not None and current(row):
+            print(f"done already: {f.name}")
+            rows[i] = row
+        elif not only_done:
+            todo.append(i)
+    with Progress(len(todo), what) as bar:
+        for i in todo:
+            name, f, _, run_item = items[i]
+            bar.begin(name)
+            text = json.dumps(run_item(), indent=1)
+            f.parent.mkdir(parents=True, exist_ok=True)
+            write_text(f, text)
+            rows[i] = json.loads(text)
+            bar.done(line(rows[i]))
+    return rows
 
 
 def run(cfg: RunConfig, rates) -> None:
-    """Run this shard's parts into ``<out>/parts/``, each written as soon as it finishes; with ``resume`` a part
-    already there at these settings and rate is skipped. Prints one line per finished part with the time left
-    (:class:`.progress.Progress`; on a terminal also a bar)."""
+    """Run this shard's parts into ``<out>/parts/`` (:func:`drive`); with ``resume`` a part already there at these
+    settings and rate (:func:`is_current`) is skipped."""
     out = Path(cfg.out)
-    (out / "parts").mkdir(parents=True, exist_ok=True)
-    todo = []
-    for part in grid.shard(cfg, grid.parts(cfg)):
-        f = out / "parts" / f"{grid.part_name(part)}.json"
-        if cfg.resume and f.exists() and is_current(json.loads(f.read_text()), cfg, rates):
-            print(f"done already: {f.name}")
-        else:
-            todo.append((part, f))
-    with Progress(len(todo), "parts") as bar:
-        for part, f in todo:
-            bar.begin(grid.part_name(part))
-            lr = None if part["config"] == "zero-shot" else rates(part["task"], part["config"], part["rank"])[0]
-            row = run_part(part, out, lr=lr)
-            write_text(f, json.dumps(row, indent=1))
-            bar.done(part_line(row, metric_of(cfg, part["task"])))
+
+    def run_one(p: Part) -> dict:
+        return run_part(p, out, lr=None if p.config == "zero-shot" else rates(p.task, p.config, p.rank)[0])
+
+    items = [(p.name, out / "parts" / f"{p.name}.json", lambda row: is_current(row, cfg, rates), lambda p=p: run_one(p))
+             for p in grid.shard(cfg, grid.parts(cfg))]
+    drive(items, "parts", lambda row: part_line(row, metric_of(cfg, row["task"])), resume=cfg.resume)
 
 
 def part_line(row: dict, metric: str) -> str:

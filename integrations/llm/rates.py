@@ -12,6 +12,7 @@ The sweep scores each cell at each rate of its grid on held-out *training* examp
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -166,8 +167,8 @@ class Rates:
                               "sweep would replace it: give this run its own file (rates.sweep.file="
                               f"{Path(cfg.out) / 'lr_sweep.json'}) or its rates (rates.lr)")
         if cfg.stage == "train" or (cfg.stage == "all" and cfg.shards[1] > 1):
-            todo = self.unswept(cfg, [(p["task"], p["config"], p["rank"]) for p in grid.shard(cfg, grid.parts(cfg))
-                                      if p["config"] != "zero-shot"])
+            todo = self.unswept(cfg, [(p.task, p.config, p.rank) for p in grid.shard(cfg, grid.parts(cfg))
+                                      if p.config != "zero-shot"])
             if todo:
                 raise ConfigError(f"shard {cfg.shard}, stage {cfg.stage}: no swept rate yet for {', '.join(todo)}; run "
                                   "stage=sweep (every shard) first, then stage=train")
@@ -198,8 +199,8 @@ def sweep(cfg: RunConfig, rates: Rates) -> None:
     counted = {(*c, lr) for c in mine for lr in spec.grid if lr not in scores_of(results, *c)}  # runs announced
     with Progress(len(counted), "sweep") as bar:
         for task, config, rank in mine:
-            part = next(p for p in grid.parts(cfg) if (p["task"], p["config"], p["rank"]) == (task, config, rank))
-            part = {**part, **{k: settings[k] for k in ("steps", "n_train", "batch")}, "seed": 0}
+            part = next(p for p in grid.parts(cfg) if (p.task, p.config, p.rank) == (task, config, rank))
+            part = replace(part, **{k: settings[k] for k in ("steps", "n_train", "batch")}, seed=0)
             grid_ = sorted(spec.grid)
             while grid_:
                 for lr in grid_:

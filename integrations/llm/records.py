@@ -1,13 +1,16 @@
-"""The records every task source builds: an example (``{"prompt", "answer"}``, optionally ``"references"``), the
-prompt of each built-in task type, answer clean-up, and the :class:`Task` record. Below :mod:`.tasks` (the packaged
-sources) and :mod:`.hf_data` (the Hugging Face copies), which build the same examples from their own files.
+"""The kit's records: what every task source builds (an example, ``{"prompt", "answer"}``, optionally
+``"references"``; the prompt of each built-in task type; answer clean-up; the :class:`Task` record), and the
+:class:`Part` a run is made of (one config on one task at one seed). Below :mod:`.tasks` (the packaged sources),
+:mod:`.hf_data` (the Hugging Face copies), which build the same examples from their own files, and :mod:`.grid`,
+which builds the parts.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 Example = dict  # {"prompt": str, "answer": str, optionally "references": list[str]}
 TEST_SEED = 0  # fixes every train/test split
@@ -78,3 +81,47 @@ class Task:
     def references(self, examples: list[Example]) -> list:
         """What ``score`` compares predictions with: ``references`` where present, else ``answer``."""
         return [e.get("references", e["answer"]) for e in examples]
+
+
+def name_of(task: str, config: str, rank: int, seed: int) -> str:
+    """A part's file name: a .jsonl task's file name (not its path), a spec file's stem."""
+    return f"{Path(task).name}-{Path(config).stem}-r{rank}-s{seed}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Part:
+    """One part of a run: ``config`` at ``rank`` on ``task`` at ``seed`` (zero-shot: config ``"zero-shot"``, rank 0),
+    with how it trains and is scored; what :func:`.parts.run_part` needs and what its row records (:meth:`row`).
+    ``metric`` and ``max_new_tokens`` are a JSONL task's (a built-in task's come from the task itself)."""
+
+    steps: int
+    n_train: int
+    batch: int
+    model: str
+    dtype: str
+    data: str | None
+    max_len: int
+    grad_accum: int
+    device: str
+    gradient_checkpointing: bool
+    gen_batch: int
+    n_test: int
+    seed: int
+    task: str
+    metric: str | None = None
+    max_new_tokens: int | None = None
+    config: str
+    rank: int
+
+    @property
+    def name(self) -> str:
+        """The part's file name under ``<out>/parts/`` (with ``.json``) and ``<out>/adapters/``."""
+        return name_of(self.task, self.config, self.rank, self.seed)
+
+    def row(self) -> dict:
+        """The part's fields in its row, in the row's order; ``metric`` and ``max_new_tokens`` only for a JSONL task
+        (rows of built-in tasks never had them)."""
+        row = asdict(self)
+        if not self.task.endswith(".jsonl"):
+            del row["metric"], row["max_new_tokens"]
+        return row
