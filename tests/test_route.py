@@ -202,3 +202,32 @@ def test_load_adapters_trainable_trains_each_on_its_rows_and_saves_one_by_one(tm
     with pytest.raises(tying.errors.AdapterFileError, match="'b'"):
         tying.load_adapters_(fresh, {"a0": tmp_path / "a0", "b": broken}, trainable=True)
     assert not tying.engine.banks(fresh)  # a0 was taken off again
+
+
+def test_loaded_adapters_and_the_tasks_of_a_multi_task_one_mix_in_one_batch_and_train(tmp_path):
+    """Issue 39.1: adapters loaded with load_adapters_(trainable=True), one of them multi-task, mix row by row in one
+    batch: each row gets exactly its adapter's (and task's) output, and each task's own factors get only its rows'
+    gradients (a task named by no row gets none)."""
+    multi = {**LORA, "tasks": ["x", "y", "z"]}  # every factor one copy per task
+    for name, spec, seed in (("a", LORA, 1), ("m", multi, 2)):
+        m = Net()
+        tying.apply_(m, spec)
+        randomize_bank(m, seed=seed)
+        tying.save_adapter(m, tmp_path / name)
+    model = Net()
+    tying.load_adapters_(model, {"a": tmp_path / "a", "m": tmp_path / "m"}, trainable=True)
+    names = ["m/y", "a", None, "m/x"]
+    x = torch.randn(len(names), 5, 16)
+    with tying.adapters(model, names):
+        mixed = model(x)
+        mixed.square().sum().backward()
+    for row, name in enumerate(names):
+        alone = Net()
+        if name is not None:
+            tying.load_adapter(alone, tmp_path / name.partition("/")[0])
+        with torch.no_grad(), (tying.adapters(alone, name.partition("/")[2]) if name and "/" in name
+                               else torch.enable_grad()):
+            assert torch.allclose(mixed[row], alone(x[row:row + 1])[0], atol=1e-5), name
+    grads = {k: p.grad for k, p in tying.bank_of(model, "m").named_parameters() if "#" in k}
+    assert grads and all(g is None or not g.any() for k, g in grads.items() if k.endswith("#z"))
+    assert all(g is not None and g.any() for k, g in grads.items() if k.endswith(("#x", "#y")))
