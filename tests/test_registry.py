@@ -49,7 +49,7 @@ def test_layers_import_one_way_from_the_bottom():
     -> state -> serving: no module
     imports one above it, and the core imports no transformers."""
     order = ["errors", "vocab", "selectors", "spec", "update", "pools", "modtypes", "view", "route", "planner",
-             "trained", "bank", "meta", "site", "kinds", "sharded", "tensor_parallel", "engine", "count", "files", "task_files",
+             "trained", "bank", "meta", "shared_down", "site", "kinds", "sharded", "tensor_parallel", "merging", "engine", "count", "files", "task_files",
              "state", "serving_bank", "serving"]
     for i, name in enumerate(order):
         path = CORE / (f"{name}.py" if name != "kinds" else "kinds/__init__.py")

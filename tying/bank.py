@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from . import route
-from .errors import ServingError
+from .errors import NotAppliedError, ServingError, TyingError
 from .planner import Plan
 from .spec import Init, TyingSpec
-from .trained import trained_key
-from .view import ADAPTERS_ATTR, BANK_ATTR
+from .trained import TrainedModule, trained_key
+from .view import ADAPTERS_ATTR, BANK_ATTR, named_base_modules, occupant
 
 
 @torch.no_grad()
@@ -231,3 +231,55 @@ def banks(model: nn.Module) -> dict[str | None, FactorBank]:
     if named is not None:
         out.update(named.items())
     return out
+
+
+_ONLY = object()  # name= left out: the model's only adapter
+
+
+def bank_of(model: nn.Module, name: str | None = _ONLY) -> FactorBank:  # type: ignore[assignment]
+    """The bank of the adapter ``name`` (None: the unnamed one; left out: the model's only adapter), or a clear
+    error (NotAppliedError when the model carries none)."""
+    have = banks(model)
+    if name is _ONLY:
+        if len(have) == 1:
+            return next(iter(have.values()))
+        if not have:
+            raise NotAppliedError("the model carries no tying adapter; call tying.apply_(model, spec) first")
+        raise TyingError(f"the model carries several adapters ({_names(have)}); say which: name=...")
+    if name not in have:
+        which = "the unnamed adapter" if name is None else f"adapter {name!r}"
+        raise NotAppliedError(f"the model carries no {which}; it carries {_names(have) or 'none'}")
+    return have[name]
+
+
+def _names(have) -> str:
+    return ", ".join("the unnamed one" if n is None else repr(n) for n in have)
+
+
+def wrappers(model: nn.Module, bank: FactorBank | None = None) -> Iterator[tuple[str, nn.Module]]:
+    """(site name, its :class:`~tying.site.SiteAdapter`) for every adapted site of ``bank``'s adapter (of the model's only adapter when
+    ``bank`` is None)."""
+    bank = bank_of(model) if bank is None else bank
+    for site in bank.plan.sites:
+        module = occupant(model, site.name)
+        while module is not None and getattr(module, "bank", None) is not bank:
+            module = module._modules.get("base") if getattr(type(module), "tying_wraps", False) else None
+        if module is not None:
+            yield site.name, module
+
+
+def trained_of(model: nn.Module, bank: FactorBank) -> Iterator[tuple[str, TrainedModule]]:
+    """(name, wrapper) of every module ``bank``'s adapter trains whole."""
+    for name in bank.plan.train_modules:
+        module = occupant(model, name)
+        while getattr(module, "bank", None) is not bank:
+            module = module._modules["base"]
+        yield name, module
+
+
+def named_base_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(logical name, parameter) of the base model, every name of a shared parameter included."""
+    for mname, module in named_base_modules(model, remove_duplicate=False):
+        for pname, q in module._parameters.items():
+            if q is not None:
+                yield (f"{mname}.{pname}" if mname else pname), q

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from . import modtypes, pools, route, update
-from .engine import banks, merged_task_of
+from .bank import banks
 from .errors import AlreadyAppliedError, NotAppliedError, NotMergeableError, ServingError, SpecError, TyingError
+from .merging import merged_task_of
 from .planner import SERVING_ATTR, Plan, plan
 from .serving_bank import COL, NEUTRAL, ROLES, ServingBank, stack_key
 from .state import _want, check_tensors, read_adapter
