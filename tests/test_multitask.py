@@ -533,3 +533,22 @@ def test_the_merge_record_reads_back_from_a_checkpoint_file(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises(AdapterFileError, match="not a readable checkpoint"):
         tying.merge_record(tmp_path / "bad.safetensors")
+
+
+def test_a_bank_pickled_before_its_typed_state_unpickles_with_its_state():
+    """A whole model torch.save'd by an earlier tying (the bank's state as its own attributes) loads with that state
+    in bank.state: a merged task stays merged, the base's requires_grad flags stay restorable."""
+    import pickle
+
+    model = tiny_llama(layers=2)
+    tying.apply_(model, tying.load_spec("tl6", rank=4, tasks=["a", "b"]))
+    tying.merge_(model, task="a")
+    bank = tying.bank_of(model)
+    state = bank.__dict__.pop("state")
+    bank.__dict__.update(active=state.active, merged=state.merged, merged_task=state.merged_task,
+                         merged_unknown=False, unmixable=state.unmixable, hooks=state.hooks,
+                         requires_grad_before=state.requires_grad_before, pending=({}, None), unset=None)
+    again = pickle.loads(pickle.dumps(model))
+    got = tying.bank_of(again).state
+    assert got.merged and got.merged_task == "a" and got.requires_grad_before == state.requires_grad_before
+    assert not {"active", "merged", "merged_task", "pending"} & set(tying.bank_of(again).__dict__)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -121,6 +121,13 @@ class FactorBank(nn.ModuleDict):
         self.reset_parameters()
         self.task_index = {t: i for i, t in enumerate(plan.spec.tasks or ())}  # a task's position in spec.tasks
         self.state = BankState()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "state" not in self.__dict__:  # pickled by an earlier tying, which kept these as the bank's own attributes
+            old = {f.name: self.__dict__.pop(f.name) for f in fields(BankState) if f.name in self.__dict__}
+            old.pop("pending", None)  # a (flags, task) pair then; no load is in flight in a pickle
+            self.state = BankState(**old)
 
     @property
     def merged(self) -> bool:

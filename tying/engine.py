@@ -124,12 +124,12 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
         setattr(*slot(model, n), w)
         w.attach()
     bank.state.hooks = [model.register_state_dict_post_hook(functools.partial(_record_merge, name)),
-                  model.register_load_state_dict_pre_hook(functools.partial(_read_merge_record, name)),
-                  model.register_load_state_dict_post_hook(functools.partial(_accept_plain_checkpoint, name)),
-                  model.register_forward_pre_hook(route.RowCheck(bank), with_kwargs=True),
-                  model.register_forward_pre_hook(sharded.PlacementCheck(bank)),
-                  model.register_forward_pre_hook(meta.MetaCheck(bank)),
-                  *link_shared_down(model, wrappers_)]  # q, k, v with one A and one input: A x once per forward
+                        model.register_load_state_dict_pre_hook(functools.partial(_read_merge_record, name)),
+                        model.register_load_state_dict_post_hook(functools.partial(_accept_plain_checkpoint, name)),
+                        model.register_forward_pre_hook(route.RowCheck(bank), with_kwargs=True),
+                        model.register_forward_pre_hook(sharded.PlacementCheck(bank)),
+                        model.register_forward_pre_hook(meta.MetaCheck(bank)),
+                        *link_shared_down(model, wrappers_)]  # q, k, v with one A and one input: A x once per forward
     return p.counts
 
 
