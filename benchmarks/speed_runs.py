@@ -1,10 +1,11 @@
 """The whole-step goal over several runs of benchmarks/speed.py: per run, each adapter's whole-step overhead over the
 frozen floor as a ratio to PEFT LoRA's, its median and 95 % bootstrap interval, and a verdict against the goal.
 
-    python benchmarks/speed_runs.py benchmarks/results/speed-whole/run2.json run3.json run4.json
+    python benchmarks/speed_runs.py benchmarks/results/speed-whole/run{2,3,4}.json [--name runs]
 
 Verdict per run: "met" when the interval lies at or below the goal, "missed" when it lies above it, "undecided"
-when it holds the goal (the repetitions cannot tell). Writes ``<folder of the first run>/runs.md`` and ``runs.json``.
+when it holds the goal (the repetitions cannot tell). Writes ``<folder of the first run>/<name>.md`` and
+``<name>.json``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def markdown(found: list[dict], runs: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="JSON files of benchmarks/speed.py, one per run")
+    ap.add_argument("--name", default="runs", help="output file stem, beside the first run")
     args = ap.parse_args(argv)
     missing = [str(p) for p in args.runs if not p.is_file()]
     if missing:
@@ -73,9 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     if not found:
         ap.error("the runs hold no whole-step tables (run benchmarks/speed.py without --no-whole)")
     out = args.runs[0].parent
-    (out / "runs.json").write_text(json.dumps(found, indent=1))
+    (out / f"{args.name}.json").write_text(json.dumps(found, indent=1))
     text = markdown(found, runs)
-    (out / "runs.md").write_text(text)
+    (out / f"{args.name}.md").write_text(text)
     print(text)
 
 
