@@ -526,10 +526,19 @@ def test_the_merge_record_reads_back_from_a_checkpoint_file(tmp_path):
     save_file({f"base_model.model.{k}": v for k, v in sd.items()}, tmp_path / "ckpt.safetensors")
     assert tying.merge_record(sd) == want == tying.merge_record(tmp_path / "ckpt.pt")
     assert tying.merge_record(tmp_path / "ckpt.safetensors") == want
+    shards = tmp_path / "pretrained"  # a save_pretrained folder of two shards, the record in the second
+    shards.mkdir()
+    keys = sorted(sd)
+    save_file({k: sd[k] for k in keys if "tying_bank" not in k}, shards / "model-00001-of-00002.safetensors")
+    save_file({k: sd[k] for k in keys if "tying_bank" in k}, shards / "model-00002-of-00002.safetensors")
+    assert tying.merge_record(shards) == want
     assert tying.merge_record(sd, name="other") is None  # no record of that adapter
     assert tying.merge_record(tiny_llama(layers=2).state_dict()) is None  # a plain base checkpoint
     with pytest.raises(AdapterFileError, match="no such checkpoint"):
         tying.merge_record(tmp_path / "missing.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterFileError, match="nor a folder"):
+        tying.merge_record(tmp_path / "empty")
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises(AdapterFileError, match="not a readable checkpoint"):
         tying.merge_record(tmp_path / "bad.safetensors")

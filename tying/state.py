@@ -299,26 +299,35 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modu
 
 def merge_record(checkpoint: Mapping[str, torch.Tensor] | str | os.PathLike, name: str | None = None) -> MergeRecord | None:
     """What a checkpoint of an adapted model says is merged into its base weights: the
-    :class:`~tying.bank.MergeRecord` of the unnamed adapter (or of adapter ``name``), read from a state dict or a
-    file (``.safetensors``, else a ``torch.save`` file); the keys may carry a prefix (a PEFT model's). None: the
-    checkpoint holds no record of that adapter (a plain base checkpoint). Loads nothing into any model."""
+    :class:`~tying.bank.MergeRecord` of the unnamed adapter (or of adapter ``name``), read from a state dict, a file
+    (``.safetensors``, else a ``torch.save`` file) or a ``save_pretrained`` folder (its ``.safetensors`` shards); the
+    keys may carry a prefix (a PEFT model's). None: the checkpoint holds no record of that adapter (a plain base
+    checkpoint). Loads nothing into any model."""
     if not isinstance(checkpoint, Mapping):
         src = Path(checkpoint)
-        if not src.is_file():
-            raise AdapterFileError(f"{src}: no such checkpoint file")
-        try:
-            if src.suffix == ".safetensors":
-                with safe_open(str(src), "pt") as f:
-                    checkpoint = {k: f.get_tensor(k) for k in f.keys() if k.rpartition(".")[2] in MergeRecord.KEYS}  # noqa: SIM118 (safe_open is not iterable)
-            else:
-                checkpoint = torch.load(src, map_location="cpu", weights_only=True)
-        except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as e:
-            raise AdapterFileError(f"{src}: not a readable checkpoint ({e})") from None
-        if not isinstance(checkpoint, Mapping):
-            raise AdapterFileError(f"{src}: holds a {type(checkpoint).__name__}, not a state dict")
+        files = sorted(src.glob("*.safetensors")) if src.is_dir() else [src] if src.is_file() else []
+        if not files:
+            raise AdapterFileError(f"{src}: no such checkpoint file (nor a folder of .safetensors files)")
+        checkpoint = {}
+        for f in files:
+            checkpoint.update(_record_entries(f))
     path = BANK_ATTR if name is None else f"{ADAPTERS_ATTR}.{name}"
     found = {k[:-len(".merged")] for k in checkpoint if k == f"{path}.merged" or k.endswith(f".{path}.merged")}
     if len(found) > 1:
         raise AdapterFileError(f"the checkpoint holds several merge records of this adapter ({sorted(found)}); "
                                "read the state dict of one model")
     return MergeRecord.read(checkpoint, found.pop()) if found else None
+
+
+def _record_entries(src: Path) -> Mapping[str, torch.Tensor]:
+    """The entries of one checkpoint file that a merge record may be made of (a torch.save file: all of them)."""
+    try:
+        if src.suffix == ".safetensors":
+            with safe_open(str(src), "pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys() if k.rpartition(".")[2] in MergeRecord.KEYS}  # noqa: SIM118 (safe_open is not iterable)
+        entries = torch.load(src, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as e:
+        raise AdapterFileError(f"{src}: not a readable checkpoint ({e})") from None
+    if not isinstance(entries, Mapping):
+        raise AdapterFileError(f"{src}: holds a {type(entries).__name__}, not a state dict")
+    return entries
