@@ -253,7 +253,8 @@ def main(argv=None) -> dict:
             folder, model_name = tiny_folder(Path(tmp)), "tiny random Llama (2 layers, width 64)"
         else:
             from tying.integrations.llm.fetch import cache_dir
-            from tying.integrations.llm.smollm import DESCRIPTION, MODEL_DIR, load_smollm2
+            from tying.integrations.llm.models import load_smollm2
+            from tying.integrations.llm.smollm import DESCRIPTION, MODEL_DIR
 
             load_smollm2()  # fetches and caches the folder on first use
             folder, model_name = cache_dir() / "models" / MODEL_DIR, DESCRIPTION

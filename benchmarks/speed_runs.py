@@ -15,6 +15,8 @@ import json
 import statistics
 from pathlib import Path
 
+from tying.files import write_text
+
 GOALS = {("train", "tying-lora"): 0.5, ("train", "tying-tl6"): 0.6,
          ("inference", "tying-lora"): 0.5, ("inference", "tying-tl6"): 0.5}
 
@@ -75,9 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     if not found:
         ap.error("the runs hold no whole-step tables (run benchmarks/speed.py without --no-whole)")
     out = args.runs[0].parent
-    (out / f"{args.name}.json").write_text(json.dumps(found, indent=1))
+    write_text(out / f"{args.name}.json", json.dumps(found, indent=1))
     text = markdown(found, runs)
-    (out / f"{args.name}.md").write_text(text)
+    write_text(out / f"{args.name}.md", text)
     print(text)
 
 

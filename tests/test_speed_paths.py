@@ -365,3 +365,26 @@ def test_a_plain_site_takes_the_light_path_decided_at_apply_time(tokens):
     pooled = tiny_llama()
     tying.apply_(pooled, tying.load_spec("vb-lora", rank=4, num_vectors=32, vector_length=16))
     assert all(w.light is None for _, w in wrappers(pooled))
+
+
+def test_a_site_pickled_before_the_light_path_unpickles_merged_and_light():
+    """A model torch.save'd by an earlier tying (a site's merged flag a plain attribute, no light path) loads with
+    that flag and a decided light path: merged stays merged (its forward is the base), an unmerged site is light."""
+    import pickle
+
+    from conftest import tiny_llama
+
+    import tying
+
+    model = tiny_llama(layers=2)
+    tying.apply_(model, tying.load_spec("lora", rank=4))
+    sites = dict(tying.engine.wrappers(model))
+    next(iter(sites.values())).merge()
+    for w in sites.values():  # the older form of a site's state
+        d = w.__dict__
+        d["merged"], d["disabled"] = d.pop("_merged", False), d.pop("_disabled", False)
+        d.pop("light")
+    again = dict(tying.engine.wrappers(pickle.loads(pickle.dumps(model))))
+    a, b = again[next(iter(sites))], again[list(sites)[1]]
+    assert a.merged and a.light is None and not b.merged and b.light is not None
+    assert "merged" not in a.__dict__ and "light" in b.__dict__

@@ -11,7 +11,8 @@
     spec with tasks: [a, b]; with tying.adapters(model, ["a", "b"]): ...  # one adapter, many tasks: docs/multitask.md
 
 Layers, from the bottom: vocab (names and facts, no torch) -> spec -> module types and the update's math -> plan
--> site wrappers and kinds -> engine -> task_files (one task out of a multi-task file) -> state -> serving.
+-> bank (the factors and the adapter's state) -> meta, shared down projection, site wrappers and kinds -> merging
+-> engine -> task_files (one task out of a multi-task file) -> state -> serving.
 """
 
 import _tying_bridges

@@ -49,6 +49,11 @@ def init_(t: torch.Tensor, init: Init, index: int = 0) -> torch.Tensor:
     return t.copy_(tmp)
 
 
+def bank_path(name: str | None) -> str:
+    """Where the bank of adapter ``name`` (None: the unnamed one) sits under the model's root."""
+    return BANK_ATTR if name is None else f"{ADAPTERS_ATTR}.{name}"
+
+
 @dataclass(frozen=True)
 class MergeRecord:
     """Which sites' base weights hold the update (one flag per site, in the adapter's site order) and whose (a
@@ -148,7 +153,7 @@ class FactorBank(nn.ModuleDict):
     @property
     def path(self) -> str:
         """Where the bank sits under the model's root (the prefix of its state_dict keys)."""
-        return BANK_ATTR if self.name is None else f"{ADAPTERS_ATTR}.{self.name}"
+        return bank_path(self.name)
 
     def current_task(self) -> str:
         """The task every row of this forward uses; a clear error when none (or one per row) was named."""

@@ -128,8 +128,9 @@ def apply_(model: nn.Module, spec: SpecLike | Plan, *, device: torch.device | st
                         model.register_load_state_dict_post_hook(functools.partial(_accept_plain_checkpoint, name)),
                         model.register_forward_pre_hook(route.RowCheck(bank), with_kwargs=True),
                         model.register_forward_pre_hook(sharded.PlacementCheck(bank)),
-                        model.register_forward_pre_hook(meta.MetaCheck(bank)),
                         *link_shared_down(model, wrappers_)]  # q, k, v with one A and one input: A x once per forward
+    if bank.state.unset is not None:  # only an adapter applied on meta waits; it never starts waiting later
+        bank.state.hooks.append(model.register_forward_pre_hook(meta.MetaCheck(bank)))
     return p.counts
 
 

@@ -62,8 +62,7 @@ class MetaCheck:
         self.bank = bank
 
     def __call__(self, model: nn.Module, *_) -> None:
-        if self.bank.state.unset is not None:
-            check(self.bank, "forward")
+        check(self.bank, "forward")
 
 
 def keep(model: nn.Module, bank, tensors: dict[str, torch.Tensor]) -> None:

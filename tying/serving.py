@@ -257,18 +257,6 @@ def _routes(bank: ServingBank, names: list[str | None]) -> dict[str, _Route]:
         # part borrow a LoRA row's entries; their scale is 0
         key, idx = stack_key("A", d_in, d_out), t[:, COL["A"]]
         A = bank.stack(key)
-        if bool((t[:, shared] == t[0, shared]).all()):  # one A, B and G for every row: B G once, per-row u and v
-            B = _entry(bank, "B", d_in, d_out, t).float()
-            if int(t[0, COL["G"]]) > 0:
-                B = B @ _entry(bank, "G", d_in, d_out, t).float()
-            v = rows("v")
-            r.A, r.B = A[int(idx[0])], B.to(A.dtype)
-            r.v = (scale.to(B.device)[:, None] * (1.0 if v is None else v.float())).to(A.dtype)
-            r.u = rows("u")
-            continue
-        B = rows("B").float()  # buffers follow model.to(); the tables and scales stay on the CPU
-        u, v, G = (None if f is None else f.float() for f in (rows("u"), rows("v"), rows("G")))
-        r.B = update.fold_into_up(B, u, v, G, scale.to(B.device)).to(A.dtype)
         if bool((idx == idx[0]).all()):
             r.A = A[int(idx[0])]  # one `A x` for the whole batch
         else:  # gathered once per batch for all sites that share these entries (a tied A: every site)
@@ -276,6 +264,17 @@ def _routes(bank: ServingBank, names: list[str | None]) -> dict[str, _Route]:
             if memo not in gathered:
                 gathered[memo] = A[idx.to(A.device)]
             r.A = gathered[memo]
+        if bool((t[:, shared] == t[0, shared]).all()):  # one A, B and G for every row: B G once, per-row u and v
+            B = _entry(bank, "B", d_in, d_out, t).float()
+            if int(t[0, COL["G"]]) > 0:
+                B = B @ _entry(bank, "G", d_in, d_out, t).float()
+            v = rows("v")
+            r.B, r.u = B.to(A.dtype), rows("u")
+            r.v = (scale.to(B.device)[:, None] * (1.0 if v is None else v.float())).to(A.dtype)
+            continue
+        B = rows("B").float()  # buffers follow model.to(); the tables and scales stay on the CPU
+        u, v, G = (None if f is None else f.float() for f in (rows("u"), rows("v"), rows("G")))
+        r.B = update.fold_into_up(B, u, v, G, scale.to(B.device)).to(A.dtype)
     return routes
 
 

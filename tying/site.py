@@ -5,7 +5,6 @@ A wrapper keeps the original module as ``base`` and adds its kind's update by co
 root-owned :class:`~tying.bank.FactorBank` and looks its factors up by key at call time, so every tied factor has
 exactly one owner (one state_dict entry, one optimizer slot, one FSDP owner). What depends on the module's type
 (sizes, products, weight layout) it asks its :class:`~tying.modtypes.ModuleType`.
-
 """
 
 from __future__ import annotations
@@ -82,6 +81,13 @@ class SiteAdapter(view.Wrapper):
         self.register_load_state_dict_pre_hook(_base_keys_in)
         self.settle()
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for name in ("merged", "disabled"):  # pickled by an earlier tying: plain attributes, no light path
+            if name in self.__dict__:
+                self.__dict__["_" + name] = self.__dict__.pop(name)
+        self.settle()
+
     def settle(self) -> None:
         """Decide the light path (see the class docstring); called whenever what it depends on changes."""
         plain = (self.light_factors and not self.task_keys and self.tp is None and not self.drawn
@@ -93,7 +99,8 @@ class SiteAdapter(view.Wrapper):
     tying_site = True  # marks site wrappers for code that imports no runtime class
     shares_down = True  # a kind whose sites read ``h`` of project() may share it between siblings
     tensor_parallel = False  # a kind whose update is project() and up() alone follows tensor parallelism's split
-    tp = None  # set by apply_ on a tensor-parallel model (then settle()): the site's part of the split
+    tp = None  # set by apply_ on a tensor-parallel model (then settle()): the site's part of the split; a plain
+    # attribute, not a _Decides: project() reads it on every call
     no_merge = "this adapter kind has no merged form; keep it unmerged"  # the reason, for kinds without merge()
 
     def selection(self, x: torch.Tensor | None = None) -> Selection | None:

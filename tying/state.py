@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import meta, sharded
-from .bank import MergeRecord
+from .bank import MergeRecord, bank_path
 from .engine import _ONLY, apply_, bank_of, banks
 from .errors import AdapterFileError, AlreadyAppliedError
 from .files import atomic_write as _atomic_write
@@ -39,7 +39,7 @@ from .planner import Plan, plan
 from .spec import TyingSpec, load_spec, parse_spec
 from .task_files import check_task, multi_want, task_tensors
 from .trained import trained_key
-from .view import ADAPTERS_ATTR, BANK_ATTR, named_base_modules
+from .view import named_base_modules
 
 SPEC_FILE = "spec.yaml"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -294,7 +294,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, replace_modu
     with torch.no_grad():
         for k, t in _adapter_state(model, bank).items():
             sharded.fill_(t, tensors[k])
-    bank.state.unset = None  # every factor and trained copy holds the file's value
 
 
 def merge_record(checkpoint: Mapping[str, torch.Tensor] | str | os.PathLike, name: str | None = None) -> MergeRecord | None:
@@ -311,7 +310,7 @@ def merge_record(checkpoint: Mapping[str, torch.Tensor] | str | os.PathLike, nam
         checkpoint = {}
         for f in files:
             checkpoint.update(_record_entries(f))
-    path = BANK_ATTR if name is None else f"{ADAPTERS_ATTR}.{name}"
+    path = bank_path(name)
     found = {k[:-len(".merged")] for k in checkpoint if k == f"{path}.merged" or k.endswith(f".{path}.merged")}
     if len(found) > 1:
         raise AdapterFileError(f"the checkpoint holds several merge records of this adapter ({sorted(found)}); "

@@ -143,7 +143,7 @@ def load_model(name: str = "smollm2-135m", *, dtype: torch.dtype | str = torch.f
         model, tok = load_gguf(Path(src.name), dtype)
     else:
         if src.kind == "builtin":
-                path, local = str(smollm2_path(cache_dir)), True
+            path, local = str(smollm2_path(cache_dir)), True
         else:
             path, local = src.name, local_files_only or src.kind == "folder"
         model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local)

